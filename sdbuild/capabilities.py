@@ -1,0 +1,232 @@
+"""What each option needs and what excludes what: one table, read by validation and the README.
+
+`REQUIREMENTS` says what an option needs from the machine (CUDA, compute capability, a package,
+a diffusers version, a model family). `EXCLUSIONS` says which options cannot be combined.
+`validate.validate` checks a spec against both before any weights load, and
+`python -m sdbuild.capabilities` prints both as the Markdown tables in the README, so the error
+a user sees and the docs they read come from the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+from .spec import (
+    AttentionProcessor,
+    CompileMethod,
+    CompileMode,
+    CompileTarget,
+    Dtype,
+    ModelFamily,
+    ModelSource,
+    Offload,
+    Quant,
+    SdpaBackend,
+    Spec,
+    VaeKind,
+)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    option: str  # how the user writes it
+    applies: Callable[[Spec], bool]
+    cuda: bool = False
+    min_capability: Optional[Tuple[int, int]] = None  # CUDA compute capability, when on CUDA
+    package: Optional[str] = None  # importable module name
+    diffusers: Optional[str] = None  # minimum diffusers version
+    families: Optional[Tuple[ModelFamily, ...]] = None
+    c_compiler_on_cpu: bool = False  # inductor writes and builds C++ on CPU
+    instead: str = ""  # what to use where the need is not met
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    options: str  # the combination, as the user writes it
+    applies: Callable[[Spec], bool]
+    why: str
+    instead: str
+
+
+def _uses_dtype(spec: Spec, dtype: Dtype) -> bool:
+    return spec.precision.dtype is dtype or spec.precision.vae_dtype is dtype
+
+
+def _compiles(spec: Spec) -> bool:
+    return spec.compile.method is CompileMethod.inductor
+
+
+REQUIREMENTS: Tuple[Requirement, ...] = (
+    Requirement(
+        "precision=fp16 (or vae_dtype fp16)",
+        lambda s: _uses_dtype(s, Dtype.fp16),
+        cuda=True,
+        instead="On CPU use precision=bf16 (or fp32); fp16 kernels there are missing or slower than fp32",
+    ),
+    Requirement(
+        "precision=bf16",
+        lambda s: _uses_dtype(s, Dtype.bf16),
+        min_capability=(8, 0),
+        instead="On pre-Ampere GPUs use precision=fp16",
+    ),
+    Requirement(
+        "attention=xformers",
+        lambda s: s.attention.processor is AttentionProcessor.xformers,
+        cuda=True,
+        package="xformers",
+        instead="Use attention=sdpa (PyTorch's fused attention, no extra package)",
+    ),
+    Requirement(
+        "attention.processor=backend",
+        lambda s: s.attention.processor is AttentionProcessor.backend,
+        diffusers="0.35",
+        instead="Use attention=sdpa",
+    ),
+    Requirement(
+        "attention.sdpa_backend=flash|efficient|cudnn",
+        lambda s: s.attention.sdpa_backend not in (SdpaBackend.auto, SdpaBackend.math),
+        cuda=True,
+        instead="On CPU use attention.sdpa_backend=auto or math",
+    ),
+    Requirement(
+        "attention.sdpa_backend=flash",
+        lambda s: s.attention.sdpa_backend is SdpaBackend.flash,
+        min_capability=(8, 0),
+        instead="Use attention.sdpa_backend=efficient on pre-Ampere GPUs",
+    ),
+    Requirement(
+        "compile=inductor",
+        _compiles,
+        c_compiler_on_cpu=True,
+        instead="Install a C++ compiler (apt-get install g++) or use compile=none",
+    ),
+    Requirement(
+        "compile.mode=reduce_overhead (CUDA graphs)",
+        lambda s: _compiles(s) and s.compile.mode is CompileMode.reduce_overhead,
+        cuda=True,
+        instead="On CPU use compile.mode=default",
+    ),
+    Requirement(
+        "compile.regional=true",
+        lambda s: s.compile.regional,
+        diffusers="0.35",
+        instead="Use compile=inductor (whole-model compile)",
+    ),
+    Requirement(
+        "memory.offload=model|sequential|group",
+        lambda s: s.memory.offload is not Offload.none,
+        cuda=True,
+        package="accelerate",
+        instead="Offloading moves weights between CPU and GPU; on CPU use memory=none",
+    ),
+    Requirement(
+        "memory.offload=group",
+        lambda s: s.memory.offload is Offload.group,
+        diffusers="0.33",
+        instead="Use memory=model_offload",
+    ),
+    Requirement(
+        "quant=int8wo|int8dq|fp8dq",
+        lambda s: s.quant.method is not Quant.none,
+        package="torchao",
+        diffusers="0.32",
+        instead="Use quant=none",
+    ),
+    Requirement(
+        "quant=fp8dq",
+        lambda s: s.quant.method is Quant.fp8dq,
+        cuda=True,
+        min_capability=(8, 9),
+        instead="float8 matmuls need Ada/Hopper (compute capability >= 8.9); use quant=int8dq",
+    ),
+)
+
+
+EXCLUSIONS: Tuple[Exclusion, ...] = (
+    Exclusion(
+        "attention.fuse_qkv=true with attention.processor other than sdpa",
+        lambda s: s.attention.fuse_qkv and s.attention.processor is not AttentionProcessor.sdpa,
+        "fused QKV projections run through diffusers' FusedAttnProcessor2_0, which is SDPA",
+        "Use attention=sdpa_fused (or attention=sdpa attention.fuse_qkv=true)",
+    ),
+    Exclusion(
+        "attention.sdpa_backend with attention.processor other than sdpa",
+        lambda s: s.attention.sdpa_backend is not SdpaBackend.auto and s.attention.processor is not AttentionProcessor.sdpa,
+        "the SDPA backend only picks the kernel of scaled_dot_product_attention",
+        "Use attention=sdpa with it, or leave attention.sdpa_backend=auto",
+    ),
+    Exclusion(
+        "attention.slice_size with attention.processor other than classic",
+        lambda s: s.attention.slice_size is not None and s.attention.processor is not AttentionProcessor.classic,
+        "attention slicing replaces every attention processor with SlicedAttnProcessor",
+        "Use attention=sliced on its own",
+    ),
+    Exclusion(
+        "attention.processor=backend without attention.backend",
+        lambda s: s.attention.processor is AttentionProcessor.backend and not s.attention.backend,
+        "the dispatcher needs a backend name",
+        "Set attention.backend=native (or flash, _native_efficient, ...)",
+    ),
+    Exclusion(
+        "compile=trace with a target other than the UNet",
+        lambda s: s.compile.method is CompileMethod.trace and s.compile.targets != [CompileTarget.unet],
+        "the seed's tracing recipe traces the UNet only",
+        "Use compile=inductor for other modules",
+    ),
+    Exclusion(
+        "compile.regional=true with compile.method other than inductor",
+        lambda s: s.compile.regional and s.compile.method is not CompileMethod.inductor,
+        "regional compilation is torch.compile applied to repeated blocks",
+        "Use compile=regional",
+    ),
+    Exclusion(
+        "compile=trace|inductor with memory.offload",
+        lambda s: s.compile.method is not CompileMethod.none and s.memory.offload is not Offload.none,
+        "offload hooks move weights during the forward pass, which a traced or compiled graph does not see",
+        "Use compile=none with offloading",
+    ),
+    Exclusion(
+        "compile=trace with quant",
+        lambda s: s.compile.method is CompileMethod.trace and s.quant.method is not Quant.none,
+        "torchao's quantized tensor subclasses cannot be traced by torch.jit",
+        "Use compile=inductor with quantization",
+    ),
+    Exclusion(
+        "model.vae=tiny with model.source=pretrained and no model.vae_path",
+        lambda s: s.model.vae is VaeKind.tiny and s.model.source is ModelSource.pretrained and not s.model.vae_path,
+        "a real model needs real AutoencoderTiny weights (e.g. madebyollin/taesd)",
+        "Set model.vae_path=/path/to/taesd",
+    ),
+)
+
+
+def requirement_needs(req: Requirement) -> str:
+    """One human line of what a requirement needs, shared by the error and the docs."""
+    needs = []
+    if req.cuda:
+        needs.append("CUDA")
+    if req.min_capability:
+        needs.append("compute capability >= %d.%d" % req.min_capability)
+    if req.package:
+        needs.append(f"the `{req.package}` package")
+    if req.diffusers:
+        needs.append(f"diffusers >= {req.diffusers}")
+    if req.families:
+        needs.append("model family " + "/".join(f.name for f in req.families))
+    if req.c_compiler_on_cpu:
+        needs.append("a C++ compiler on CPU")
+    return ", ".join(needs)
+
+
+def markdown_tables() -> str:
+    """The README's 'what needs what' section, generated from the tables above."""
+    lines = ["| option | needs | otherwise |", "|---|---|---|"]
+    lines += [f"| `{r.option}` | {requirement_needs(r)} | {r.instead} |" for r in REQUIREMENTS]
+    lines += ["", "| combination | why not | instead |", "|---|---|---|"]
+    lines += [f"| `{e.options}` | {e.why} | {e.instead} |" for e in EXCLUSIONS]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_tables())

@@ -1,0 +1,197 @@
+"""One job: validate -> build -> measure -> record. Whatever happens, a `result.json` row is written.
+
+A user mistake or a combination this machine cannot run is an `unsupported` row; an error while
+building or running (out of memory, a compile failure, ...) is a `failed` row with its reason
+and the traceback in `error.log`; a finished run is `ok`. Rows are written atomically, so an
+interrupted sweep never leaves a half-written row behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .errors import SpecError
+from .spec import GROUPS, Spec, spec_key, spec_to_dict
+
+log = logging.getLogger("sdbuild")
+RESULT = "result.json"
+IMAGE = "image.png"
+
+
+def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: Optional[str]) -> Dict[str, Any]:
+    """Versions, device and the global flags in force, recorded with every row."""
+    env: Dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        **{name: _version(name) for name in ("torch", "diffusers", "transformers", "xformers", "torchao", "hydra-core")},
+        "device": device,
+    }
+    try:
+        import torch
+
+        from .build import global_switches
+
+        cuda = device == "cuda"
+        env.update(
+            device_name=torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+            cuda=torch.version.cuda,
+            compute_capability=".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
+            torch_threads=torch.get_num_threads(),
+            flags=global_switches(),
+        )
+    except Exception as exc:  # the row must still be written
+        env["env_error"] = repr(exc)
+    return env
+
+
+def save_image(images, path: Path) -> Dict[str, Any]:
+    """Save the batch side by side as one PNG; return stats that reveal a broken image."""
+    import numpy as np
+    from PIL import Image
+
+    nan = bool(np.isnan(images).any())
+    stats = {"nan": nan, "min": float(np.nanmin(images)), "max": float(np.nanmax(images)),
+             "mean": float(np.nanmean(images)), "std": float(np.nanstd(images))}
+    pixels = (np.nan_to_num(images, nan=0.0).clip(0, 1) * 255).round().astype("uint8")
+    Image.fromarray(np.concatenate(list(pixels), axis=1)).save(path)
+    return stats
+
+
+def broken_image(stats: Optional[Dict[str, Any]]) -> Optional[str]:
+    """Why an image is not a real result (NaN, or one flat colour such as fp16 VAE black), else None."""
+    if stats is None:
+        return None
+    if stats["nan"]:
+        return "broken image: the output holds NaN"
+    if stats["max"] - stats["min"] < 1 / 255:
+        return f"broken image: every pixel is {stats['mean']:.3f} (constant)"
+    return None
+
+
+def _find_completed(resume: str, key: str) -> Optional[Path]:
+    """A finished row for the same resolved spec in an earlier sweep folder."""
+    for path in sorted(Path(resume).expanduser().glob(f"**/{RESULT}")):
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if row.get("spec_key") == key and row.get("status") == "ok":
+            return path
+    return None
+
+
+def _reuse(found: Path, out_dir: Path, row: Dict[str, Any]) -> Dict[str, Any]:
+    old = json.loads(found.read_text())
+    if old.get("image") and (found.parent / old["image"]).exists():
+        shutil.copy2(found.parent / old["image"], out_dir / IMAGE)
+        old["image"] = IMAGE
+    old.update(choices=row["choices"], overrides=row["overrides"], job=row["job"],
+               reused_from=old.get("reused_from") or str(found))
+    return old
+
+
+def release_memory() -> None:
+    """Drop what a finished job left behind, so the next job in this process starts clean."""
+    gc.collect()
+    try:
+        import torch
+
+        torch.compiler.reset()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    except Exception:
+        pass
+
+
+def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[str],
+            job: Dict[str, Any] | None = None, show_progress: bool = True) -> Dict[str, Any]:
+    """Build, run and measure `spec`; write `out_dir/result.json` and return the row."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_dict = spec_to_dict(spec)
+    row: Dict[str, Any] = dict(
+        status="failed", error=None, choices=choices, preset=spec.preset, preset_order=spec.preset_order,
+        overrides=overrides, spec_key=spec_key(spec_dict), spec=spec_dict, latency_s=None, warmup_s=None,
+        warmup_runs_s=None, load_s=None, build_s=None, peak_memory_mb=None, image=None, image_stats=None,
+        env=None, job=job or {}, reused_from=None,
+    )
+    started = time.perf_counter()
+    device = None
+    label = " ".join(f"{g}={choices[g]}" for g in GROUPS if g in choices)
+    try:
+        if spec.resume and (found := _find_completed(spec.resume, row["spec_key"])):
+            log.info("reusing %s (already measured in %s)", label, found.parent)
+            row = _reuse(found, out_dir, row)
+            write_json_atomic(out_dir / RESULT, row)
+            return row
+        from .validate import validate
+
+        device = validate(spec)
+        row.update(_build_and_measure(spec, device, out_dir, label, show_progress))
+        row.update(status="ok", error=None)
+        if (broken := broken_image(row["image_stats"])):
+            row.update(status="broken", error=broken)
+    except SpecError as exc:
+        row.update(status="unsupported", error=str(exc))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        row.update(status="failed", error=_failure_reason(exc))
+        (out_dir / "error.log").write_text(traceback.format_exc())
+    finally:
+        row["env"] = environment(device)
+        row["job"]["wall_s"] = time.perf_counter() - started
+        write_json_atomic(out_dir / RESULT, row)
+        release_memory()
+    return row
+
+
+def _failure_reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if "out of memory" in text.lower():
+        return "out of memory: " + text.splitlines()[0]
+    return text.splitlines()[0][:500] + " (traceback in error.log)"
+
+
+def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool) -> Dict[str, Any]:
+    from .build import build_pipeline
+    from .measure import measure
+    from .run_inputs import call_kwargs
+
+    log.info("loading and building %s on %s", label or "pipeline", device)
+    pipe, info = build_pipeline(spec, device)
+    m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
+                label=label, show_progress=show_progress)
+    del pipe
+    fields: Dict[str, Any] = dict(
+        latency_s=m.latency(), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
+        load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb,
+    )
+    if spec.run.save_image and m.images is not None:
+        fields["image_stats"] = save_image(m.images, out_dir / IMAGE)
+        fields["image"] = IMAGE
+    return fields

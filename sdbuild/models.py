@@ -1,0 +1,219 @@
+"""Where pipeline weights come from.
+
+Three sources (``model.source``), one loading path: every model ends up as a diffusers folder
+with safetensors weights, loaded by ``StableDiffusionPipeline.from_pretrained``.
+
+- ``pretrained``: a hub id (already in the local Hugging Face cache) or a local folder.
+- ``tiny`` / ``arch``: a pipeline built from code with a fixed seed and random weights: the
+  embedded tiny model, or a published architecture (SD 1.5) at full size. It is saved once
+  to the cache folder and loaded from there like any real model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+from .spec import ModelFamily, ModelSource, ModelSpec
+
+# Bump when the code that builds a random model changes, so stale caches are not reused.
+RANDOM_MODEL_VERSION = 1
+
+# Published Stable Diffusion 1.5 component configs (runwayml/stable-diffusion-v1-5).
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    act_fn="silu",
+)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+SD15_TEXT = dict(  # CLIP ViT-L/14 text tower
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    max_position_embeddings=77,
+    vocab_size=49408,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+# The embedded tiny model: the SD 1.x layout (cross-attention and plain blocks, a VAE that
+# downsamples 8x, a CLIP text encoder) at dimensions that run 50 steps in seconds on a CPU.
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 16, 32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=32,
+)
+
+RANDOM_MODELS: Dict[str, Dict[str, Any]] = {
+    "tiny-sd15": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
+    "sd15-arch": dict(unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, scheduler=SD15_SCHEDULER),
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SDBUILD_CACHE", Path.home() / ".cache" / "sdbuild"))
+
+
+def random_model_name(model: ModelSpec) -> str:
+    if model.source is ModelSource.tiny:
+        return f"tiny-{model.family.name}"
+    return f"{model.family.name}-arch"
+
+
+def model_folder(model: ModelSpec, cache_dir: str | None) -> str:
+    """The folder (or hub id) `from_pretrained` reads for this model spec."""
+    if model.source is ModelSource.pretrained:
+        return os.path.expanduser(model.path)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return str(root / f"{random_model_name(model)}-v{RANDOM_MODEL_VERSION}")
+
+
+def ensure_model(model: ModelSpec, cache_dir: str | None) -> str:
+    """Return the folder to load; build and save the random model first if it is not cached."""
+    folder = model_folder(model, cache_dir)
+    if model.source is not ModelSource.pretrained and not (Path(folder) / "model_index.json").exists():
+        save_random_pipeline(random_model_name(model), Path(folder))
+    return folder
+
+
+def _byte_level_vocab() -> Dict[str, int]:
+    """A complete byte-level BPE vocabulary with no merges: every string tokenizes, one
+    token per character. Real CLIP has 49k merges; the encoder does not care which ids it sees."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def build_random_pipeline(name: str):
+    """Build a StableDiffusionPipeline with random weights from the configs in RANDOM_MODELS."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    cfg = RANDOM_MODELS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = _byte_level_vocab()
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        # Positional file paths: accepted by transformers 4.x and 5.x alike.
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    eos = vocab["<|endoftext|>"]
+    text_cfg = dict(cfg["text"])
+    text_cfg.setdefault("vocab_size", len(vocab))
+    text_cfg["vocab_size"] = max(text_cfg["vocab_size"], len(vocab))
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**cfg["unet"])
+        torch.manual_seed(1)
+        vae = AutoencoderKL(**cfg["vae"])
+        torch.manual_seed(2)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, **text_cfg)
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**cfg["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_random_pipeline(name: str, folder: Path) -> None:
+    """Save atomically: a half-written folder is never mistaken for a cached model."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        build_random_pipeline(name).save_pretrained(tmp, safe_serialization=True)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process saved it first
+            if not (folder / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def has_safetensors(folder: Path) -> bool:
+    return any(folder.rglob("*.safetensors"))
+

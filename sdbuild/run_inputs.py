@@ -1,0 +1,46 @@
+"""The pipeline call a run makes: image size, initial noise, and the keyword arguments.
+
+Initial latents are drawn on the CPU in fp32 from `run.seed` and only then cast to the
+pipeline's dtype and device, so every configuration (fp32, fp16, CUDA, CPU) starts from the
+same noise and their images can be compared pixel for pixel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import torch
+
+from .spec import Spec
+
+
+def image_size(spec: Spec) -> Tuple[int, int]:
+    """(height, width): the run's, or the model's native resolution."""
+    return spec.run.height or spec.model.resolution, spec.run.width or spec.model.resolution
+
+
+def initial_latents(spec: Spec, pipe, device: str) -> torch.Tensor:
+    height, width = image_size(spec)
+    scale = pipe.vae_scale_factor
+    shape = (spec.run.batch_size, pipe.unet.config.in_channels, height // scale, width // scale)
+    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(spec.run.seed), dtype=torch.float32)
+    return noise.to(device=device, dtype=pipe.unet.dtype)
+
+
+def call_kwargs(spec: Spec, pipe, device: str) -> Dict[str, Any]:
+    """Everything passed to `pipe(...)`; output as float numpy in [0, 1] (no PIL in the timed path)."""
+    run = spec.run
+    height, width = image_size(spec)
+    kwargs: Dict[str, Any] = dict(
+        prompt=[run.prompt] * run.batch_size,
+        num_inference_steps=run.steps,
+        guidance_scale=run.guidance_scale,
+        height=height,
+        width=width,
+        latents=initial_latents(spec, pipe, device),
+        generator=torch.Generator("cpu").manual_seed(run.seed),
+        output_type="np",
+    )
+    if run.negative_prompt is not None:
+        kwargs["negative_prompt"] = [run.negative_prompt] * run.batch_size
+    return kwargs

@@ -1,0 +1,130 @@
+"""Check a spec against the machine before any weights load.
+
+Every problem is collected (not just the first) and raised as one `SpecError`, each line naming
+the option, what is wrong and what to use instead. Machine-dependent rules come from
+`capabilities.py`; the checks on values (sizes, counts, paths) live here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import FrozenSet, Optional, Tuple
+
+from .capabilities import EXCLUSIONS, REQUIREMENTS, Requirement, requirement_needs
+from .errors import SpecError, problem
+from .models import has_safetensors
+from .spec import Device, ModelSource, Spec
+
+OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this process can run on, probed once per validation."""
+
+    cuda: bool
+    device_name: str
+    capability: Optional[Tuple[int, int]]
+    packages: FrozenSet[str]
+    diffusers_version: str
+    c_compiler: bool
+
+    @classmethod
+    def probe(cls) -> "Machine":
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return cls(
+            cuda=cuda,
+            device_name=torch.cuda.get_device_name(0) if cuda else "cpu",
+            capability=torch.cuda.get_device_capability(0) if cuda else None,
+            packages=frozenset(p for p in OPTIONAL_PACKAGES if importlib.util.find_spec(p) is not None),
+            diffusers_version=metadata.version("diffusers"),
+            c_compiler=any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+        )
+
+
+def resolve_device(spec: Spec, machine: Machine) -> str:
+    """`run.device=auto` means CUDA when present, else CPU."""
+    if spec.run.device is Device.auto:
+        return "cuda" if machine.cuda else "cpu"
+    return spec.run.device.value
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+
+
+def _unmet(req: Requirement, device: str, machine: Machine) -> Optional[str]:
+    """Return what is missing for `req` on this machine, or None if all is there."""
+    if req.cuda and device != "cuda":
+        return "needs CUDA" + ("" if machine.cuda else " and this machine has no CUDA GPU")
+    if req.min_capability and device == "cuda" and machine.capability < req.min_capability:
+        return "needs compute capability >= %d.%d; %s is %d.%d" % (req.min_capability + (machine.device_name,) + machine.capability)
+    if req.package and req.package not in machine.packages:
+        return f"needs the `{req.package}` package, which is not installed"
+    if req.diffusers and _version_tuple(machine.diffusers_version) < _version_tuple(req.diffusers):
+        return f"needs diffusers >= {req.diffusers}; installed is {machine.diffusers_version}"
+    if req.c_compiler_on_cpu and device == "cpu" and not machine.c_compiler:
+        return "needs a C++ compiler on CPU (TorchInductor builds C++ kernels) and none was found"
+    return None
+
+
+def _check_values(spec: Spec) -> list[str]:
+    run, problems = spec.run, []
+    for name in ("height", "width"):
+        value = getattr(run, name)
+        if value is not None and (value <= 0 or value % 8):
+            problems.append(problem(f"run.{name}={value}", "must be a positive multiple of 8 (the VAE downsamples 8x)", f"Use run.{name}={max(8, round(value / 8) * 8)}"))
+    for name, low in (("steps", 1), ("batch_size", 1), ("repeats", 1), ("warmup", 0)):
+        value = getattr(run, name)
+        if value < low:
+            problems.append(problem(f"run.{name}={value}", f"must be >= {low}", f"Use run.{name}={low} or more"))
+    if run.guidance_scale < 0:
+        problems.append(problem(f"run.guidance_scale={run.guidance_scale}", "must be >= 0", "Use 7.5 (typical) or 1.0 (no classifier-free guidance)"))
+    if spec.attention.slice_size is not None and spec.attention.slice_size not in ("auto", "max") and not str(spec.attention.slice_size).isdigit():
+        problems.append(problem(f"attention.slice_size={spec.attention.slice_size}", "must be auto, max or a number of heads", "Use attention.slice_size=auto"))
+    problems += _check_model_path(spec)
+    return problems
+
+
+def _check_model_path(spec: Spec) -> list[str]:
+    model = spec.model
+    if model.source is not ModelSource.pretrained:
+        return []
+    if not model.path:
+        return [problem(f"model={model.name}", "model.path is empty", "Set model.path=/path/to/model_folder or a hub id")]
+    folder = Path(model.path).expanduser()
+    if folder.exists():
+        if not (folder / "model_index.json").exists():
+            return [problem(f"model.path={model.path}", "is not a diffusers pipeline folder (no model_index.json)", "Point it at the folder that holds model_index.json, unet/, vae/, ...")]
+        if not has_safetensors(folder):
+            return [problem(f"model.path={model.path}", "holds no .safetensors weights (sdbuild loads only safetensors, never pickles)", "Convert the weights with diffusers' save_pretrained(..., safe_serialization=True)")]
+        return []
+    if not HUB_ID.match(model.path):
+        return [problem(f"model.path={model.path}", "does not exist and is not a hub id (org/name)", "Give an existing local folder or a hub id already in the Hugging Face cache")]
+    return []
+
+
+def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
+    """Raise `SpecError` listing every problem with `spec` on this machine; return the device."""
+    problems = _check_values(spec)
+    if spec.run.device is Device.cuda and not (machine := machine or Machine.probe()).cuda:
+        problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
+    machine = machine or Machine.probe()
+    device = resolve_device(spec, machine)
+    for req in REQUIREMENTS:
+        if req.applies(spec) and (missing := _unmet(req, device, machine)):
+            problems.append(problem(req.option, f"{missing} (needs: {requirement_needs(req)})", req.instead))
+    for excl in EXCLUSIONS:
+        if excl.applies(spec):
+            problems.append(problem(excl.options, f"cannot be combined: {excl.why}", excl.instead))
+    if problems:
+        raise SpecError(problems)
+    return device
