@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
@@ -360,6 +361,9 @@ class _UNetForTrace(torch.nn.Module):
 def trace_unet(pipe, spec: Spec, device: str) -> None:
     """The seed's recipe: torch.jit.trace the UNet with example inputs of the run's shape."""
     example = unet_example_inputs(pipe, spec, device)
-    with torch.no_grad():
+    # TracerWarnings say the graph is fixed to these shapes: that is the recipe (and why the
+    # example inputs take the run's shape), not a problem to show the user.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(_UNetForTrace(pipe.unet).eval(), example, check_trace=False)
     pipe.unet = TracedUNet(traced, pipe.unet)

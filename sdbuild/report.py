@@ -26,7 +26,7 @@ import json
 import math
 import os
 import sys
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -62,7 +62,7 @@ DASH = "—"
 
 
 def find_result_files(sweep_dir: Path) -> list[Path]:
-    """``result.json`` files one or two folders below the sweep folder, Hydra's own folders skipped."""
+    """``result.json`` files one or two folders below the sweep folder (unordered), ``.hydra`` skipped."""
     found = set(sweep_dir.glob(f"*/{RESULT_FILE}")) | set(sweep_dir.glob(f"*/*/{RESULT_FILE}"))
     return [p for p in found if ".hydra" not in p.relative_to(sweep_dir).parts]
 
@@ -73,6 +73,11 @@ def load_rows(sweep_dir: str | Path) -> list[dict]:
     A file that cannot be parsed or misses required keys becomes a row with status
     ``"unreadable"``, its ``error`` saying why and ``path`` saying where; it never raises for a
     bad row. Rows are ordered by ``preset_order`` when set, then by job number.
+
+    Each row has the result.json keys used here (``status``, ``error``, ``choices``, ``preset``,
+    ``preset_order``, ``overrides``, ``spec_key``, ``spec``, ``latency_s``, ``warmup_s``,
+    ``build_s``, ``load_s``, ``peak_memory_mb``, ``image``, ``image_stats``, ``env``,
+    ``reused_from``; absent ones None or empty) plus ``job`` (subfolder) and ``path``.
     """
     root = _existing_dir(sweep_dir)
     rows = [_read_row(root, path) for path in find_result_files(root)]
@@ -92,8 +97,8 @@ def _read_row(root: Path, path: Path) -> dict:
     try:
         row = _normalise(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        row = _normalise({"status": "ok", "choices": {}, "latency_s": {"median": 0.0}})
-        row.update(status=UNREADABLE, latency=None, error=f"{type(exc).__name__}: {exc}")
+        row = _normalise({"status": "failed", "choices": {}})  # every field at its empty value
+        row.update(status=UNREADABLE, error=f"{type(exc).__name__}: {exc}")
     row.update(job=path.parent.relative_to(root).as_posix(), path=str(path))
     return row
 
@@ -114,6 +119,9 @@ def _normalise(data: Any) -> dict:
     if status not in STATUSES:
         raise ValueError(f"unknown status {status!r}")
     choices = _typed(data, "choices", dict) or {}
+    spec = _typed(data, "spec", dict) or {}
+    for section in ("run", "model"):
+        _typed(spec, section, dict)
     return {
         "status": status,
         "error": _typed(data, "error", str),
@@ -122,8 +130,8 @@ def _normalise(data: Any) -> dict:
         "preset_order": _typed(data, "preset_order", int),
         "overrides": _typed(data, "overrides", list) or [],
         "spec_key": _typed(data, "spec_key", str),
-        "spec": _typed(data, "spec", dict) or {},
-        "latency": _latency(data.get("latency_s"), required=status == "ok"),
+        "spec": spec,
+        "latency_s": _latency(data.get("latency_s"), required=status == "ok"),
         "warmup_s": _number(data, "warmup_s"),
         "build_s": _number(data, "build_s"),
         "load_s": _number(data, "load_s"),
@@ -138,14 +146,18 @@ def _normalise(data: Any) -> dict:
 def _typed(data: dict, key: str, kind: type) -> Any:
     """``data[key]`` when absent/None or of type ``kind``; ValueError otherwise."""
     value = data.get(key)
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+    if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
         raise ValueError(f"{key} should be {kind.__name__}, got {type(value).__name__}")
     return value
 
 
 def _number(data: dict, key: str) -> Optional[float]:
-    """A finite number (or None when absent); ValueError for anything else."""
-    value = data.get(key)
+    """``data[key]`` as a finite float (None when absent); ValueError for anything else."""
+    return _finite(data.get(key), key)
+
+
+def _finite(value: Any, key: str) -> Optional[float]:
+    """``value`` as a finite float (None stays None); ValueError naming ``key`` otherwise."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -165,9 +177,9 @@ def _latency(value: Any, required: bool) -> Optional[dict]:
     if required and stats["median"] is None:
         raise ValueError("missing keys: latency_s.median")
     runs = value.get("runs") or []
-    stats["runs"] = [_number({"runs": r}, "runs") for r in runs] if isinstance(runs, list) else None
-    if stats["runs"] is None:
+    if not isinstance(runs, list):
         raise ValueError("latency_s.runs should be a list")
+    stats["runs"] = [_finite(r, "latency_s.runs[]") for r in runs]
     return stats
 
 
@@ -253,16 +265,10 @@ def _union_in_order(dicts: Iterable[dict]) -> list[str]:
 
 
 def _set_labels(rows: list[dict], varying: Sequence[str]) -> None:
-    """A short unique name per row: its preset, else its varying choices, else its job."""
+    """A short name per row: its preset, else its varying choices, else its job."""
     for row in rows:
-        parts = [f"{g}={row['choices'].get(g, DASH)}" for g in varying]
+        parts = [f"{g}={row['choices'].get(g, DASH)}" for g in varying] if row["status"] != UNREADABLE else []
         row["label"] = row["preset"] or ", ".join(parts) or f"job {row['job']}"
-    seen: dict[str, int] = {}
-    for row in rows:
-        seen[row["label"]] = seen.get(row["label"], 0) + 1
-    for row in rows:
-        if seen[row["label"]] > 1 and row["label"] != f"job {row['job']}":
-            row["label"] += f" [job {row['job']}]"
 
 
 def _run_settings(row: dict) -> dict:
@@ -323,11 +329,11 @@ def _choose_baseline(group: Group) -> None:
     if reference:
         group.baseline = min(reference, key=lambda r: r["preset"] is not None)  # min keeps order on ties
         group.reason = (
-            f"baseline: {group.baseline['label']} (job {group.baseline['job']}), the {BASELINE_NAME} "
+            f"{group.baseline['label']} (job {group.baseline['job']}), the {BASELINE_NAME} "
             "configuration, i.e. the pipeline with no optimisation applied"
         )
     elif usable:
-        group.baseline = max(usable, key=lambda r: r["latency"]["median"])
+        group.baseline = max(usable, key=lambda r: r["latency_s"]["median"])
         group.reason = (
             f"no {BASELINE_NAME} row in this sweep: baseline is the slowest completed row "
             f"({group.baseline['label']})"
@@ -348,8 +354,8 @@ def _compare(group: Group, root: Path) -> None:
         if row["status"] != "ok":
             continue
         row["baseline_job"] = base["job"]
-        if _usable(row) and row["latency"]["median"] > 0:
-            row["speedup"] = base["latency"]["median"] / row["latency"]["median"]
+        if _usable(row) and row["latency_s"]["median"] > 0:
+            row["speedup"] = base["latency_s"]["median"] / row["latency_s"]["median"]
         pixels = _try_load(row, root)
         if base_pixels is None or pixels is None:
             row["note"] = row["note"] or ("no image to compare" if pixels is None else "baseline has no image")
@@ -376,13 +382,20 @@ def _image_path(row: dict, root: Path) -> Optional[Path]:
     return root / row["job"] / row["image"] if row["image"] else None
 
 
+def _read_pixels(row: dict, root: Path) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """(pixels, None), or (None, why) when the row has no readable image."""
+    path = _image_path(row, root)
+    if path is None:
+        return None, "no image recorded"
+    try:
+        return load_image(path), None
+    except Exception as exc:  # any decoder failure is an unreadable image, never a crashed report
+        return None, f"image unreadable: {type(exc).__name__}: {exc}"
+
+
 def _try_load(row: dict, root: Path) -> Optional[np.ndarray]:
     """A row's pixels, or None when it has no readable image."""
-    path = _image_path(row, root)
-    try:
-        return load_image(path) if path else None
-    except (OSError, ValueError):
-        return None
+    return _read_pixels(row, root)[0]
 
 
 def _saves_image(row: dict) -> bool:
@@ -394,13 +407,11 @@ def _image_problem(row: dict, root: Path) -> Optional[str]:
     """Why an ok row's image cannot be trusted (NaN, missing, unreadable, one flat colour), or None."""
     if row["image_stats"].get("nan"):
         return "image has NaN values (image_stats.nan)"
-    path = _image_path(row, root)
-    if path is None:
-        return "no image recorded" if _saves_image(row) else None
-    try:
-        pixels = load_image(path)
-    except (OSError, ValueError) as exc:
-        return f"image unreadable: {type(exc).__name__}: {exc}"
+    if not row["image"] and not _saves_image(row):
+        return None
+    pixels, problem = _read_pixels(row, root)
+    if pixels is None:
+        return problem
     flat = pixels.reshape(-1, pixels.shape[-1])
     if flat.size == 0:
         return "image is empty"
@@ -443,7 +454,7 @@ def _fmt_int(v: Optional[int]) -> str:
 
 
 def _median(row: dict) -> Optional[float]:
-    return row["latency"]["median"] if row["latency"] else None
+    return row["latency_s"]["median"] if row["latency"] else None
 
 
 def _flag(row: dict) -> str:
@@ -493,20 +504,20 @@ def build_table(sweep: Sweep) -> Table:
     return Table(headers, numeric, lines)
 
 
-def machine_lines(sweep: Sweep) -> list[str]:
-    """Machine and versions from the first readable row, plus a warning if rows ran elsewhere."""
+def machine_lines(sweep: Sweep) -> list[tuple[str, str]]:
+    """(title, text) pairs: machine and versions from the first readable row, a warning if rows ran elsewhere."""
     envs = [r["env"] for r in sweep.readable if r["env"]]
     if not envs:
-        return ["Machine: unknown (no env recorded)"]
+        return [("Machine", "unknown (no env recorded)")]
     env = envs[0]
     versions = ", ".join(
         f"{name} {env.get(key) if env.get(key) is not None else 'none'}"
         for name, key in (("torch", "torch"), ("diffusers", "diffusers"), ("Python", "python"), ("CUDA", "cuda"))
     )
-    lines = [f"Machine: {env.get('device_name') or 'unknown'}", f"Versions: {versions}"]
+    lines = [("Machine", env.get("device_name") or "unknown"), ("Versions", versions)]
     machines = {(e.get("device_name"), e.get("torch"), e.get("diffusers")) for e in envs}
     if len(machines) > 1:
-        lines.append(f"Warning: rows ran on {len(machines)} different machine/version combinations")
+        lines.append(("Warning", f"rows ran on {len(machines)} different machine/version combinations"))
     return lines
 
 
@@ -551,13 +562,13 @@ METHOD = (
 def _write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temp file in the same folder, then rename over ``path``: readers never see half a file."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # plain open: the usual umask-based permissions, unlike mkstemp's 0600
             f.write(raw)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -600,7 +611,7 @@ def csv_columns(sweep: Sweep) -> list[str]:
 
 def _csv_record(row: dict, sweep: Sweep) -> dict:
     """One CSV line as a column -> cell dict."""
-    latency = row["latency"] or {}
+    latency = row["latency_s"] or {}
     record: dict[str, Any] = {g: row["choices"].get(g) for g in sweep.choice_columns}
     record.update({f"latency_{s}_s": latency.get(s) for s in LATENCY_STATS})
     record.update({k: row[k] for k in ("preset", "status", "error", "warmup_s", "build_s", "load_s")})
@@ -631,17 +642,17 @@ def _settings_lines(sweep: Sweep) -> list[str]:
     """Run settings and baseline choice, one pair per comparison group."""
     if len(sweep.groups) == 1:
         group = sweep.groups[0]
-        return [f"**Run:** {_md(group.description)}", "", f"**Baseline:** {_md(group.reason)}."]
+        return [f"**Run:** {_md(group.description)}", "", f"**Baseline:** {_md(group.reason)}"]
     lines = [f"**{len(sweep.groups)} comparison groups** (each compared with its own baseline):", ""]
     for group in sweep.groups:
-        lines.append(f"- {_md(group.description)}: {_md(group.reason)}.")
+        lines.append(f"- {_md(group.description)}. **Baseline:** {_md(group.reason)}")
     return lines
 
 
 def render_markdown(sweep: Sweep, table: Table) -> str:
     """The whole report.md text."""
     lines = [f"# Sweep report: {_md(sweep.path.name)}", ""]
-    lines += [f"**{_md(key)}:**{_md(value)}  " for key, value in (l.split(":", 1) for l in machine_lines(sweep))]
+    lines += [f"**{_md(title)}:** {_md(text)}  " for title, text in machine_lines(sweep)]
     lines += ["", f"**Rows:** {summary_line(sweep)}", ""]
     lines += _settings_lines(sweep) if sweep.groups else ["No completed or failed rows to compare."]
     lines += ["", METHOD, ""]
@@ -671,6 +682,9 @@ img.plot { max-width: 100%; }
 """
 
 
+NUM_TD = '<td class="num">'
+
+
 def _image_cell(row: dict) -> str:
     """An <img> linking ``<job>/<image>`` relatively, or a dash."""
     if not row["image"]:
@@ -689,16 +703,17 @@ def render_html(sweep: Sweep, table: Table) -> str:
         f"<title>{esc(title)}</title><style>{HTML_STYLE}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
     ]
-    parts += [f"<p>{esc(line)}</p>" for line in machine_lines(sweep)]
+    parts += [f"<p><strong>{esc(title)}:</strong> {esc(text)}</p>" for title, text in machine_lines(sweep)]
     parts.append(f"<p>Rows: {esc(summary_line(sweep))}</p>")
-    parts += [f"<p>{esc(g.description)}<br><strong>{esc(g.reason)}.</strong></p>" for g in sweep.groups]
+    parts += [f"<p>Run: {esc(g.description)}<br><strong>Baseline:</strong> {esc(g.reason)}</p>" for g in sweep.groups]
     parts.append(f"<p>{esc(METHOD)}</p>")
     if table.rows:
         parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in table.headers) + "<th>image</th></tr>")
         for row, cells in table.rows:
             css = "baseline" if row["is_baseline"] else "problem" if row["status"] != "ok" or row["broken"] else ""
-            tds = "".join(f'<td class="{"num" if n else ""}">{esc(c)}</td>' for c, n in zip(cells, table.numeric))
-            parts.append(f'<tr class="{css}">{tds}<td class="image">{_image_cell(row)}</td></tr>')
+            tds = "".join((NUM_TD if n else "<td>") + f"{esc(c)}</td>" for c, n in zip(cells, table.numeric))
+            tr = f'<tr class="{css}">' if css else "<tr>"
+            parts.append(f'{tr}{tds}<td class="image">{_image_cell(row)}</td></tr>')
         parts.append("</table>")
     parts.append(f'<p><img class="plot" src="{PLOT_FILE}" alt="latency plot"></p>')
     parts.append("<h2>Failed, unsupported, unreadable and broken rows</h2>")
@@ -744,7 +759,7 @@ def render_plot(sweep: Sweep) -> bytes:
 
 def _plot_bars(ax: Any, rows: list[dict], omitted: int) -> None:
     """Horizontal bars of median latency, first row on top, the baseline highlighted."""
-    title = "Median latency" + (f" ({omitted} broken rows omitted)" if omitted else "")
+    title = "Median latency" + (f" (broken rows omitted: {omitted})" if omitted else "")
     ax.set_title(title)
     if not rows:
         ax.text(0.5, 0.5, "no completed rows", ha="center", va="center", transform=ax.transAxes)
@@ -755,6 +770,7 @@ def _plot_bars(ax: Any, rows: list[dict], omitted: int) -> None:
     ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds (orange: baseline)")
+    ax.margins(x=0.25)  # room for the value labels
     for y, (row, median) in enumerate(zip(rows, medians)):
         ax.text(median, y, f" {_fmt_seconds(median)} {_fmt_speedup(row['speedup'])}", va="center", fontsize=7)
 

@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow") or os.environ.get("SDBUILD_SLOW") == "1"
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow or SDBUILD_SLOW=1"))
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none on this machine"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """One tiny-model cache for the whole session (built once, ~5 s), shared with subprocesses."""
+    cache = os.environ.get("SDBUILD_TEST_CACHE") or str(tmp_path_factory.mktemp("sdbuild-cache"))
+    os.environ["SDBUILD_CACHE"] = cache
+    return Path(cache)
+
+
+FAST = ["run.steps=4", "run.warmup=0", "run.repeats=1"]
+
+
+def run_cli(*args, cwd=ROOT, env=None, timeout=600):
+    """Run `python -m sdbuild ARGS` and return the CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sdbuild", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )

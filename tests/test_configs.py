@@ -1,0 +1,63 @@
+"""Every config composes into a typed spec; wrong values fail at composition; composing is light."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import ValidationError
+
+import sdbuild
+from sdbuild.config import config_dir
+from sdbuild.spec import GROUPS, Dtype, MemoryFormat, Spec
+
+CONF = Path(config_dir())
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group, option):
+    spec = sdbuild.compose([f"{group}={option}"])
+    assert isinstance(spec, Spec)
+    assert getattr(spec, group).name == option  # each file says which option it is
+
+
+def test_defaults_are_the_seed_baseline():
+    spec = sdbuild.compose()
+    assert spec.precision.dtype is Dtype.fp32 and not spec.precision.tf32
+    assert spec.memory_format.format is MemoryFormat.contiguous
+    assert spec.attention.name == "classic" and spec.compile.name == "none"
+    assert spec.model.name == "tiny" and spec.scheduler.name == "ddim"
+    assert spec.run.steps == 50 and spec.run.prompt == "a photo of an astronaut riding a horse on mars"
+
+
+def test_field_override_is_typed():
+    spec = sdbuild.compose(["run.steps=7", "run.height=128", "precision.tf32=true"])
+    assert spec.run.steps == 7 and spec.run.height == 128 and spec.precision.tf32 is True
+
+
+@pytest.mark.parametrize("override", ["precision=fp8", "precision.dtype=fp8", "run.steps=many", "run.nonsense=1"])
+def test_wrong_value_fails_at_composition(override):
+    with pytest.raises((ConfigCompositionException, HydraException, ValidationError)):
+        sdbuild.compose([override])
+
+
+def test_cli_wrong_option_lists_the_choices():
+    out = subprocess.run([sys.executable, "-m", "sdbuild", "precision=fp8"], capture_output=True, text=True,
+                         cwd=CONF.parent)
+    assert out.returncode != 0
+    assert "precision/fp8" in out.stderr and "fp16" in out.stderr  # Hydra lists the available options
+    assert "Traceback" not in out.stderr
+
+
+def test_compose_and_help_do_not_import_torch():
+    code = ("import sys, sdbuild; sdbuild.compose(['precision=bf16']); "
+            "heavy = [m for m in ('torch', 'diffusers', 'xformers', 'transformers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=CONF.parent)
+    code = ("import sys, runpy; sys.argv = ['sdbuild', '--help']\n"
+            "try:\n runpy.run_module('sdbuild', run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=CONF.parent, capture_output=True)
