@@ -37,8 +37,6 @@ def run_from_hydra(cfg: DictConfig) -> int:
 
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices[g] for g in GROUPS if hc.runtime.choices.get(g)}
-    if hc.runtime.choices.get("preset"):
-        choices["preset"] = hc.runtime.choices["preset"]
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     job = {"num": hc.job.num if multirun else None, "output_dir": str(out_dir)}

@@ -3,17 +3,18 @@
 - Warmup calls are timed on their own (they include lazy torch.compile work).
 - Each timed call is the full pipeline call (text encoding, all denoising steps, VAE decode),
   bracketed by CUDA events on GPU and `time.perf_counter` on CPU, after a synchronize.
-- Peak memory: CUDA peak allocated on GPU; on CPU the peak resident set size of this process,
-  sampled during the calls (the OS's lifetime maximum would carry over between sweep jobs).
+- Peak memory: CUDA peak allocated on GPU; on CPU the peak resident set size of this process
+  during the calls (the kernel's own high-water mark, reset before the first call).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -40,37 +41,39 @@ class Measurement:
         }
 
 
-class _CpuPeakRss:
-    """Samples this process's RSS in a thread; `peak_mb` is the highest value seen."""
+class CpuPeakRss:
+    """Peak resident set size of this process over a `with` block, at no cost while it runs.
 
-    def __init__(self, interval_s: float = 0.005) -> None:
-        import psutil
+    Linux keeps the peak (VmHWM) itself; writing 5 to /proc/self/clear_refs resets it to the
+    current size, so the peak covers only the block. (A sampling thread would compete with
+    torch for 2 cores and slow the very calls it watches.) Elsewhere: the lifetime peak.
+    """
 
-        self._process, self._interval = psutil.Process(), interval_s
-        self._peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+    STATUS, CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, self._process.memory_info().rss)
-            self._stop.wait(self._interval)
+    def __init__(self) -> None:
+        self.peak_mb: float = 0.0
+
+    def _hwm_mb(self) -> float:
+        match = re.search(r"VmHWM:\s+(\d+) kB", self.STATUS.read_text()) if self.STATUS.exists() else None
+        if match:
+            return int(match.group(1)) / 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
     def __enter__(self):
-        self._peak = self._process.memory_info().rss
-        self._thread.start()
+        try:
+            self.CLEAR.write_text("5")
+        except OSError:
+            pass
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._process.memory_info().rss)
-
-    @property
-    def peak_mb(self) -> float:
-        return self._peak / 2**20
+        self.peak_mb = self._hwm_mb()
 
 
-def _timed_call(call: Callable[[], object], device: str):
+def timed_call(call: Callable[[], object], device: str):
     """Run `call` once and return (seconds, output), synchronized with the device."""
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -92,13 +95,13 @@ def measure(pipe, make_kwargs: Callable[[], dict], device: str, warmup: int, rep
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    cpu_peak = _CpuPeakRss() if device != "cuda" else None
+    cpu_peak = CpuPeakRss() if device != "cuda" else None
     steps = [("warmup", i) for i in range(warmup)] + [("run", i) for i in range(repeats)]
     bar = tqdm(steps, desc=label or "measure", unit="call", disable=not show_progress, leave=False)
     with cpu_peak or contextlib.nullcontext():
         for kind, _ in bar:
             kwargs = make_kwargs()
-            seconds, out = _timed_call(lambda: pipe(**kwargs), device)
+            seconds, out = timed_call(lambda: pipe(**kwargs), device)
             (result.warmup_s if kind == "warmup" else result.runs_s).append(seconds)
             bar.set_postfix_str(f"{kind} {seconds:.3f}s")
             if kind == "run":

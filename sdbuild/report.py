@@ -40,7 +40,9 @@ REPORT_FILE = "report.md"
 PLOT_FILE = "latency.png"
 HTML_FILE = "index.html"
 
-STATUSES = ("ok", "failed", "unsupported")
+# "broken": measured, but the runner found the image unusable (sdbuild.job.broken_image).
+STATUSES = ("ok", "broken", "failed", "unsupported")
+COMPLETED = ("ok", "broken")  # rows that were measured and have a latency
 UNREADABLE = "unreadable"
 
 # The unoptimised reference configuration: the first row of the seed table.
@@ -106,8 +108,8 @@ def _read_row(root: Path, path: Path) -> dict:
 def _normalise(data: Any) -> dict:
     """Validate a parsed result.json and return the row fields this module uses.
 
-    Required: ``status`` (one of STATUSES), ``choices`` (an object) and, for an ok row,
-    ``latency_s.median``. Other keys may be missing (None), but a key that is present must
+    Required: ``status`` (one of STATUSES), ``choices`` (an object) and, for a completed
+    row, ``latency_s.median``. Other keys may be missing (None), but a key that is present must
     have the right type: a half-written file should be reported, not half-believed.
     """
     if not isinstance(data, dict):
@@ -131,7 +133,7 @@ def _normalise(data: Any) -> dict:
         "overrides": _typed(data, "overrides", list) or [],
         "spec_key": _typed(data, "spec_key", str),
         "spec": spec,
-        "latency_s": _latency(data.get("latency_s"), required=status == "ok"),
+        "latency_s": _latency(data.get("latency_s"), required=status in COMPLETED),
         "warmup_s": _number(data, "warmup_s"),
         "build_s": _number(data, "build_s"),
         "load_s": _number(data, "load_s"),
@@ -166,7 +168,7 @@ def _finite(value: Any, key: str) -> Optional[float]:
 
 
 def _latency(value: Any, required: bool) -> Optional[dict]:
-    """The ``latency_s`` object with float stats and a float ``runs`` list; median required for ok rows."""
+    """The ``latency_s`` object with float stats and a float ``runs`` list; median required for completed rows."""
     if value is None:
         if required:
             raise ValueError("missing keys: latency_s")
@@ -247,7 +249,7 @@ def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None) -> Sweep:
     sweep.varying = [g for g in sweep.choice_columns if len({r["choices"].get(g) for r in sweep.readable}) > 1]
     for row in rows:
         row.update(is_baseline=False, baseline_job=None, speedup=None, psnr_db=None, max_abs_diff=None, note=None)
-        row["broken"] = _image_problem(row, root) if row["status"] == "ok" else None
+        row["broken"] = _broken_reason(row, root)
     _set_labels(rows, sweep.varying)
     sweep.groups = _group(sweep.readable)
     for group in sweep.groups:
@@ -345,13 +347,13 @@ def _choose_baseline(group: Group) -> None:
 
 
 def _compare(group: Group, root: Path) -> None:
-    """Speed-up (usable rows only) and fidelity (every ok row) against the group's baseline."""
+    """Speed-up (usable rows only) and fidelity (every completed row) against the group's baseline."""
     base = group.baseline
     if base is None:
         return
     base_pixels = _try_load(base, root)
     for row in group.rows:
-        if row["status"] != "ok":
+        if row["status"] not in COMPLETED:
             continue
         row["baseline_job"] = base["job"]
         if _usable(row) and row["latency_s"]["median"] > 0:
@@ -401,6 +403,13 @@ def _try_load(row: dict, root: Path) -> Optional[np.ndarray]:
 def _saves_image(row: dict) -> bool:
     """Whether the run was asked to save an image (``run.save_image``, default true)."""
     return (row["spec"].get("run") or {}).get("save_image", True) is not False
+
+
+def _broken_reason(row: dict, root: Path) -> Optional[str]:
+    """Why a completed row's result cannot be trusted: the runner's verdict, or our own image check."""
+    if row["status"] == "broken":
+        return row["error"] or "broken image (status broken)"
+    return _image_problem(row, root) if row["status"] == "ok" else None
 
 
 def _image_problem(row: dict, root: Path) -> Optional[str]:
@@ -454,7 +463,8 @@ def _fmt_int(v: Optional[int]) -> str:
 
 
 def _median(row: dict) -> Optional[float]:
-    return row["latency_s"]["median"] if row["latency"] else None
+    """Median latency in seconds, None for rows that did not complete."""
+    return row["latency_s"]["median"] if row["latency_s"] else None
 
 
 def _flag(row: dict) -> str:
@@ -462,7 +472,7 @@ def _flag(row: dict) -> str:
     words = []
     if row["is_baseline"]:
         words.append("baseline")
-    if row["status"] != "ok":
+    if row["status"] not in COMPLETED:
         words.append(row["status"])
     if row["broken"]:
         words.append("BROKEN image")
@@ -522,10 +532,10 @@ def machine_lines(sweep: Sweep) -> list[tuple[str, str]]:
 
 
 def summary_line(sweep: Sweep) -> str:
-    """``N rows: k ok, m failed/unsupported, u unreadable`` (plus broken when any)."""
+    """``N rows: k ok, m failed/unsupported, u unreadable``; k counts every measured row, broken ones noted."""
     broken = f" ({sweep.broken_count} broken)" if sweep.broken_count else ""
     return (
-        f"{len(sweep.rows)} rows: {sweep.count('ok')} ok{broken}, "
+        f"{len(sweep.rows)} rows: {sweep.count(*COMPLETED)} ok{broken}, "
         f"{sweep.count('failed', 'unsupported')} failed/unsupported, {sweep.count(UNREADABLE)} unreadable"
     )
 
@@ -536,7 +546,7 @@ def problem_lines(sweep: Sweep) -> list[str]:
     for row in sweep.rows:
         if row["status"] == UNREADABLE:
             lines.append(f"unreadable: {row['path']}: {row['error']}")
-        elif row["status"] != "ok":
+        elif row["status"] not in COMPLETED:
             lines.append(f"{row['status']}: {row['label']} (job {row['job']}): {row['error'] or 'no reason given'}")
         elif row["broken"]:
             lines.append(f"broken: {row['label']} (job {row['job']}): {row['broken']}; no speed-up reported")
@@ -710,7 +720,7 @@ def render_html(sweep: Sweep, table: Table) -> str:
     if table.rows:
         parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in table.headers) + "<th>image</th></tr>")
         for row, cells in table.rows:
-            css = "baseline" if row["is_baseline"] else "problem" if row["status"] != "ok" or row["broken"] else ""
+            css = "baseline" if row["is_baseline"] else "problem" if not _usable(row) else ""
             tds = "".join((NUM_TD if n else "<td>") + f"{esc(c)}</td>" for c, n in zip(cells, table.numeric))
             tr = f'<tr class="{css}">' if css else "<tr>"
             parts.append(f'{tr}{tds}<td class="image">{_image_cell(row)}</td></tr>')
@@ -788,6 +798,7 @@ def _plot_pareto(ax: Any, rows: list[dict]) -> None:
     ax.step(xs, ys, where="post", color="tab:red", label="Pareto frontier (fastest within memory)", zorder=1)
     for i in front:
         ax.annotate(rows[i]["label"], (points[i][1], points[i][0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.margins(x=0.2, y=0.1)  # room for the point labels
     ax.set_xlabel("peak memory (MB)")
     ax.set_ylabel("median latency (s)")
     ax.legend(fontsize=8)

@@ -18,13 +18,16 @@ from omegaconf import DictConfig
 log = logging.getLogger("sdbuild")
 
 
-def count_jobs(task_overrides: list[str]) -> Optional[int]:
-    """How many jobs the basic sweeper makes of these overrides (their cartesian product)."""
+def count_jobs(config: DictConfig) -> Optional[int]:
+    """How many jobs the basic sweeper makes: the cartesian product of the sweeper's
+    `params` (from an experiment config) and the command-line overrides."""
     try:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        parsed = OverridesParser.create().parse_overrides(task_overrides)
+        params = config.hydra.sweeper.get("params") or {}
+        overrides = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+        parsed = OverridesParser.create().parse_overrides(overrides)
         return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
     except Exception:  # progress is a courtesy; never fail a sweep over it
         return None
@@ -37,7 +40,7 @@ class SweepCallback(Callback):
         self.done = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.total = count_jobs(list(config.hydra.overrides.task))
+        self.total = count_jobs(config)
         self.started, self.done = time.perf_counter(), 0
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -322,3 +322,18 @@ def test_wrongly_typed_fields_make_a_row_unreadable(grid: Path):
     (folder / "result.json").write_text(json.dumps(data))
     report.aggregate(grid)
     assert read_csv(grid)["4"]["status"] == "unreadable"
+
+
+def test_status_broken_from_the_runner_is_flagged(grid: Path):
+    write_job(grid, "4", precision="fp16", median=0.1, status="ok",
+              error="broken image: the output holds NaN")
+    folder = grid / "4"
+    data = json.loads((folder / "result.json").read_text())
+    data["status"] = "broken"  # as sdbuild.job writes it
+    (folder / "result.json").write_text(json.dumps(data))
+    md = report.aggregate(grid).read_text()
+    row = read_csv(grid)["4"]
+    assert row["status"] == "broken" and row["speedup"] == ""
+    assert row["broken"] == "broken image: the output holds NaN"
+    assert "broken: precision=fp16, attention=classic (job 4): broken image: the output holds NaN" in md
+    assert "5 rows: 5 ok (1 broken)" in md
