@@ -158,6 +158,7 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
     except SpecError as exc:
         row.update(status="unsupported", error=str(exc))
     except KeyboardInterrupt:
+        row.update(status="failed", error="interrupted (Ctrl-C) before the measurement finished")
         raise
     except Exception as exc:
         row.update(status="failed", error=_failure_reason(exc))
