@@ -21,11 +21,13 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
 from .models import ensure_model
+from .quiet import quiet_imports
 from .spec import (
     AttentionProcessor,
     CompileMethod,
@@ -36,10 +38,12 @@ from .spec import (
     Quant,
     SdpaBackend,
     Spec,
+    VaeKind,
 )
 from .validate import validate
 
 log = logging.getLogger(__name__)
+quiet_imports()
 
 
 @dataclass
@@ -171,9 +175,26 @@ def load(spec: Spec):
         kwargs["quantization_config"] = quant
     pipe = pipeline_class(spec).from_pretrained(folder, **kwargs)
     pipe.scheduler = scheduler_from(spec, pipe.scheduler.config)
+    if spec.vae.kind is VaeKind.tiny:
+        pipe.vae = tiny_autoencoder(spec, dtype)
     if spec.precision.vae_dtype is not None:
         run_vae_in(pipe, torch_dtype(spec.precision.vae_dtype.value))
     return pipe
+
+
+def tiny_autoencoder(spec: Spec, dtype: torch.dtype):
+    """AutoencoderTiny (TAESD): from `vae.path`, or random weights with TAESD's layout."""
+    from diffusers import AutoencoderTiny
+
+    if spec.vae.path:
+        return AutoencoderTiny.from_pretrained(os.path.expanduser(spec.vae.path), use_safetensors=True,
+                                               **{dtype_keyword(): dtype})
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(3)
+        return AutoencoderTiny().to(dtype)
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def run_vae_in(pipe, dtype: torch.dtype) -> None:
@@ -238,10 +259,6 @@ def apply_attention(pipe, spec: Spec) -> None:
             m.set_attn_processor(kernel_pinned_processor(att.sdpa_backend) if pinned else AttnProcessor2_0())
     elif att.processor is AttentionProcessor.xformers:
         pipe.enable_xformers_memory_efficient_attention()
-    elif att.processor is AttentionProcessor.backend:
-        for m in modules:
-            m.set_attn_processor(AttnProcessor2_0())
-        pipe.unet.set_attention_backend(att.backend)
     if att.slice_size is not None:
         size = int(att.slice_size) if str(att.slice_size).isdigit() else att.slice_size
         pipe.enable_attention_slicing(size)
@@ -277,6 +294,8 @@ def apply_compile(pipe, spec: Spec, device: str) -> None:
     method = spec.compile.method
     if method is CompileMethod.trace:
         trace_unet(pipe, spec, device)
+    elif method is CompileMethod.export:
+        export_unet(pipe, spec, device)
     elif method is CompileMethod.inductor:
         compile_modules(pipe, spec)
 
@@ -312,22 +331,23 @@ def unet_example_inputs(pipe, spec: Spec, device: str):
     sample = torch.randn(batch, unet.config.in_channels, height // scale, width // scale, dtype=dtype, device=device)
     if spec.memory_format.format is MemoryFormat.channels_last:
         sample = sample.to(memory_format=torch.channels_last)
-    timestep = torch.tensor(999, device=device)
+    pipe.scheduler.set_timesteps(spec.run.steps, device=device)
+    timestep = pipe.scheduler.timesteps[0]  # a 0-d tensor of the scheduler's dtype, as the pipeline passes it
     seq_len = pipe.tokenizer.model_max_length
     hidden = torch.randn(batch, seq_len, unet.config.cross_attention_dim, dtype=dtype, device=device)
     return sample, timestep, hidden
 
 
-class TracedUNet(torch.nn.Module):
-    """Stands in for the UNet: same config, dtype and device, calls the traced graph.
-
-    The pipeline calls it exactly as it calls UNet2DConditionModel; options a traced graph
-    cannot take (timestep_cond, added_cond_kwargs, cross_attention_kwargs) are refused.
+class GraphUNet(torch.nn.Module):
+    """Stands in for the UNet with a fixed-shape graph (traced or AOT-compiled): same config,
+    dtype and device, called by the pipeline exactly like UNet2DConditionModel. Options such a
+    graph cannot take (timestep_cond, added_cond_kwargs, cross_attention_kwargs) are refused.
     """
 
-    def __init__(self, traced: torch.jit.ScriptModule, unet) -> None:
+    def __init__(self, graph, unet, kind: str) -> None:
         super().__init__()
-        self.traced = traced
+        self.graph = graph  # a torch.jit.ScriptModule (trace) or an AOTInductor runner (export)
+        self.kind = kind
         self.config = unet.config
         self._dtype, self._device = unet.dtype, unet.device
 
@@ -342,14 +362,16 @@ class TracedUNet(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
                 added_cond_kwargs=None, return_dict: bool = True, **unused):
         if timestep_cond is not None or cross_attention_kwargs or added_cond_kwargs:
-            raise ValueError("compile=trace: the traced UNet takes only (sample, timestep, encoder_hidden_states)")
+            raise ValueError(f"compile={self.kind}: the UNet graph takes only (sample, timestep, encoder_hidden_states)")
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        out = self.traced(sample, timestep, encoder_hidden_states)[0]
+        out = self.graph(sample, timestep, encoder_hidden_states)[0]
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
-class _UNetForTrace(torch.nn.Module):
+class _UNetForGraph(torch.nn.Module):
+    """The UNet as a function of three tensors, returning a tuple: what trace and export capture."""
+
     def __init__(self, unet) -> None:
         super().__init__()
         self.unet = unet
@@ -365,5 +387,20 @@ def trace_unet(pipe, spec: Spec, device: str) -> None:
     # example inputs take the run's shape), not a problem to show the user.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace(_UNetForTrace(pipe.unet).eval(), example, check_trace=False)
-    pipe.unet = TracedUNet(traced, pipe.unet)
+        traced = torch.jit.trace(_UNetForGraph(pipe.unet).eval(), example, check_trace=False)
+    pipe.unet = GraphUNet(traced, pipe.unet, "trace")
+
+
+def export_unet(pipe, spec: Spec, device: str) -> None:
+    """torch.export the UNet, compile it ahead of time with AOTInductor into a .pt2 package, load it."""
+    import tempfile
+
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+    example = unet_example_inputs(pipe, spec, device)
+    with torch.no_grad():
+        exported = torch.export.export(_UNetForGraph(pipe.unet).eval(), example)
+    folder = Path(spec.compile.cache_dir).expanduser() if spec.compile.cache_dir else Path(tempfile.mkdtemp(prefix="sdbuild-aoti-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    package = aoti_compile_and_package(exported, package_path=str(folder / "unet.pt2"))
+    pipe.unet = GraphUNet(aoti_load_package(package), pipe.unet, "export")

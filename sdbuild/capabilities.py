@@ -31,6 +31,7 @@ from .spec import (
 @dataclass(frozen=True)
 class Requirement:
     option: str  # how the user writes it
+    group: str  # the config group it belongs to, named in the error with the user's choice
     applies: Callable[[Spec], bool]
     cuda: bool = False
     min_capability: Optional[Tuple[int, int]] = None  # CUDA compute capability, when on CUDA
@@ -53,6 +54,10 @@ def _uses_dtype(spec: Spec, dtype: Dtype) -> bool:
     return spec.precision.dtype is dtype or spec.precision.vae_dtype is dtype
 
 
+def _fixed_graph(spec: Spec) -> bool:
+    return spec.compile.method in (CompileMethod.trace, CompileMethod.export)
+
+
 def _compiles(spec: Spec) -> bool:
     return spec.compile.method is CompileMethod.inductor
 
@@ -60,61 +65,71 @@ def _compiles(spec: Spec) -> bool:
 REQUIREMENTS: Tuple[Requirement, ...] = (
     Requirement(
         "precision=fp16 (or vae_dtype fp16)",
+        "precision",
         lambda s: _uses_dtype(s, Dtype.fp16),
         cuda=True,
         instead="On CPU use precision=bf16 (or fp32); fp16 kernels there are missing or slower than fp32",
     ),
     Requirement(
         "precision=bf16",
+        "precision",
         lambda s: _uses_dtype(s, Dtype.bf16),
         min_capability=(8, 0),
         instead="On pre-Ampere GPUs use precision=fp16",
     ),
     Requirement(
         "attention=xformers",
+        "attention",
         lambda s: s.attention.processor is AttentionProcessor.xformers,
         cuda=True,
         package="xformers",
         instead="Use attention=sdpa (PyTorch's fused attention, no extra package)",
     ),
     Requirement(
-        "attention.processor=backend",
-        lambda s: s.attention.processor is AttentionProcessor.backend,
-        diffusers="0.35",
-        instead="Use attention=sdpa",
-    ),
-    Requirement(
-        "attention.sdpa_backend=flash|efficient|cudnn",
+        "attention.sdpa_backend=flash, efficient, cudnn",
+        "attention",
         lambda s: s.attention.sdpa_backend not in (SdpaBackend.auto, SdpaBackend.math),
         cuda=True,
         instead="On CPU use attention.sdpa_backend=auto or math",
     ),
     Requirement(
         "attention.sdpa_backend=flash",
+        "attention",
         lambda s: s.attention.sdpa_backend is SdpaBackend.flash,
         min_capability=(8, 0),
         instead="Use attention.sdpa_backend=efficient on pre-Ampere GPUs",
     ),
     Requirement(
         "compile=inductor",
+        "compile",
         _compiles,
         c_compiler_on_cpu=True,
         instead="Install a C++ compiler (apt-get install g++) or use compile=none",
     ),
     Requirement(
+        "compile=export",
+        "compile",
+        lambda s: s.compile.method is CompileMethod.export,
+        c_compiler_on_cpu=True,
+        instead="Install a C++ compiler (apt-get install g++) or use compile=trace",
+    ),
+    Requirement(
         "compile.mode=reduce_overhead (CUDA graphs)",
+        "compile",
         lambda s: _compiles(s) and s.compile.mode is CompileMode.reduce_overhead,
         cuda=True,
         instead="On CPU use compile.mode=default",
     ),
     Requirement(
         "compile.regional=true",
+        "compile",
         lambda s: s.compile.regional,
         diffusers="0.35",
         instead="Use compile=inductor (whole-model compile)",
     ),
     Requirement(
-        "memory.offload=model|sequential|group",
+        "memory.offload=model, sequential, group",
+        "memory",
         lambda s: s.memory.offload is not Offload.none,
         cuda=True,
         package="accelerate",
@@ -122,12 +137,14 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
     ),
     Requirement(
         "memory.offload=group",
+        "memory",
         lambda s: s.memory.offload is Offload.group,
         diffusers="0.33",
         instead="Use memory=model_offload",
     ),
     Requirement(
-        "quant=int8wo|int8dq|fp8dq",
+        "quant=int8wo, int8dq, fp8dq",
+        "quant",
         lambda s: s.quant.method is not Quant.none,
         package="torchao",
         diffusers="0.32",
@@ -135,6 +152,7 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
     ),
     Requirement(
         "quant=fp8dq",
+        "quant",
         lambda s: s.quant.method is Quant.fp8dq,
         cuda=True,
         min_capability=(8, 9),
@@ -163,15 +181,9 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use attention=sliced on its own",
     ),
     Exclusion(
-        "attention.processor=backend without attention.backend",
-        lambda s: s.attention.processor is AttentionProcessor.backend and not s.attention.backend,
-        "the dispatcher needs a backend name",
-        "Set attention.backend=native (or flash, _native_efficient, ...)",
-    ),
-    Exclusion(
-        "compile=trace with a target other than the UNet",
-        lambda s: s.compile.method is CompileMethod.trace and s.compile.targets != [CompileTarget.unet],
-        "the seed's tracing recipe traces the UNet only",
+        "compile=trace or export with a target other than the UNet",
+        lambda s: _fixed_graph(s) and s.compile.targets != [CompileTarget.unet],
+        "the fixed-shape graph recipes (trace, export) replace the UNet only",
         "Use compile=inductor for other modules",
     ),
     Exclusion(
@@ -181,10 +193,16 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use compile=regional",
     ),
     Exclusion(
-        "compile=trace|inductor with memory.offload",
+        "compile=trace or inductor with memory.offload",
         lambda s: s.compile.method is not CompileMethod.none and s.memory.offload is not Offload.none,
         "offload hooks move weights during the forward pass, which a traced or compiled graph does not see",
         "Use compile=none with offloading",
+    ),
+    Exclusion(
+        "compile=trace or export with model family sdxl",
+        lambda s: _fixed_graph(s) and s.model.family is ModelFamily.sdxl,
+        "SDXL's UNet takes added conditioning (text_embeds, time_ids) that the 3-input graph does not carry",
+        "Use compile=inductor or compile=regional for SDXL",
     ),
     Exclusion(
         "compile=trace with quant",
@@ -193,10 +211,10 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use compile=inductor with quantization",
     ),
     Exclusion(
-        "model.vae=tiny with model.source=pretrained and no model.vae_path",
-        lambda s: s.model.vae is VaeKind.tiny and s.model.source is ModelSource.pretrained and not s.model.vae_path,
-        "a real model needs real AutoencoderTiny weights (e.g. madebyollin/taesd)",
-        "Set model.vae_path=/path/to/taesd",
+        "vae=tiny with a pretrained model and no vae.path",
+        lambda s: s.vae.kind is VaeKind.tiny and s.model.source is ModelSource.pretrained and not s.vae.path,
+        "a real model needs real AutoencoderTiny weights (madebyollin/taesd, or taesdxl for SDXL)",
+        "Set vae.path=/path/to/taesd (a local folder or a hub id in the HF cache)",
     ),
 )
 
@@ -219,6 +237,31 @@ def requirement_needs(req: Requirement) -> str:
     return ", ".join(needs)
 
 
+def option_rows() -> list[tuple[str, str, str]]:
+    """(group=option, description, needs) for every YAML option, needs evaluated on its composed spec."""
+    from pathlib import Path
+
+    from .config import compose, config_dir
+    from .spec import GROUPS
+
+    rows = []
+    for group in GROUPS:
+        for path in sorted(Path(config_dir(), group).glob("*.yaml")):
+            comment = " ".join(line.lstrip("# ").strip() for line in path.read_text().splitlines()
+                               if line.startswith("#") and "@package" not in line)
+            spec = compose([f"{group}={path.stem}"])
+            needs = "; ".join(requirement_needs(r) for r in REQUIREMENTS if r.applies(spec)) or "nothing (runs on CPU)"
+            rows.append((f"{group}={path.stem}", comment, needs))
+    return rows
+
+
+def options_table() -> str:
+    """The README's option table: what each option does and costs (its YAML comment), what it needs."""
+    lines = ["| option | what it does, what it costs | needs |", "|---|---|---|"]
+    lines += [f"| `{opt}` | {desc} | {needs} |" for opt, desc, needs in option_rows()]
+    return "\n".join(lines)
+
+
 def markdown_tables() -> str:
     """The README's 'what needs what' section, generated from the tables above."""
     lines = ["| option | needs | otherwise |", "|---|---|---|"]
@@ -229,4 +272,4 @@ def markdown_tables() -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_tables())
+    print(options_table(), markdown_tables(), sep="\n\n")

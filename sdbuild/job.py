@@ -137,7 +137,7 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
         status="failed", error=None, choices=choices, preset=spec.preset, preset_order=spec.preset_order,
         overrides=overrides, spec_key=spec_key(spec_dict), spec=spec_dict, latency_s=None, warmup_s=None,
         warmup_runs_s=None, load_s=None, build_s=None, peak_memory_mb=None, image=None, image_stats=None,
-        env=None, job=job or {}, reused_from=None,
+        compile_cache=None, env=None, job=job or {}, reused_from=None,
     )
     started = time.perf_counter()
     device = None
@@ -178,6 +178,17 @@ def _failure_reason(exc: BaseException) -> str:
     return text.splitlines()[0][:500] + " (traceback in error.log)"
 
 
+def compile_cache_stats(spec: Spec) -> Optional[Dict[str, Any]]:
+    """Inductor's FX-graph cache hits and misses in this process: did a warm start reuse kernels?"""
+    if spec.compile.name == "none" or spec.compile.method.value != "inductor":
+        return None
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return {"dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "fxgraph_cache_hit": inductor["fxgraph_cache_hit"],
+            "fxgraph_cache_miss": inductor["fxgraph_cache_miss"]}
+
+
 def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool) -> Dict[str, Any]:
     from .build import build_pipeline
     from .measure import measure
@@ -191,6 +202,7 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     fields: Dict[str, Any] = dict(
         latency_s=m.latency(), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
         load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb,
+        compile_cache=compile_cache_stats(spec),
     )
     if spec.run.save_image and m.images is not None:
         fields["image_stats"] = save_image(m.images, out_dir / IMAGE)

@@ -28,7 +28,6 @@ class AttentionProcessor(enum.Enum):
     classic = "AttnProcessor"  # diffusers' plain, non-fused attention: the seed table's baseline
     sdpa = "AttnProcessor2_0"  # torch.nn.functional.scaled_dot_product_attention
     xformers = "XFormersAttnProcessor"  # xformers.ops.memory_efficient_attention
-    backend = "dispatch"  # diffusers' attention dispatcher (`set_attention_backend`)
 
 
 class SdpaBackend(enum.Enum):
@@ -123,7 +122,6 @@ class AttentionSpec:
     name: str = "classic"
     processor: AttentionProcessor = AttentionProcessor.classic
     sdpa_backend: SdpaBackend = SdpaBackend.auto
-    backend: Optional[str] = None  # diffusers attention backend name, for processor=backend
     fuse_qkv: bool = False  # pipe.fuse_qkv_projections()
     slice_size: Optional[str] = None  # attention slicing: "auto", "max" or a number of heads
 
@@ -161,8 +159,13 @@ class ModelSpec:
     family: ModelFamily = ModelFamily.sd15
     path: Optional[str] = None  # hub id or local folder (source=pretrained)
     resolution: int = 64  # native image size, used when run.height/width are not set
-    vae: VaeKind = VaeKind.full
-    vae_path: Optional[str] = None  # AutoencoderTiny weights (vae=tiny); random for *_arch
+
+
+@dataclass
+class VaeSpec:
+    name: str = "full"
+    kind: VaeKind = VaeKind.full
+    path: Optional[str] = None  # AutoencoderTiny weights for kind=tiny; None: random (tiny/arch models)
 
 
 @dataclass
@@ -197,6 +200,7 @@ class Spec:
     compile: CompileSpec = field(default_factory=CompileSpec)
     memory: MemorySpec = field(default_factory=MemorySpec)
     quant: QuantSpec = field(default_factory=QuantSpec)
+    vae: VaeSpec = field(default_factory=VaeSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     run: RunSpec = field(default_factory=RunSpec)
@@ -210,7 +214,7 @@ class Spec:
 
 
 # The config groups, in the order the builder applies them (see sdbuild/build.py).
-GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "model", "scheduler")
+GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "vae", "model", "scheduler")
 
 
 def register_configs() -> None:

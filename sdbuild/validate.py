@@ -121,7 +121,8 @@ def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
     device = resolve_device(spec, machine)
     for req in REQUIREMENTS:
         if req.applies(spec) and (missing := _unmet(req, device, machine)):
-            problems.append(problem(req.option, f"{missing} (needs: {requirement_needs(req)})", req.instead))
+            chosen = f"{req.group}={getattr(spec, req.group).name}"
+            problems.append(problem(f"{chosen} ({req.option})", f"{missing} (needs: {requirement_needs(req)})", req.instead))
     for excl in EXCLUSIONS:
         if excl.applies(spec):
             problems.append(problem(excl.options, f"cannot be combined: {excl.why}", excl.instead))

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import sdbuild
-from sdbuild.build import TracedUNet, build_pipeline, global_switches
+from sdbuild.build import GraphUNet, build_pipeline, global_switches
 from sdbuild.models import ensure_model
 from sdbuild.run_inputs import call_kwargs
 
@@ -78,8 +78,8 @@ def test_trace_replaces_the_unet_with_a_traced_graph_and_keeps_the_image():
     spec, pipe, _ = built("attention=sdpa")
     eager = run(spec, pipe)
     spec, pipe, info = built("attention=sdpa", "compile=trace")
-    assert isinstance(pipe.unet, TracedUNet)
-    assert isinstance(pipe.unet.traced, torch.jit.ScriptModule)
+    assert isinstance(pipe.unet, GraphUNet)
+    assert isinstance(pipe.unet.graph, torch.jit.ScriptModule)
     assert pipe.unet.config.in_channels == 4 and pipe.unet.dtype == torch.float32
     assert np.abs(run(spec, pipe) - eager).max() < 1e-3
 

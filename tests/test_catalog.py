@@ -1,0 +1,128 @@
+"""The optimization catalog on CPU: each option that can run here runs and does what it says;
+each CUDA-only option is refused with what it needs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0, SlicedAttnProcessor
+
+import sdbuild
+from sdbuild.build import GraphUNet
+from sdbuild.errors import SpecError
+from sdbuild.validate import validate
+
+from conftest import FAST, run_cli
+from test_build import built, run, unet_processors
+from test_validate import CPU
+
+
+def first_attention(pipe):
+    return pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+
+
+def test_fused_qkv_projections():
+    spec, pipe, _ = built("attention=sdpa")
+    plain = run(spec, pipe)
+    spec, pipe, _ = built("attention=sdpa_fused")
+    attn = first_attention(pipe)
+    assert unet_processors(pipe) == {FusedAttnProcessor2_0} and attn.fused_projections and attn.to_qkv is not None
+    assert np.abs(run(spec, pipe) - plain).max() < 1e-3  # same maths, one matmul
+
+
+def test_attention_slicing():
+    spec, pipe, _ = built("attention=sliced")
+    assert unet_processors(pipe) == {SlicedAttnProcessor}
+    assert np.isfinite(run(spec, pipe)).all()
+
+
+def test_sdpa_pinned_to_the_math_kernel():
+    spec, pipe, _ = built("attention=sdpa_math")
+    (processor,) = unet_processors(pipe)
+    assert issubclass(processor, AttnProcessor2_0) and processor.__name__ == "KernelPinnedAttnProcessor"
+    assert np.isfinite(run(spec, pipe)).all()
+
+
+@pytest.mark.parametrize("option,flag", [("vae_slicing", "use_slicing"), ("vae_tiling", "use_tiling")])
+def test_vae_memory_switches(option, flag):
+    spec, pipe, _ = built(f"memory={option}")
+    assert getattr(pipe.vae, flag) is True
+    assert np.isfinite(run(spec, pipe)).all()
+
+
+def test_tiny_autoencoder_decodes():
+    spec, pipe, _ = built("vae=tiny")
+    assert isinstance(pipe.vae, AutoencoderTiny)
+    images = run(spec, pipe)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("option", ["int8wo", "int8dq"])
+def test_torchao_quantized_unet(option):
+    spec, pipe, _ = built(f"quant={option}")
+    weight = first_attention(pipe).to_q.weight
+    assert type(weight) is not torch.nn.Parameter and "Int8" in type(weight).__name__
+    assert type(pipe.vae.decoder.conv_in.weight) is torch.nn.Parameter  # only the UNet is quantized
+    assert np.isfinite(run(spec, pipe)).all()
+
+
+def test_compile_targets_and_modes_are_applied():
+    _, pipe, _ = built("compile=inductor_all")
+    for module in (pipe.unet, pipe.vae.decoder, pipe.text_encoder):
+        assert module._compiled_call_impl is not None
+    _, pipe, _ = built("compile=regional")
+    blocks = [m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert pipe.unet._compiled_call_impl is None  # the blocks, not the whole UNet
+
+
+@pytest.mark.parametrize("option", [
+    "precision=fp16_vae32", "attention=sdpa_flash", "attention=sdpa_efficient", "attention=sdpa_cudnn",
+    "compile=inductor_reduce_overhead", "memory=model_offload", "memory=sequential_offload",
+    "memory=group_offload", "quant=fp8dq",
+])
+def test_cuda_only_options_say_what_they_need(option):
+    with pytest.raises(SpecError) as err:
+        validate(sdbuild.compose([option]), CPU)
+    assert option in str(err.value) and "needs CUDA" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["attention=sliced", "attention.processor=sdpa"], "SlicedAttnProcessor"),
+    (["attention=classic", "attention.fuse_qkv=true"], "FusedAttnProcessor2_0"),
+    (["compile=trace", "quant=int8wo"], "torch.jit"),
+    (["compile=regional", "compile.method=trace"], "repeated blocks"),
+    (["vae=tiny", "model=sd15", "model.path=org/name"], "vae.path"),
+])
+def test_exclusions(overrides, needle):
+    with pytest.raises(SpecError) as err:
+        validate(sdbuild.compose(overrides), CPU)
+    assert needle in str(err.value)
+
+
+def test_export_compiles_the_unet_ahead_of_time():
+    spec, pipe, _ = built("attention=sdpa")
+    eager = run(spec, pipe)
+    spec, pipe, info = built("attention=sdpa", "compile=export")
+    assert isinstance(pipe.unet, GraphUNet) and pipe.unet.kind == "export"
+    assert np.abs(run(spec, pipe) - eager).max() < 1e-3
+    assert info.build_s > 1  # the AOT compile happens while building, not in warmup
+
+
+def test_compile_cache_makes_the_second_process_start_warm(tmp_path):
+    cache = tmp_path / "cache"
+    args = ["compile=inductor_cached", f"compile.cache_dir={cache}", "run.steps=2", "run.warmup=1", "run.repeats=1"]
+    rows = []
+    for i in range(2):  # two fresh processes, same spec
+        out = run_cli(*args, f"hydra.run.dir={tmp_path / str(i)}")
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows.append(json.loads((tmp_path / str(i) / "result.json").read_text()))
+        if i == 0:
+            assert any(cache.rglob("*")), "the first run wrote nothing to the cache folder"
+    cold, warm = rows
+    assert cold["compile_cache"]["fxgraph_cache_miss"] > 0
+    assert warm["compile_cache"]["fxgraph_cache_hit"] > 0 and warm["compile_cache"]["fxgraph_cache_miss"] == 0
+    print(f"\ncompile cache: cold warmup {cold['warmup_s']:.1f} s, warm warmup {warm['warmup_s']:.1f} s, "
+          f"ratio {cold['warmup_s'] / warm['warmup_s']:.1f}x")
