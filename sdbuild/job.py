@@ -195,6 +195,9 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     from .run_inputs import call_kwargs
 
     log.info("loading and building %s on %s", label or "pipeline", device)
+    if spec.compile.method.value == "inductor" and spec.run.warmup == 0:
+        log.warning("compile=%s with run.warmup=0: torch.compile compiles on the first call, so the timed "
+                    "runs include compile time. Use run.warmup=1 or more for steady-state latency.", spec.compile.name)
     pipe, info = build_pipeline(spec, device)
     m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
                 label=label, show_progress=show_progress)

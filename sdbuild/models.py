@@ -110,9 +110,66 @@ TINY_TEXT = dict(
     projection_dim=32,
 )
 
+# Published Stable Diffusion XL base 1.0 component configs (stabilityai/stable-diffusion-xl-base-1.0).
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    act_fn="silu",
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_TEXT_2 = dict(  # OpenCLIP ViT-bigG/14 text tower, with projection
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    max_position_embeddings=77,
+    vocab_size=49408,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+
+# The tiny SDXL: SDXL's layout (two text encoders, added time/text conditioning, linear
+# projections, multi-layer transformer blocks) at CPU-test dimensions.
+TINY_SDXL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),
+    cross_attention_dim=64,  # the two text encoders' hidden states, concatenated
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
+    norm_num_groups=16,
+)
+TINY_SDXL_TEXT_2 = dict(TINY_TEXT, hidden_act="gelu")
+
 RANDOM_MODELS: Dict[str, Dict[str, Any]] = {
     "tiny-sd15": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
     "sd15-arch": dict(unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, scheduler=SD15_SCHEDULER),
+    "tiny-sdxl": dict(unet=TINY_SDXL_UNET, vae=TINY_VAE, text=TINY_TEXT, text_2=TINY_SDXL_TEXT_2,
+                      scheduler=SD15_SCHEDULER),
+    "sdxl-arch": dict(unet=SDXL_UNET, vae=SDXL_VAE, text=SD15_TEXT, text_2=SDXL_TEXT_2, scheduler=SD15_SCHEDULER),
 }
 
 
@@ -158,45 +215,54 @@ def _byte_level_vocab() -> Dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def build_random_pipeline(name: str):
-    """Build a StableDiffusionPipeline with random weights from the configs in RANDOM_MODELS."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _random_tokenizer():
+    """A CLIPTokenizer over the byte-level vocabulary, and the vocabulary itself."""
+    from transformers import CLIPTokenizer
 
-    cfg = RANDOM_MODELS[name]
+    vocab = _byte_level_vocab()
     with tempfile.TemporaryDirectory() as tmp:
-        vocab = _byte_level_vocab()
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
         # Positional file paths: accepted by transformers 4.x and 5.x alike.
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77), vocab
+
+
+def _text_encoder(cls, config: Dict[str, Any], vocab: Dict[str, int]):
+    from transformers import CLIPTextConfig
+
     eos = vocab["<|endoftext|>"]
-    text_cfg = dict(cfg["text"])
-    text_cfg.setdefault("vocab_size", len(vocab))
-    text_cfg["vocab_size"] = max(text_cfg["vocab_size"], len(vocab))
-    generator_state = torch.random.get_rng_state()
+    config = dict(config, vocab_size=max(config.get("vocab_size", 0), len(vocab)))
+    return cls(CLIPTextConfig(bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, **config)).eval()
+
+
+def build_random_pipeline(name: str):
+    """Build an SD 1.x or SDXL pipeline with random weights (fixed seeds) from RANDOM_MODELS."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = RANDOM_MODELS[name]
+    tokenizer, vocab = _random_tokenizer()
+    state = torch.random.get_rng_state()
     try:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**cfg["unet"])
         torch.manual_seed(1)
         vae = AutoencoderKL(**cfg["vae"])
         torch.manual_seed(2)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, **text_cfg)
-        )
+        text_encoder = _text_encoder(CLIPTextModel, cfg["text"], vocab)
+        torch.manual_seed(4)
+        text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, cfg["text_2"], vocab) if "text_2" in cfg else None
     finally:
-        torch.random.set_rng_state(generator_state)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**cfg["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        torch.random.set_rng_state(state)
+    scheduler = DDIMScheduler(**cfg["scheduler"])
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def save_random_pipeline(name: str, folder: Path) -> None:

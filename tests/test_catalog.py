@@ -126,3 +126,16 @@ def test_compile_cache_makes_the_second_process_start_warm(tmp_path):
     assert warm["compile_cache"]["fxgraph_cache_hit"] > 0 and warm["compile_cache"]["fxgraph_cache_miss"] == 0
     print(f"\ncompile cache: cold warmup {cold['warmup_s']:.1f} s, warm warmup {warm['warmup_s']:.1f} s, "
           f"ratio {cold['warmup_s'] / warm['warmup_s']:.1f}x")
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["attention=sdpa_fused"], ["precision=bf16", "memory_format=channels_last"], ["vae=tiny"],
+    ["quant=int8wo"], ["memory=vae_slicing"], ["scheduler=dpmpp_2m"],
+], ids=lambda o: " ".join(o) or "default")
+def test_second_architecture_sdxl(overrides):
+    from diffusers import StableDiffusionXLPipeline
+
+    spec, pipe, _ = built("model=tiny_sdxl", *overrides)
+    assert isinstance(pipe, StableDiffusionXLPipeline) and pipe.text_encoder_2 is not None
+    images = run(spec, pipe)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0.01
