@@ -40,7 +40,8 @@ def run_from_hydra(cfg: DictConfig) -> int:
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     job = {"num": hc.job.num if multirun else None, "output_dir": str(out_dir)}
-    row = run_job(to_spec(cfg), out_dir, choices, list(hc.overrides.task), job=job, show_progress=sys.stderr.isatty())
+    row = run_job(to_spec(cfg), out_dir, choices, list(hc.overrides.task), job=job, show_progress=sys.stderr.isatty(),
+                  reuse_weights=multirun)
     print(summary_line(row), flush=True)
     if not multirun:
         print(f"result: {out_dir / 'result.json'}", flush=True)

@@ -65,13 +65,18 @@ def build(spec: Spec) -> Any:
     return build_pipeline(spec)[0]
 
 
-def build_pipeline(spec: Spec, device: str | None = None):
-    """Like `build`, also returning `BuildInfo` (device, load and build time)."""
+def build_pipeline(spec: Spec, device: str | None = None, reuse_weights: bool = False):
+    """Like `build`, also returning `BuildInfo` (device, load and build time).
+
+    `reuse_weights` (sweeps): keep the last freshly loaded pipeline in memory and hand out deep
+    copies of it, so a sweep reads a model's weights from disk once per dtype, and every job still
+    starts from an untouched pipeline.
+    """
     device = device or validate(spec)
     info = BuildInfo(device=device)
     set_global_switches(spec)
     start = time.perf_counter()
-    pipe = load(spec)
+    pipe = load_reusing(spec) if reuse_weights else load(spec)
     info.load_s = time.perf_counter() - start
     start = time.perf_counter()
     place(pipe, spec, device)
@@ -180,6 +185,29 @@ def load(spec: Spec):
     if spec.precision.vae_dtype is not None:
         run_vae_in(pipe, torch_dtype(spec.precision.vae_dtype.value))
     return pipe
+
+
+_LOADED: Dict[tuple, Any] = {}  # load key -> pristine pipeline on the CPU (one entry: bounded memory)
+
+
+def load_key(spec: Spec) -> tuple:
+    """Everything `load` depends on."""
+    return (spec.model.source, spec.model.family, spec.model.path, spec.cache_dir, spec.precision.dtype,
+            spec.precision.vae_dtype, spec.vae.kind, spec.vae.path, spec.scheduler.kind)
+
+
+def load_reusing(spec: Spec):
+    """`load`, from memory when the previous job loaded the same thing. Quantized weights are
+    always loaded afresh (torchao tensor subclasses are not safely deep-copyable)."""
+    import copy
+
+    if spec.quant.method is not Quant.none:
+        return load(spec)
+    key = load_key(spec)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = load(spec)
+    return copy.deepcopy(_LOADED[key])
 
 
 def tiny_autoencoder(spec: Spec, dtype: torch.dtype):

@@ -64,14 +64,14 @@ def _compiles(spec: Spec) -> bool:
 
 REQUIREMENTS: Tuple[Requirement, ...] = (
     Requirement(
-        "precision=fp16 (or vae_dtype fp16)",
+        "precision.dtype or precision.vae_dtype = fp16",
         "precision",
         lambda s: _uses_dtype(s, Dtype.fp16),
         cuda=True,
         instead="On CPU use precision=bf16 (or fp32); fp16 kernels there are missing or slower than fp32",
     ),
     Requirement(
-        "precision=bf16",
+        "precision.dtype or precision.vae_dtype = bf16",
         "precision",
         lambda s: _uses_dtype(s, Dtype.bf16),
         min_capability=(8, 0),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .errors import SpecError
+from .report import write_atomic
 from .spec import GROUPS, Spec, spec_key, spec_to_dict
 
 log = logging.getLogger("sdbuild")
@@ -29,9 +30,7 @@ IMAGE = "image.png"
 
 
 def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def _version(package: str) -> Optional[str]:
@@ -39,6 +38,17 @@ def _version(package: str) -> Optional[str]:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
+
+
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.machine()} ({os.cpu_count()} cores)"
 
 
 def environment(device: Optional[str]) -> Dict[str, Any]:
@@ -49,6 +59,7 @@ def environment(device: Optional[str]) -> Dict[str, Any]:
         "cpu_count": os.cpu_count(),
         **{name: _version(name) for name in ("torch", "diffusers", "transformers", "xformers", "torchao", "hydra-core")},
         "device": device,
+        "cpu": cpu_name(),
     }
     try:
         import torch
@@ -57,7 +68,7 @@ def environment(device: Optional[str]) -> Dict[str, Any]:
 
         cuda = device == "cuda"
         env.update(
-            device_name=torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+            device_name=torch.cuda.get_device_name(0) if cuda else f"CPU: {cpu_name()}",
             cuda=torch.version.cuda,
             compute_capability=".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
             torch_threads=torch.get_num_threads(),
@@ -129,7 +140,7 @@ def release_memory() -> None:
 
 
 def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[str],
-            job: Dict[str, Any] | None = None, show_progress: bool = True) -> Dict[str, Any]:
+            job: Dict[str, Any] | None = None, show_progress: bool = True, reuse_weights: bool = False) -> Dict[str, Any]:
     """Build, run and measure `spec`; write `out_dir/result.json` and return the row."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_dict = spec_to_dict(spec)
@@ -151,7 +162,7 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
         from .validate import validate
 
         device = validate(spec)
-        row.update(_build_and_measure(spec, device, out_dir, label, show_progress))
+        row.update(_build_and_measure(spec, device, out_dir, label, show_progress, reuse_weights))
         row.update(status="ok", error=None)
         if (broken := broken_image(row["image_stats"])):
             row.update(status="broken", error=broken)
@@ -189,7 +200,8 @@ def compile_cache_stats(spec: Spec) -> Optional[Dict[str, Any]]:
             "fxgraph_cache_miss": inductor["fxgraph_cache_miss"]}
 
 
-def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool) -> Dict[str, Any]:
+def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool,
+                       reuse_weights: bool) -> Dict[str, Any]:
     from .build import build_pipeline
     from .measure import measure
     from .run_inputs import call_kwargs
@@ -198,7 +210,7 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     if spec.compile.method.value == "inductor" and spec.run.warmup == 0:
         log.warning("compile=%s with run.warmup=0: torch.compile compiles on the first call, so the timed "
                     "runs include compile time. Use run.warmup=1 or more for steady-state latency.", spec.compile.name)
-    pipe, info = build_pipeline(spec, device)
+    pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
     m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
                 label=label, show_progress=show_progress)
     del pipe

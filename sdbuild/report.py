@@ -569,7 +569,7 @@ METHOD = (
 # Writers
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temp file in the same folder, then rename over ``path``: readers never see half a file."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -639,7 +639,7 @@ def write_csv(sweep: Sweep) -> Path:
     writer.writeheader()
     writer.writerows(_csv_record(row, sweep) for row in sweep.rows)
     path = sweep.path / CSV_FILE
-    _write_atomic(path, out.getvalue())
+    write_atomic(path, out.getvalue())
     return path
 
 
@@ -814,7 +814,7 @@ def write_outputs(sweep: Sweep) -> dict[str, Path]:
         ("html", HTML_FILE, render_html(sweep, table)),
     ):
         paths[name] = sweep.path / filename
-        _write_atomic(paths[name], data)
+        write_atomic(paths[name], data)
     return paths
 
 

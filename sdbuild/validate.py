@@ -62,17 +62,17 @@ def _version_tuple(version: str) -> Tuple[int, ...]:
 
 
 def _unmet(req: Requirement, device: str, machine: Machine) -> Optional[str]:
-    """Return what is missing for `req` on this machine, or None if all is there."""
+    """What this machine lacks for `req` (said as "but ..."), or None if all is there."""
     if req.cuda and device != "cuda":
-        return "needs CUDA" + ("" if machine.cuda else " and this machine has no CUDA GPU")
+        return "this machine has no CUDA GPU" if not machine.cuda else "the run is on the CPU (run.device=cpu)"
     if req.min_capability and device == "cuda" and machine.capability < req.min_capability:
-        return "needs compute capability >= %d.%d; %s is %d.%d" % (req.min_capability + (machine.device_name,) + machine.capability)
+        return "%s is %d.%d" % ((machine.device_name,) + machine.capability)
     if req.package and req.package not in machine.packages:
-        return f"needs the `{req.package}` package, which is not installed"
+        return f"`{req.package}` is not installed"
     if req.diffusers and _version_tuple(machine.diffusers_version) < _version_tuple(req.diffusers):
-        return f"needs diffusers >= {req.diffusers}; installed is {machine.diffusers_version}"
+        return f"diffusers {machine.diffusers_version} is installed"
     if req.c_compiler_on_cpu and device == "cpu" and not machine.c_compiler:
-        return "needs a C++ compiler on CPU (TorchInductor builds C++ kernels) and none was found"
+        return "no C++ compiler was found (TorchInductor builds C++ kernels on CPU)"
     return None
 
 
@@ -122,7 +122,8 @@ def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
     for req in REQUIREMENTS:
         if req.applies(spec) and (missing := _unmet(req, device, machine)):
             chosen = f"{req.group}={getattr(spec, req.group).name}"
-            problems.append(problem(f"{chosen} ({req.option})", f"{missing} (needs: {requirement_needs(req)})", req.instead))
+            option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
+            problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))
     for excl in EXCLUSIONS:
         if excl.applies(spec):
             problems.append(problem(excl.options, f"cannot be combined: {excl.why}", excl.instead))

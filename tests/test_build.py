@@ -106,3 +106,15 @@ def test_sdbuild_matches_the_same_pipeline_written_by_hand(model_cache):
     theirs = by_hand("a photo of an astronaut riding a horse on mars", num_inference_steps=4, guidance_scale=7.5,
                      height=64, width=64, latents=latents, output_type="np").images
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_sweeps_reuse_loaded_weights_without_sharing_state():
+    """Within a sweep the weights come from memory, but every job gets its own untouched copy."""
+    sdpa_spec = sdbuild.compose([*FAST, "attention=sdpa"])
+    classic_spec = sdbuild.compose([*FAST, "attention=classic"])
+    sdpa_pipe, _ = build_pipeline(sdpa_spec, reuse_weights=True)
+    classic_pipe, info = build_pipeline(classic_spec, reuse_weights=True)
+    assert classic_pipe.unet is not sdpa_pipe.unet
+    assert unet_processors(sdpa_pipe) == {AttnProcessor2_0} and unet_processors(classic_pipe) == {AttnProcessor}
+    fresh_spec, fresh_pipe, _ = built("attention=classic")
+    np.testing.assert_array_equal(run(classic_spec, classic_pipe), run(fresh_spec, fresh_pipe))

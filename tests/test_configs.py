@@ -61,3 +61,12 @@ def test_compose_and_help_do_not_import_torch():
             "except SystemExit: pass\n"
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=CONF.parent, capture_output=True)
+
+
+def test_installed_package_carries_its_configs(tmp_path):
+    """Run from outside the checkout: the installed sdbuild (a wheel in CI) finds its own conf/."""
+    out = subprocess.run([sys.executable, "-m", "sdbuild", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for group in GROUPS:
+        assert f"{group}:" in out.stdout
+    assert "precision: bf16, bf16_vae32, fp16" in out.stdout
