@@ -8,7 +8,8 @@ The order is fixed and each step only does what its config group says:
 4. ``apply_attention``      attention processor, SDPA kernel, fused QKV, slicing
 5. ``apply_memory_format``  channels-last conv weights
 6. ``apply_vae_memory``     VAE slicing / tiling
-7. ``apply_compile``        torch.jit.trace of the UNet, or torch.compile of the chosen modules
+7. ``apply_compile``        torch.jit.trace or torch.export (AOTInductor) of the UNet, or
+                            torch.compile of the chosen modules
 
 Later steps see what earlier ones did: tracing records the final attention processors and
 memory format, exactly as in diffusers' guide, where the UNet is traced last.
@@ -20,7 +21,7 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict
 
@@ -53,7 +54,6 @@ class BuildInfo:
     device: str
     load_s: float = 0.0
     build_s: float = 0.0  # everything after loading, including tracing (not lazy torch.compile)
-    notes: Dict[str, Any] = field(default_factory=dict)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -101,15 +101,21 @@ def set_global_switches(spec: Spec) -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = False
     torch.compiler.reset()  # drop dynamo caches and compiled graphs of earlier builds
+    # Inductor's persistent caches (FX graph + AOTAutograd) for warm starts across processes: in
+    # the spec's folder, or as the process started (an earlier job's folder must not stick).
+    for name, value in _INDUCTOR_ENV_AT_START.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     if spec.compile.cache_dir:
-        # Inductor's persistent caches (FX graph + AOTAutograd) for warm starts across processes.
-        cache = os.path.abspath(os.path.expanduser(spec.compile.cache_dir))
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(os.path.expanduser(spec.compile.cache_dir))
         os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
         os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
-        import torch._inductor.config as inductor_config
 
-        inductor_config.fx_graph_cache = True
+
+_INDUCTOR_ENV_AT_START = {name: os.environ.get(name) for name in
+                          ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
 
 
 def global_switches() -> Dict[str, Any]:

@@ -150,15 +150,15 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
         warmup_runs_s=None, load_s=None, build_s=None, peak_memory_mb=None, image=None, image_stats=None,
         compile_cache=None, env=None, job=job or {}, reused_from=None,
     )
+    label = " ".join(f"{g}={choices[g]}" for g in GROUPS if g in choices)
+    if spec.resume and (found := _find_completed(spec.resume, row["spec_key"])):
+        log.info("reusing %s (already measured in %s)", label, found.parent)
+        row = _reuse(found, out_dir, row)  # keeps the measurement's own env
+        write_json_atomic(out_dir / RESULT, row)
+        return row
     started = time.perf_counter()
     device = None
-    label = " ".join(f"{g}={choices[g]}" for g in GROUPS if g in choices)
     try:
-        if spec.resume and (found := _find_completed(spec.resume, row["spec_key"])):
-            log.info("reusing %s (already measured in %s)", label, found.parent)
-            row = _reuse(found, out_dir, row)
-            write_json_atomic(out_dir / RESULT, row)
-            return row
         from .validate import validate
 
         device = validate(spec)
@@ -189,15 +189,22 @@ def _failure_reason(exc: BaseException) -> str:
     return text.splitlines()[0][:500] + " (traceback in error.log)"
 
 
-def compile_cache_stats(spec: Spec) -> Optional[Dict[str, Any]]:
-    """Inductor's FX-graph cache hits and misses in this process: did a warm start reuse kernels?"""
-    if spec.compile.name == "none" or spec.compile.method.value != "inductor":
-        return None
+CACHE_COUNTERS = ("fxgraph_cache_hit", "fxgraph_cache_miss")
+
+
+def inductor_counters() -> Dict[str, int]:
     from torch._dynamo.utils import counters
 
-    inductor = counters["inductor"]
-    return {"dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "fxgraph_cache_hit": inductor["fxgraph_cache_hit"],
-            "fxgraph_cache_miss": inductor["fxgraph_cache_miss"]}
+    return {name: counters["inductor"][name] for name in CACHE_COUNTERS}
+
+
+def compile_cache_stats(spec: Spec, before: Dict[str, int]) -> Optional[Dict[str, Any]]:
+    """Inductor's FX-graph cache hits and misses during this job: did a warm start reuse kernels?
+    (The counters are process-wide, so the job's share is the difference.)"""
+    if spec.compile.method.value != "inductor":
+        return None
+    after = inductor_counters()
+    return {"dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), **{k: after[k] - before[k] for k in CACHE_COUNTERS}}
 
 
 def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool,
@@ -210,6 +217,7 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     if spec.compile.method.value == "inductor" and spec.run.warmup == 0:
         log.warning("compile=%s with run.warmup=0: torch.compile compiles on the first call, so the timed "
                     "runs include compile time. Use run.warmup=1 or more for steady-state latency.", spec.compile.name)
+    counters_before = inductor_counters()
     pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
     m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
                 label=label, show_progress=show_progress)
@@ -217,7 +225,7 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     fields: Dict[str, Any] = dict(
         latency_s=m.latency(), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
         load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb,
-        compile_cache=compile_cache_stats(spec),
+        compile_cache=compile_cache_stats(spec, counters_before),
     )
     if spec.run.save_image and m.images is not None:
         fields["image_stats"] = save_image(m.images, out_dir / IMAGE)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import statistics
 import time
@@ -20,6 +21,8 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+log = logging.getLogger("sdbuild")
 
 
 @dataclass
@@ -99,11 +102,14 @@ def measure(pipe, make_kwargs: Callable[[], dict], device: str, warmup: int, rep
     steps = [("warmup", i) for i in range(warmup)] + [("run", i) for i in range(repeats)]
     bar = tqdm(steps, desc=label or "measure", unit="call", disable=not show_progress, leave=False)
     with cpu_peak or contextlib.nullcontext():
-        for kind, _ in bar:
+        for kind, index in bar:
             kwargs = make_kwargs()
             seconds, out = timed_call(lambda: pipe(**kwargs), device)
             (result.warmup_s if kind == "warmup" else result.runs_s).append(seconds)
             bar.set_postfix_str(f"{kind} {seconds:.3f}s")
+            if not show_progress:  # no bar (a log file, a sweep in the background): one line per call
+                count = warmup if kind == "warmup" else repeats
+                log.info("%s %d/%d: %.3f s", kind, index + 1, count, seconds)
             if kind == "run":
                 result.images = out.images
     result.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else cpu_peak.peak_mb

@@ -102,5 +102,8 @@ def test_interrupted_sweep_keeps_its_rows_and_resume_measures_only_the_rest(tmp_
     reused = [r for r in final.values() if r["reused_from"]]
     assert len(reused) == len(kept)  # measured only what was missing
     assert {r["spec_key"] for r in reused} == {r["spec_key"] for r in kept.values()}
+    original = {r["spec_key"]: r for r in kept.values()}
+    for r in reused:  # the copied row is the original measurement, untouched
+        assert r["latency_s"] == original[r["spec_key"]]["latency_s"] and r["env"] == original[r["spec_key"]]["env"]
     table = csv_rows(second)
     assert len(table) == 4 and len({r["spec_key"] for r in table}) == 4  # every row once
