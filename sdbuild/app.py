@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -28,6 +29,30 @@ def summary_line(row: Dict[str, Any]) -> str:
             f"peak {row['peak_memory_mb']:.0f} MB{reused}")
 
 
+def run_in_fresh_process(overrides: list[str], out_dir: Path, choices: Dict[str, str], job: Dict[str, Any]) -> Dict[str, Any]:
+    """`isolate=true`: run this sweep job as a single run in a new Python process, into the same
+    folder, and read back its row. A process that dies without writing one (a segfault, the OOM
+    killer) still leaves a `failed` row saying how it ended."""
+    import subprocess
+
+    from .job import RESULT, environment, write_json_atomic
+
+    command = [sys.executable, "-m", "sdbuild", *overrides, "isolate=false", f"hydra.run.dir={out_dir}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    (out_dir / "process.log").write_text(done.stdout + done.stderr)
+    result = out_dir / RESULT
+    if result.exists():
+        row = json.loads(result.read_text())
+        row["job"] = {**row.get("job", {}), **job, "isolated": True}
+    else:
+        row = dict(status="failed", error=f"the job's process exited with code {done.returncode} before writing "
+                   f"a result (last output: {(done.stderr or done.stdout).strip()[-300:]!r}); see process.log",
+                   choices=choices, overrides=overrides, latency_s=None, env=environment(None),
+                   job={**job, "isolated": True})
+    write_json_atomic(result, row)
+    return row
+
+
 def run_from_hydra(cfg: DictConfig) -> int:
     """Run the job Hydra composed; return the process exit code for a single run."""
     from hydra.core.hydra_config import HydraConfig
@@ -40,8 +65,12 @@ def run_from_hydra(cfg: DictConfig) -> int:
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     job = {"num": hc.job.num if multirun else None, "output_dir": str(out_dir)}
-    row = run_job(to_spec(cfg), out_dir, choices, list(hc.overrides.task), job=job, show_progress=sys.stderr.isatty(),
-                  reuse_weights=multirun)
+    spec = to_spec(cfg)
+    if multirun and spec.isolate:
+        row = run_in_fresh_process(list(hc.overrides.task), out_dir, choices, job)
+    else:
+        row = run_job(spec, out_dir, choices, list(hc.overrides.task), job=job, show_progress=sys.stderr.isatty(),
+                      reuse_weights=multirun)
     print(summary_line(row), flush=True)
     if not multirun:
         print(f"result: {out_dir / 'result.json'}", flush=True)

@@ -60,6 +60,7 @@ def environment(device: Optional[str]) -> Dict[str, Any]:
         **{name: _version(name) for name in ("torch", "diffusers", "transformers", "xformers", "torchao", "hydra-core")},
         "device": device,
         "cpu": cpu_name(),
+        "pid": os.getpid(),
     }
     try:
         import torch

@@ -211,6 +211,9 @@ class Spec:
     preset_order: Optional[int] = None
     # Where the embedded tiny model is cached (default: ~/.cache/sdbuild).
     cache_dir: Optional[str] = None
+    # Sweeps: run each job in a fresh Python process (CPU memory figures untouched by earlier
+    # jobs; a crash in one job cannot take the sweep down). Costs the imports once per job.
+    isolate: bool = False
 
 
 # The config groups, in the order the builder applies them (see sdbuild/build.py).
@@ -242,7 +245,7 @@ def spec_to_dict(spec: Spec) -> dict:
 
 # Fields that say how a run is measured or where it is stored, not what pipeline is built:
 # left out of the identity used to match rows when a sweep is resumed.
-_NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir"}
+_NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir", "isolate"}
 
 
 def spec_key(spec_dict: dict) -> str:

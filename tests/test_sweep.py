@@ -45,6 +45,16 @@ def test_2x2_sweep_writes_every_row_and_the_report(tmp_path):
         assert abs(float(r["speedup"]) - float(base[0]["latency_median_s"]) / float(r["latency_median_s"])) < 1e-6
         assert float(r["psnr_db"]) > 20  # same noise, same model: close images
     assert "job 4/4" in out.stdout and "report:" in out.stdout
+    assert len({r["env"]["pid"] for r in found.values()}) == 1  # one process: the weights are loaded once
+
+
+def test_isolate_runs_each_job_in_a_fresh_process(tmp_path):
+    out = sweep(tmp_path, "precision=fp32,bf16", "isolate=true")
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = rows(tmp_path).values()
+    assert len(found) == 2 and all(r["status"] == "ok" and r["job"]["isolated"] for r in found)
+    assert len({r["env"]["pid"] for r in found}) == 2
+    assert (tmp_path / "report.md").exists()
 
 
 def test_xformers_on_cpu_is_an_unsupported_row_and_the_sweep_finishes(tmp_path):
