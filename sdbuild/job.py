@@ -222,7 +222,6 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
     m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
                 label=label, show_progress=show_progress)
-    del pipe
     fields: Dict[str, Any] = dict(
         latency_s=m.latency(), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
         load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb,

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
-from .spec import ModelFamily, ModelSource, ModelSpec
+from .spec import ModelSource, ModelSpec
 
 # Bump when the code that builds a random model changes, so stale caches are not reused.
 RANDOM_MODEL_VERSION = 1

@@ -115,9 +115,9 @@ def _check_model_path(spec: Spec) -> list[str]:
 def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
     """Raise `SpecError` listing every problem with `spec` on this machine; return the device."""
     problems = _check_values(spec)
-    if spec.run.device is Device.cuda and not (machine := machine or Machine.probe()).cuda:
-        problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
     machine = machine or Machine.probe()
+    if spec.run.device is Device.cuda and not machine.cuda:
+        problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
     device = resolve_device(spec, machine)
     for req in REQUIREMENTS:
         if req.applies(spec) and (missing := _unmet(req, device, machine)):

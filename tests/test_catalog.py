@@ -14,7 +14,7 @@ from sdbuild.build import GraphUNet
 from sdbuild.errors import SpecError
 from sdbuild.validate import validate
 
-from conftest import FAST, run_cli
+from conftest import run_cli
 from test_build import built, run, unet_processors
 from test_validate import CPU
 
