@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import sdbuild
-    from sdbuild.build import build_pipeline
+    from sdbuild.builder import build_pipeline
     from sdbuild.measure import timed_call, measure
     from sdbuild.run_inputs import call_kwargs
 

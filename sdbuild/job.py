@@ -65,7 +65,7 @@ def environment(device: Optional[str]) -> Dict[str, Any]:
     try:
         import torch
 
-        from .build import global_switches
+        from .builder import global_switches
 
         cuda = device == "cuda"
         env.update(
@@ -210,7 +210,7 @@ def compile_cache_stats(spec: Spec, before: Dict[str, int]) -> Optional[Dict[str
 
 def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool,
                        reuse_weights: bool) -> Dict[str, Any]:
-    from .build import build_pipeline
+    from .builder import build_pipeline
     from .measure import measure
     from .run_inputs import call_kwargs
 

@@ -216,7 +216,7 @@ class Spec:
     isolate: bool = False
 
 
-# The config groups, in the order the builder applies them (see sdbuild/build.py).
+# The config groups, in the order the builder applies them (see sdbuild/builder.py).
 GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "vae", "model", "scheduler")
 
 

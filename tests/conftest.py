@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -33,6 +34,19 @@ def model_cache(tmp_path_factory):
     cache = os.environ.get("SDBUILD_TEST_CACHE") or str(tmp_path_factory.mktemp("sdbuild-cache"))
     os.environ["SDBUILD_CACHE"] = cache
     return Path(cache)
+
+
+def needs_packages(*packages: str):
+    """Mark a test that needs optional packages (extras): it skips, naming what is missing and the
+    install line, where they are absent, and `pytest -m extras` selects it (CI's second pass)."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+
+    def decorate(test):
+        test = pytest.mark.extras(test)
+        return pytest.mark.skipif(bool(missing), reason=f"needs the optional package(s) {', '.join(missing)}: "
+                                  f"pip install -e \".[xformers,offload,quant]\"")(test)
+
+    return decorate
 
 
 FAST = ["run.steps=4", "run.warmup=0", "run.repeats=1"]

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import sdbuild
-from sdbuild.build import GraphUNet, build_pipeline, global_switches
+from sdbuild.builder import GraphUNet, build_pipeline, global_switches
 from sdbuild.models import ensure_model
 from sdbuild.run_inputs import call_kwargs
 

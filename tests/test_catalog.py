@@ -10,11 +10,11 @@ from diffusers import AutoencoderTiny
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0, SlicedAttnProcessor
 
 import sdbuild
-from sdbuild.build import GraphUNet
+from sdbuild.builder import GraphUNet
 from sdbuild.errors import SpecError
 from sdbuild.validate import validate
 
-from conftest import run_cli
+from conftest import needs_packages, run_cli
 from test_build import built, run, unet_processors
 from test_validate import CPU
 
@@ -59,6 +59,7 @@ def test_tiny_autoencoder_decodes():
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
+@needs_packages("torchao", "accelerate")
 @pytest.mark.parametrize("option", ["int8wo", "int8dq"])
 def test_torchao_quantized_unet(option):
     spec, pipe, _ = built(f"quant={option}")
