@@ -14,12 +14,19 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> None:
-    from .app import run_from_hydra
+def main(cfg: DictConfig) -> dict:
+    """Hydra's task function: returns the job's row (Hydra callbacks and launchers get it as
+    `JobReturn.return_value`); a failed single run exits non-zero."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    code = run_from_hydra(cfg)
+    from .app import exit_code, run_from_hydra
+
+    row = run_from_hydra(cfg)
+    code = exit_code(row, HydraConfig.get().mode == RunMode.MULTIRUN)
     if code:
         sys.exit(code)
+    return row
 
 
 if __name__ == "__main__":

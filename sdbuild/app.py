@@ -1,60 +1,124 @@
-"""Glue between Hydra and a job: read the composed config and Hydra's runtime, run, summarize."""
+"""Glue between Hydra and a job: read the composed config and Hydra's runtime, run, summarize.
+
+The Hydra task function returns the row, so Hydra's callbacks and launchers see it in
+`JobReturn.return_value`.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 from omegaconf import DictConfig
 
-from .spec import GROUPS, to_spec
+from . import results
+from .results import Status
+from .spec import GROUPS, Spec, to_spec
 
 log = logging.getLogger("sdbuild")
+CHILD_GRACE_S = 30  # how long an interrupted isolate=true child gets to write its own row
 
 
 def summary_line(row: Dict[str, Any]) -> str:
     """One human line per finished job."""
-    label = " ".join(f"{g}={row['choices'][g]}" for g in GROUPS if g in row["choices"])
+    label = " ".join(f"{k}={v}" for k, v in results.parse_overrides(row["overrides"]).items()) or "defaults"
     if row.get("preset"):
         label = f"preset={row['preset']} ({label})"
-    if row["status"] != "ok":
+    if row["status"] != Status.ok.value:
         return f"{label}: {row['status'].upper()}: {row['error']}"
     lat = row["latency_s"]
     reused = " (reused)" if row.get("reused_from") else ""
+    noisy = results.noise_reasons(row)
+    noise = f" [noisy: {'; '.join(noisy)}]" if noisy else ""
+    peak = f"{row['peak_memory_mb']:.0f} MB" if row.get("peak_memory_mb") is not None else "?"
     return (f"{label}: median {lat['median']:.3f} s over {len(lat['runs'])} runs "
-            f"(min {lat['min']:.3f}, p90 {lat['p90']:.3f}), warmup {row['warmup_s']:.2f} s, "
-            f"peak {row['peak_memory_mb']:.0f} MB{reused}")
+            f"(min {lat['min']:.3f}, max {lat['max']:.3f}), warmup {row['warmup_s'] or 0:.2f} s, "
+            f"peak {peak}{reused}{noise}")
 
 
-def run_in_fresh_process(overrides: list[str], out_dir: Path, choices: Dict[str, str], job: Dict[str, Any]) -> Dict[str, Any]:
+@contextlib.contextmanager
+def interrupts_as_exceptions() -> Iterator[None]:
+    """While a job runs, SIGTERM (a scheduler, `kill`) raises `Interrupted` like Ctrl-C raises
+    KeyboardInterrupt, so the job still writes its `failed` row and stops its child process."""
+    from .job import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choices: Dict[str, str],
+                         job: Dict[str, Any]) -> Dict[str, Any]:
     """`isolate=true`: run this sweep job as a single run in a new Python process, into the same
-    folder, and read back its row. A process that dies without writing one (a segfault, the OOM
-    killer) still leaves a `failed` row saying how it ended."""
-    import subprocess
+    folder, and read back its row. The row is composed here first, so a process that dies without
+    writing one (a segfault, the OOM killer) still leaves a `failed` row with its spec; an
+    interrupted parent stops the child (SIGTERM, then SIGKILL after CHILD_GRACE_S)."""
+    from .job import Interrupted, base_row, environment, write_row
 
-    from .job import RESULT, environment, write_json_atomic
-
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results.clear_row(out_dir)  # the child's row, or none: never an earlier sweep's
+    row = base_row(spec, choices, overrides, job)
     command = [sys.executable, "-m", "sdbuild", *overrides, "isolate=false", f"hydra.run.dir={out_dir}"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    (out_dir / "process.log").write_text(done.stdout + done.stderr)
-    result = out_dir / RESULT
-    if result.exists():
-        row = json.loads(result.read_text())
-        row["job"] = {**row.get("job", {}), **job, "isolated": True}
+    log_path = out_dir / results.PROCESS_LOG
+    interrupted = None
+    with open(log_path, "w") as log_file:
+        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            returncode = child.wait()
+        except KeyboardInterrupt as exc:
+            interrupted = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
+            child.terminate()  # the child writes its own interrupted row
+            try:
+                returncode = child.wait(CHILD_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                returncode = child.wait()
+    result = out_dir / results.RESULT_FILE
+    written = results.load_row(result) if result.exists() else None
+    if written is not None and written["status"] != Status.unreadable.value:
+        row = written
+        row["job"] = {**(row.get("job") or {}), **job, "isolated": True}
     else:
-        row = dict(status="failed", error=f"the job's process exited with code {done.returncode} before writing "
-                   f"a result (last output: {(done.stderr or done.stdout).strip()[-300:]!r}); see process.log",
-                   choices=choices, overrides=overrides, latency_s=None, env=environment(None),
-                   job={**job, "isolated": True})
-    write_json_atomic(result, row)
+        tail = log_path.read_text(errors="replace").strip()[-300:]
+        why = "was interrupted" if interrupted else f"exited with code {returncode}"
+        row.update(status=Status.failed.value,
+                   error=f"the job's process {why} before writing a result (last output: {tail!r}); see "
+                         f"{results.PROCESS_LOG}" + (f"; its row was unreadable: {written['error']}" if written else ""),
+                   env=environment(None), job={**job, "isolated": True})
+    if interrupted:
+        row["job"]["interrupted"] = interrupted
+    write_row(out_dir, row)
+    if interrupted:
+        raise Interrupted(interrupted)
     return row
 
 
-def run_from_hydra(cfg: DictConfig) -> int:
-    """Run the job Hydra composed; return the process exit code for a single run."""
+def exit_code(row: Dict[str, Any], multirun: bool) -> int:
+    """A single run's exit status: 0 ok, 2 unsupported (a user mistake), 1 otherwise. A sweep job's
+    outcome is in its row, never in the sweep's exit status."""
+    if multirun or row["status"] == Status.ok.value:
+        return 0
+    return 2 if row["status"] == Status.unsupported.value else 1
+
+
+def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
+    """Run the job Hydra composed and return its row."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -66,15 +130,16 @@ def run_from_hydra(cfg: DictConfig) -> int:
     multirun = hc.mode == RunMode.MULTIRUN
     job = {"num": hc.job.num if multirun else None, "output_dir": str(out_dir)}
     spec = to_spec(cfg)
-    if multirun and spec.isolate:
-        row = run_in_fresh_process(list(hc.overrides.task), out_dir, choices, job)
-    else:
-        row = run_job(spec, out_dir, choices, list(hc.overrides.task), job=job, show_progress=sys.stderr.isatty(),
-                      reuse_weights=multirun)
+    overrides = list(hc.overrides.task)
+    with interrupts_as_exceptions():
+        if multirun and spec.isolate:
+            row = run_in_fresh_process(spec, overrides, out_dir, choices, job)
+        else:
+            row = run_job(spec, out_dir, choices, overrides, job=job, show_progress=sys.stderr.isatty(),
+                          reuse_weights=multirun, shared_process=multirun)
     print(summary_line(row), flush=True)
     if not multirun:
-        print(f"result: {out_dir / 'result.json'}", flush=True)
-    if multirun or row["status"] == "ok":
-        return 0
-    print(f"sdbuild: {row['status']}:\n{row['error']}", file=sys.stderr)
-    return 2 if row["status"] == "unsupported" else 1
+        print(f"result: {out_dir / results.RESULT_FILE}", flush=True)
+        if row["status"] != Status.ok.value:
+            print(f"sdbuild: {row['status']}:\n{row['error']}", file=sys.stderr)
+    return row

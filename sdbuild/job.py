@@ -2,14 +2,13 @@
 
 A user mistake or a combination this machine cannot run is an `unsupported` row; an error while
 building or running (out of memory, a compile failure, ...) is a `failed` row with its reason
-and the traceback in `error.log`; a finished run is `ok`. Rows are written atomically, so an
-interrupted sweep never leaves a half-written row behind.
+and the traceback in `error.log`; a finished run is `ok`. The row itself (fields, statuses, the
+atomic write, the broken-image rule) is owned by `sdbuild.results`; this module only fills it in.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import platform
@@ -20,17 +19,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from . import results
 from .errors import SpecError
-from .report import write_atomic
-from .spec import GROUPS, Spec, spec_key, spec_to_dict
+from .results import ERROR_LOG, IMAGE_FILE, RESULT_FILE, Status
+from .spec import CompileMethod, Spec, spec_key, spec_to_dict
 
 log = logging.getLogger("sdbuild")
-RESULT = "result.json"
-IMAGE = "image.png"
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) while a job runs: the job ends with a `failed` row saying so."""
 
-
-def write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(data, indent=2, default=str))
+    def __init__(self, signame: str) -> None:
+        super().__init__(signame)
+        self.signame = signame
 
 
 def _version(package: str) -> Optional[str]:
@@ -93,39 +93,6 @@ def save_image(images, path: Path) -> Dict[str, Any]:
     return stats
 
 
-def broken_image(stats: Optional[Dict[str, Any]]) -> Optional[str]:
-    """Why an image is not a real result (NaN, or one flat colour such as fp16 VAE black), else None."""
-    if stats is None:
-        return None
-    if stats["nan"]:
-        return "broken image: the output holds NaN"
-    if stats["max"] - stats["min"] < 1 / 255:
-        return f"broken image: every pixel is {stats['mean']:.3f} (constant)"
-    return None
-
-
-def _find_completed(resume: str, key: str) -> Optional[Path]:
-    """A finished row for the same resolved spec in an earlier sweep folder."""
-    for path in sorted(Path(resume).expanduser().glob(f"**/{RESULT}")):
-        try:
-            row = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if row.get("spec_key") == key and row.get("status") == "ok":
-            return path
-    return None
-
-
-def _reuse(found: Path, out_dir: Path, row: Dict[str, Any]) -> Dict[str, Any]:
-    old = json.loads(found.read_text())
-    if old.get("image") and (found.parent / old["image"]).exists():
-        shutil.copy2(found.parent / old["image"], out_dir / IMAGE)
-        old["image"] = IMAGE
-    old.update(choices=row["choices"], overrides=row["overrides"], job=row["job"],
-               reused_from=old.get("reused_from") or str(found))
-    return old
-
-
 def release_memory() -> None:
     """Drop what a finished job left behind, so the next job in this process starts clean."""
     gc.collect()
@@ -140,23 +107,86 @@ def release_memory() -> None:
         pass
 
 
-def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[str],
-            job: Dict[str, Any] | None = None, show_progress: bool = True, reuse_weights: bool = False) -> Dict[str, Any]:
-    """Build, run and measure `spec`; write `out_dir/result.json` and return the row."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def check_resume(resume: Optional[str]) -> Optional[Path]:
+    """The `resume=` folder; a SpecError naming the option when it does not exist (a typo must not
+    silently re-measure everything)."""
+    if not resume:
+        return None
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise SpecError(f"resume={resume}: no such folder. Give the folder of an earlier sweep "
+                        f"(outputs/multirun/<time>), or leave resume unset to measure everything.")
+    return path
+
+
+def find_reusable(resume: Path, key: str) -> Optional[tuple[Path, Dict[str, Any]]]:
+    """A validated `ok` row for the same resolved spec in an earlier sweep folder, with a sound image.
+    Failed, unsupported, broken and unreadable rows are never reused: they are measured again."""
+    for path in sorted(resume.glob(f"**/{RESULT_FILE}")):
+        try:
+            old = results.read_row(path)
+        except (OSError, results.RowError):
+            continue
+        if old["spec_key"] == key and results.reusable(old) and not results.image_problem(old, path.parent):
+            return path, old
+    return None
+
+
+def _reuse(found: Path, old: Dict[str, Any], out_dir: Path, row: Dict[str, Any]) -> Dict[str, Any]:
+    """The earlier measurement as this job's row (its own env and timings untouched)."""
+    in_place = found.parent.resolve() == out_dir.resolve()  # resume= the sweep folder itself
+    if not in_place:
+        results.clear_row(out_dir)
+        if old["image"]:
+            shutil.copy2(found.parent / old["image"], out_dir / IMAGE_FILE)
+            old["image"] = IMAGE_FILE
+    old.update(choices=row["choices"], overrides=row["overrides"], job={**(old.get("job") or {}), **row["job"]},
+               reused_from=old.get("reused_from") or str(found))
+    return old
+
+
+def base_row(spec: Spec, choices: Dict[str, str], overrides: list[str], job: Dict[str, Any] | None) -> Dict[str, Any]:
+    """A `failed` row that already carries the job's spec: whatever happens next, the row says what
+    was asked for (composed in the parent for isolate=true, so a crashed child still has it)."""
     spec_dict = spec_to_dict(spec)
-    row: Dict[str, Any] = dict(
-        status="failed", error=None, choices=choices, preset=spec.preset, preset_order=spec.preset_order,
-        overrides=overrides, spec_key=spec_key(spec_dict), spec=spec_dict, latency_s=None, warmup_s=None,
-        warmup_runs_s=None, load_s=None, build_s=None, peak_memory_mb=None, image=None, image_stats=None,
-        compile_cache=None, env=None, job=job or {}, reused_from=None,
-    )
-    label = " ".join(f"{g}={choices[g]}" for g in GROUPS if g in choices)
-    if spec.resume and (found := _find_completed(spec.resume, row["spec_key"])):
-        log.info("reusing %s (already measured in %s)", label, found.parent)
-        row = _reuse(found, out_dir, row)  # keeps the measurement's own env
-        write_json_atomic(out_dir / RESULT, row)
-        return row
+    return results.new_row(status=Status.failed.value, choices=dict(choices), preset=spec.preset,
+                           preset_order=spec.preset_order, overrides=list(overrides), spec_key=spec_key(spec_dict),
+                           spec=spec_dict, job=dict(job or {}))
+
+
+def write_row(out_dir: Path, row: Dict[str, Any]) -> Dict[str, Any]:
+    """Write the row; a row that fails validation (a bug) is written as `failed`, saying why."""
+    try:
+        results.write_row(out_dir, row)
+    except results.RowError as exc:
+        row.update(status=Status.failed.value, latency_s=None,
+                   error=f"internal error: the row failed validation ({exc})")
+        results.write_row(out_dir, row)
+    return row
+
+
+def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[str],
+            job: Dict[str, Any] | None = None, show_progress: bool = True, reuse_weights: bool = False,
+            shared_process: bool = False) -> Dict[str, Any]:
+    """Build, run and measure `spec`; write `out_dir/result.json` and return the row.
+
+    `shared_process`: this process ran other jobs before (an in-process sweep), so its CPU peak
+    memory is marked as such. An Interrupted (SIGTERM/SIGINT) ends the job with a `failed` row
+    and is raised again."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    row = base_row(spec, choices, overrides, job)
+    label = " ".join(f"{k}={v}" for k, v in results.parse_overrides(overrides).items())
+    try:
+        resume = check_resume(spec.resume)
+    except SpecError as exc:
+        results.clear_row(out_dir)
+        row.update(status=Status.unsupported.value, error=str(exc), env=environment(None))
+        return write_row(out_dir, row)
+    if resume and (found := find_reusable(resume, row["spec_key"])):
+        log.info("reusing %s (already measured in %s)", label, found[0].parent)
+        return write_row(out_dir, _reuse(*found, out_dir, row))
+    results.clear_row(out_dir)  # a row found here later can only be this job's
+    load_before = results.machine_load()
     started = time.perf_counter()
     device = None
     try:
@@ -164,21 +194,27 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
 
         device = validate(spec)
         row.update(_build_and_measure(spec, device, out_dir, label, show_progress, reuse_weights))
-        row.update(status="ok", error=None)
-        if (broken := broken_image(row["image_stats"])):
-            row.update(status="broken", error=broken)
+        row.update(status=Status.ok.value, error=None)
+        if (broken := results.broken_image(row["image_stats"])):
+            row.update(status=Status.broken.value, error=broken)
     except SpecError as exc:
-        row.update(status="unsupported", error=str(exc))
-    except KeyboardInterrupt:
-        row.update(status="failed", error="interrupted (Ctrl-C) before the measurement finished")
+        row.update(status=Status.unsupported.value, error=str(exc))
+    except KeyboardInterrupt as exc:
+        signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
+        row.update(status=Status.failed.value, latency_s=None,
+                   error=f"interrupted ({signame}) before the measurement finished")
+        row["job"]["interrupted"] = signame
         raise
     except Exception as exc:
-        row.update(status="failed", error=_failure_reason(exc))
-        (out_dir / "error.log").write_text(traceback.format_exc())
+        row.update(status=Status.failed.value, error=_failure_reason(exc))
+        (out_dir / ERROR_LOG).write_text(traceback.format_exc())
     finally:
         row["env"] = environment(device)
         row["job"]["wall_s"] = time.perf_counter() - started
-        write_json_atomic(out_dir / RESULT, row)
+        row["machine_load"] = results.load_record(load_before, results.machine_load())
+        if row["peak_memory_mb"] is not None:
+            row["peak_memory_scope"] = results.memory_scope(device, isolated_process=not shared_process)
+        write_row(out_dir, row)
         release_memory()
     return row
 
@@ -202,7 +238,7 @@ def inductor_counters() -> Dict[str, int]:
 def compile_cache_stats(spec: Spec, before: Dict[str, int]) -> Optional[Dict[str, Any]]:
     """Inductor's FX-graph cache hits and misses during this job: did a warm start reuse kernels?
     (The counters are process-wide, so the job's share is the difference.)"""
-    if spec.compile.method.value != "inductor":
+    if spec.compile.method is not CompileMethod.inductor:
         return None
     after = inductor_counters()
     return {"dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), **{k: after[k] - before[k] for k in CACHE_COUNTERS}}
@@ -215,7 +251,7 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     from .run_inputs import call_kwargs
 
     log.info("loading and building %s on %s", label or "pipeline", device)
-    if spec.compile.method.value == "inductor" and spec.run.warmup == 0:
+    if spec.compile.method is CompileMethod.inductor and spec.run.warmup == 0:
         log.warning("compile=%s with run.warmup=0: torch.compile compiles on the first call, so the timed "
                     "runs include compile time. Use run.warmup=1 or more for steady-state latency.", spec.compile.name)
     counters_before = inductor_counters()
@@ -223,11 +259,11 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
                 label=label, show_progress=show_progress)
     fields: Dict[str, Any] = dict(
-        latency_s=m.latency(), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
+        latency_s=results.latency_stats(m.runs_s), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
         load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb,
         compile_cache=compile_cache_stats(spec, counters_before),
     )
     if spec.run.save_image and m.images is not None:
-        fields["image_stats"] = save_image(m.images, out_dir / IMAGE)
-        fields["image"] = IMAGE
+        fields["image_stats"] = save_image(m.images, out_dir / IMAGE_FILE)
+        fields["image"] = IMAGE_FILE
     return fields

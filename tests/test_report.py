@@ -1,4 +1,4 @@
-"""Tests for sdbuild.report on synthetic sweep folders (real PNGs, hand-written result.json; no torch)."""
+"""Tests for sdbuild.report on synthetic sweep folders (real PNGs, rows written through sdbuild.results; no torch)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdbuild import report
+from sdbuild import report, results
+from sdbuild.report.analyse import BASELINE_NAME
+from sdbuild.spec import (AttentionProcessor, AttentionSpec, Dtype, ModelSpec, PrecisionSpec, RunSpec, Spec,
+                          spec_to_dict)
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("results.csv", "report.md", "latency.png", "index.html")
@@ -22,6 +25,26 @@ OUTPUTS = ("results.csv", "report.md", "latency.png", "index.html")
 def noise_image(seed: int = 0, size: int = 16) -> np.ndarray:
     """A deterministic, non-constant uint8 RGB image."""
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+PRECISION = {"fp32": Dtype.fp32, "bf16": Dtype.bf16}  # anything else: fp16
+PROCESSOR = {"classic": AttentionProcessor.classic, "sdpa": AttentionProcessor.sdpa,
+             "xformers": AttentionProcessor.xformers}
+
+
+def make_spec(precision: str = "fp32", attention: str = "classic", **run) -> dict:
+    """The resolved spec a job records, built from the typed dataclasses (as sdbuild.job does)."""
+    spec = Spec(precision=PrecisionSpec(name=precision, dtype=PRECISION.get(precision, Dtype.fp16)),
+                attention=AttentionSpec(name=attention, processor=PROCESSOR[attention]),
+                model=ModelSpec(resolution=16),
+                run=RunSpec(**{"prompt": "a cat", "steps": 2, "height": 16, "width": 16, "batch_size": 1,
+                               "seed": 0, "guidance_scale": 7.5, **run}))
+    return spec_to_dict(spec)
+
+
+def timed_runs(median: float) -> list[float]:
+    """Three timed runs whose median is `median` and whose mean is not (cv about 4 %)."""
+    return [median * 1.07, median, median * 0.98]
 
 
 def write_job(
@@ -37,9 +60,13 @@ def write_job(
     preset: str | None = None,
     preset_order: int | None = None,
     peak_memory_mb: float | None = 100.0,
+    runs: list[float] | None = None,
+    spec: dict | None = None,
+    overrides: list[str] | None = None,
     **extra,
 ) -> Path:
-    """One job folder: result.json plus image.png (when ``pixels`` is given or the row is ok)."""
+    """One job folder: result.json written through sdbuild.results, plus image.png (when ``pixels``
+    is given or the row is ok)."""
     folder = sweep / job
     folder.mkdir(parents=True)
     if pixels is None and status == "ok":
@@ -48,41 +75,23 @@ def write_job(
     if pixels is not None:
         Image.fromarray(pixels).save(folder / "image.png")
         image = "image.png"
-    choices = {
-        "precision": precision,
-        "memory_format": "contiguous",
-        "attention": attention,
-        "compile": "none",
-        "memory": "none",
-        "quant": "none",
-        "model": "tiny",
-        "scheduler": "ddim",
-    }
+    choices = {"precision": precision, "memory_format": "contiguous", "attention": attention, "compile": "none",
+               "memory": "none", "quant": "none", "model": "tiny", "scheduler": "ddim"}
     latency = None
-    if median is not None and status == "ok":
-        latency = {"median": median, "mean": median, "min": median, "max": median, "p90": median, "runs": [median] * 3}
-    result = {
-        "status": status,
-        "error": error,
-        "choices": choices,
-        "preset": preset,
-        "preset_order": preset_order,
-        "overrides": [f"precision={precision}", f"attention={attention}"],
-        "spec_key": f"key-{job}",
-        "spec": {"run": {"prompt": "a cat", "steps": 2, "height": 16, "width": 16, "batch_size": 1,
-                         "seed": 0, "guidance_scale": 7.5}, "model": {"resolution": 16}},
-        "latency_s": latency,
-        "warmup_s": 0.5 if status == "ok" else None,
-        "build_s": 0.1,
-        "load_s": 0.2,
-        "peak_memory_mb": peak_memory_mb if status == "ok" else None,
-        "image": image,
-        "env": {"device_name": "Test GPU 9000", "torch": "2.9.0", "diffusers": "0.99.0", "python": "3.11.7",
-                "cuda": None},
-        "reused_from": None,
-    }
-    result.update(extra)
-    (folder / "result.json").write_text(json.dumps(result))
+    if median is not None and status in ("ok", "broken"):
+        latency = results.latency_stats(runs or timed_runs(median))
+    row = results.new_row(
+        status=status, error=error, choices=choices, preset=preset, preset_order=preset_order,
+        overrides=overrides if overrides is not None else [f"precision={precision}", f"attention={attention}"],
+        spec_key=f"key-{job}", spec=spec or make_spec(precision, attention), latency_s=latency,
+        warmup_s=0.5 if latency else None, build_s=0.1, load_s=0.2,
+        peak_memory_mb=peak_memory_mb if latency else None, image=image,
+        env={"device_name": "Test GPU 9000", "torch": "2.9.0", "diffusers": "0.99.0", "python": "3.11.7",
+             "cuda": None},
+        job={"num": int(job) if job.isdigit() else None},
+    )
+    row.update(extra)
+    results.write_row(folder, row)
     return folder
 
 
@@ -158,7 +167,7 @@ def test_slowest_row_is_baseline_without_reference(tmp_path: Path):
     write_job(tmp_path, "2", precision="bf16", attention="sdpa", median=1.5)
     md = report.aggregate(tmp_path).read_text()
     assert (
-        "no fp32/contiguous/classic/none row in this sweep: baseline is the slowest completed row "
+        f"no {BASELINE_NAME} row in this group: baseline is the slowest completed row "
         "(precision=fp16, attention=sdpa)" in md
     )
     rows = read_csv(tmp_path)
@@ -194,7 +203,7 @@ def test_constant_black_image_is_broken_and_gets_no_speedup(grid: Path):
     assert "flat colour" in rows["4"]["broken"] and rows["4"]["speedup"] == ""
     assert "NaN" in rows["5"]["broken"] and rows["5"]["speedup"] == ""
     assert "x20.00" not in md
-    problems = md.split("## Failed, unsupported, unreadable and broken rows")[1]
+    problems = md.split("## Failed, unsupported, unreadable, missing and broken rows")[1]
     assert "broken: " in problems and "job 4" in problems and "job 5" in problems
 
 

@@ -1,0 +1,361 @@
+"""Writers: results.csv, report.md and index.html from an analysed sweep (the plot is in plot.py)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import quote
+
+from .. import results
+from ..results import LATENCY_STATS, MEMORY_SCOPES, MIN_RUNS, NOISY_CV, Status
+from .analyse import COMPLETED_VALUES, Sweep, usable
+
+CSV_FILE = "results.csv"
+REPORT_FILE = "report.md"
+PLOT_FILE = "latency.png"
+HTML_FILE = "index.html"
+DASH = "—"
+NOISY_MARK = " (noisy)"
+SHARED_MEMORY_MARK = " (in-process)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting shared by the writers
+
+
+def fmt_seconds(v: Optional[float]) -> str:
+    return DASH if v is None else (f"{v:.2f}" if v >= 10 else f"{v:.4f}")
+
+
+def fmt_speedup(row: dict) -> str:
+    """`x2.00`, marked `(noisy)` when the row's or its baseline's timings are unreliable."""
+    v = row["speedup"]
+    return DASH if v is None else f"x{v:.2f}" + (NOISY_MARK if row["speedup_noisy"] else "")
+
+
+def _fmt_memory(row: dict) -> str:
+    v = row["peak_memory_mb"]
+    if v is None:
+        return DASH
+    return f"{v:.0f}" + (SHARED_MEMORY_MARK if row.get("peak_memory_scope") == "shared_process" else "")
+
+
+def _fmt_spread(row: dict) -> str:
+    lat = row["latency_s"]
+    if not lat:
+        return DASH
+    cv = "cv ?" if lat.get("cv") is None else f"cv {lat['cv']:.1%}"
+    return f"{cv}, {fmt_seconds(lat['min'])}-{fmt_seconds(lat['max'])} over {len(lat['runs'])}"
+
+
+def _fmt_psnr(v: Optional[float]) -> str:
+    return DASH if v is None else ("inf" if math.isinf(v) else f"{v:.2f}")
+
+
+def _fmt_int(v: Optional[int]) -> str:
+    return DASH if v is None else str(v)
+
+
+def median(row: dict) -> Optional[float]:
+    """Median latency in seconds, None for rows that did not complete."""
+    return row["latency_s"]["median"] if row["latency_s"] else None
+
+
+def _flag(row: dict) -> str:
+    """Short status words for the table; the reasons are in the problems and notes sections."""
+    words = []
+    if row["is_baseline"]:
+        words.append("baseline")
+    if row["status"] not in COMPLETED_VALUES:
+        words.append(row["status"])
+    if row["broken"]:
+        words.append("BROKEN image")
+    if row["noisy"]:
+        words.append("noisy")
+    if row["note"] and not row["broken"]:
+        words.append("no fidelity")
+    if row["reused_from"]:
+        words.append("reused")
+    return ", ".join(words)
+
+
+@dataclass
+class Table:
+    """The report table, as plain text cells, rendered by both the Markdown and the HTML writer."""
+
+    headers: list[str]
+    numeric: list[bool]  # right-align these columns
+    rows: list[tuple[dict, list[str]]]  # (row, cells)
+
+
+def table_rows(sweep: Sweep) -> list[dict]:
+    """Rows shown in the table: every row a job wrote, and every planned job without one."""
+    return [r for r in sweep.rows if r["status"] != Status.unreadable.value]
+
+
+def build_table(sweep: Sweep) -> Table:
+    """One line per row: job, varying overrides/choices (and preset), measurements and flag."""
+    keys = ["job", *sweep.varying] + (["preset"] if sweep.has_preset else [])
+    measures = [
+        ("latency median (s)", lambda r: fmt_seconds(median(r))),
+        ("spread", _fmt_spread),
+        ("speed-up", fmt_speedup),
+        ("peak memory (MB)", _fmt_memory),
+        ("warmup (s)", lambda r: fmt_seconds(r["warmup_s"])),
+        ("PSNR vs baseline (dB)", lambda r: _fmt_psnr(r["psnr_db"])),
+        ("max abs diff (0-255)", lambda r: _fmt_int(r["max_abs_diff"])),
+    ]
+
+    def text(row: dict, key: str) -> str:
+        value = row["job"] if key == "job" else row["preset"] if key == "preset" else results.label_values(row).get(key)
+        return DASH if value is None else str(value)
+
+    lines = [(r, [text(r, k) for k in keys] + [fmt(r) for _, fmt in measures] + [_flag(r)]) for r in table_rows(sweep)]
+    headers = keys + [name for name, _ in measures] + ["flag"]
+    numeric = [False] * len(keys) + [True] * len(measures) + [False]
+    return Table(headers, numeric, lines)
+
+
+def machine_lines(sweep: Sweep) -> list[tuple[str, str]]:
+    """(title, text) pairs: machine and versions from the first readable row, a warning if rows ran elsewhere."""
+    envs = [r["env"] for r in sweep.readable if r["env"]]
+    if not envs:
+        return [("Machine", "unknown (no env recorded)")]
+    env = envs[0]
+    versions = ", ".join(
+        f"{name} {env.get(key) if env.get(key) is not None else 'none'}"
+        for name, key in (("torch", "torch"), ("diffusers", "diffusers"), ("Python", "python"), ("CUDA", "cuda"))
+    )
+    lines = [("Machine", env.get("device_name") or "unknown"), ("Versions", versions)]
+    machines = {(e.get("device_name"), e.get("torch"), e.get("diffusers")) for e in envs}
+    if len(machines) > 1:
+        lines.append(("Warning", f"rows ran on {len(machines)} different machine/version combinations"))
+    busy = sum(bool((r.get("machine_load") or {}).get("busy")) for r in sweep.readable)
+    if busy:
+        lines.append(("Warning", f"{busy} row(s) measured on a busy machine (other processes running): "
+                                 "their timings are not those of a quiet machine"))
+    return lines
+
+
+def summary_line(sweep: Sweep) -> str:
+    """``N rows: k ok (b broken), f failed/unsupported, u unreadable, m missing; n noisy``."""
+    broken = f" ({sweep.broken_count} broken)" if sweep.broken_count else ""
+    planned = f" of {sweep.planned} planned" if sweep.planned is not None else ""
+    noisy = f"; {sweep.noisy_count} noisy" if sweep.noisy_count else ""
+    return (
+        f"{len(sweep.rows)} rows: {sweep.count(*COMPLETED_VALUES)} ok{broken}, "
+        f"{sweep.count(Status.failed.value, Status.unsupported.value)} failed/unsupported, "
+        f"{sweep.count(Status.unreadable.value)} unreadable, {sweep.count(Status.missing.value)} missing{planned}{noisy}"
+    )
+
+
+def problem_lines(sweep: Sweep) -> list[str]:
+    """One line per failed / unsupported / unreadable / missing / broken row, with its reason."""
+    lines = []
+    for row in sweep.rows:
+        if row["status"] == Status.unreadable.value:
+            lines.append(f"unreadable: {row['path']}: {row['error']}")
+        elif row["status"] == Status.missing.value:
+            lines.append(f"missing: job {row['job']} ({' '.join(row['overrides']) or 'no overrides'}): {row['error']}")
+        elif row["status"] not in COMPLETED_VALUES:
+            lines.append(f"{row['status']}: {row['label']} (job {row['job']}): {row['error'] or 'no reason given'}")
+        elif row["broken"]:
+            lines.append(f"broken: {row['label']} (job {row['job']}): {row['broken']}; no speed-up reported")
+    if sweep.ignored:
+        lines.append(f"ignored: rows in job folder(s) {', '.join(sorted(sweep.ignored, key=int))} are not part of "
+                     "this sweep's plan (left by an earlier sweep in this folder)")
+    return lines
+
+
+def note_lines(sweep: Sweep) -> list[str]:
+    """Noisy rows, CPU memory measured in a shared process, rows not compared with their baseline's image."""
+    lines = [f"{r['label']} (job {r['job']}): noisy: {'; '.join(r['noisy'])}" for r in sweep.rows if r["noisy"]]
+    if any(r.get("peak_memory_scope") == "shared_process" for r in sweep.readable):
+        lines.append(f"peak memory marked{SHARED_MEMORY_MARK}: {MEMORY_SCOPES['shared_process']}")
+    lines += [f"{r['label']} (job {r['job']}): {r['note']}" for r in sweep.rows if r["note"] and not r["broken"]]
+    return lines
+
+
+METHOD = (
+    "Speed-up = baseline median latency / row median latency (ok rows with a valid image, compared only with "
+    "a baseline of the same model and run settings). Spread = coefficient of variation (stdev / mean) and "
+    f"min-max of the timed runs. A row is noisy with fewer than {MIN_RUNS} timed runs, a cv above "
+    f"{NOISY_CV:.0%}, or when measured on a busy machine; speed-ups involving a noisy row are marked "
+    f"'{NOISY_MARK.strip()}'. PSNR and max abs diff compare each row's image with the baseline's (uint8 pixels, "
+    "255 peak; inf = identical)."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV
+
+
+def _csv_value(value: Any) -> str:
+    """CSV cell: empty for None, ``inf`` for infinity, JSON for lists, repr-precision floats."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else repr(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _extra_keys(sweep: Sweep) -> list[str]:
+    """Varying overrides that are not config groups (model.path, run.steps, ...): columns of their own."""
+    return [k for k in sweep.varying if k not in sweep.choice_columns and k != "preset"]
+
+
+def csv_columns(sweep: Sweep) -> list[str]:
+    """Choice groups, varying plain fields, preset, then the fixed measurement columns."""
+    return [
+        *sweep.choice_columns, *_extra_keys(sweep), "preset", "status", "error",
+        *(f"latency_{s}_s" if s != "cv" else "latency_cv" for s in LATENCY_STATS),
+        "runs", "noisy", "machine_busy", "warmup_s", "build_s", "load_s", "peak_memory_mb", "peak_memory_scope",
+        "speedup", "speedup_noisy", "psnr_db", "max_abs_diff", "broken", "image", "job", "spec_key", "baseline",
+        "note", "reused_from", "overrides",
+    ]
+
+
+def _csv_record(row: dict, sweep: Sweep) -> dict:
+    """One CSV line as a column -> cell dict."""
+    latency = row["latency_s"] or {}
+    values = results.label_values(row)
+    record: dict[str, Any] = {g: row["choices"].get(g) for g in sweep.choice_columns}
+    record.update({k: values.get(k) for k in _extra_keys(sweep)})
+    record.update({(f"latency_{s}_s" if s != "cv" else "latency_cv"): latency.get(s) for s in LATENCY_STATS})
+    for key in ("preset", "status", "error", "warmup_s", "build_s", "load_s", "peak_memory_mb", "peak_memory_scope",
+                "speedup", "psnr_db", "max_abs_diff", "broken", "image", "job", "spec_key", "note", "reused_from",
+                "overrides"):
+        record[key] = row[key]
+    record["runs"] = latency.get("runs")
+    record["noisy"] = "; ".join(row["noisy"]) or None
+    record["machine_busy"] = (row.get("machine_load") or {}).get("busy")
+    record["speedup_noisy"] = "yes" if row["speedup_noisy"] else None
+    record["baseline"] = "yes" if row["is_baseline"] else None
+    return {k: _csv_value(v) for k, v in record.items()}
+
+
+def write_csv(sweep: Sweep) -> Path:
+    """results.csv: one line per job, every row including unreadable and missing ones."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=csv_columns(sweep), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(_csv_record(row, sweep) for row in sweep.rows)
+    path = sweep.path / CSV_FILE
+    results.write_atomic(path, out.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown table cell or list item: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _settings_lines(sweep: Sweep) -> list[str]:
+    """Run settings and baseline choice, one pair per comparison group."""
+    if len(sweep.groups) == 1:
+        group = sweep.groups[0]
+        return [f"**Run:** {_md(group.description)}", "", f"**Baseline:** {_md(group.reason)}"]
+    lines = [f"**{len(sweep.groups)} comparison groups** (each compared with its own baseline):", ""]
+    for group in sweep.groups:
+        lines.append(f"- {_md(group.description)}. **Baseline:** {_md(group.reason)}")
+    return lines
+
+
+def render_markdown(sweep: Sweep, table: Table) -> str:
+    """The whole report.md text."""
+    lines = [f"# Sweep report: {_md(sweep.path.name)}", ""]
+    lines += [f"**{_md(title)}:** {_md(text)}  " for title, text in machine_lines(sweep)]
+    lines += ["", f"**Rows:** {summary_line(sweep)}", ""]
+    lines += _settings_lines(sweep) if sweep.groups else ["No completed or failed rows to compare."]
+    lines += ["", METHOD, ""]
+    if table.rows:
+        lines.append("| " + " | ".join(_md(h) for h in table.headers) + " |")
+        lines.append("|" + "|".join("---:" if n else "---" for n in table.numeric) + "|")
+        lines += ["| " + " | ".join(_md(c) for c in cells) + " |" for _, cells in table.rows]
+        lines.append("")
+    lines += [f"![latency]({PLOT_FILE})", "", "## Failed, unsupported, unreadable, missing and broken rows", ""]
+    lines += [f"- {_md(line)}" for line in problem_lines(sweep)] or ["None."]
+    notes = note_lines(sweep)
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {_md(line)}" for line in notes]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: middle; }
+th { background: #f4f4f4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.baseline { background: #eaf3ff; }
+tr.problem { background: #fff0f0; }
+tr.noisy { background: #fffbe6; }
+td.image img { max-width: 256px; min-width: 96px; image-rendering: pixelated; display: block; }
+img.plot { max-width: 100%; }
+"""
+NUM_TD = '<td class="num">'
+
+
+def _image_cell(row: dict) -> str:
+    """An <img> linking ``<job>/<image>`` relatively, or a dash."""
+    if not row["image"]:
+        return DASH
+    src = html.escape(quote(f"{row['job']}/{row['image']}"), quote=True)
+    return f'<a href="{src}"><img src="{src}" alt="{html.escape(row["label"], quote=True)}" loading="lazy"></a>'
+
+
+def _row_class(row: dict) -> str:
+    if row["is_baseline"]:
+        return "baseline"
+    if not usable(row):
+        return "problem"
+    return "noisy" if row["noisy"] else ""
+
+
+def render_html(sweep: Sweep, table: Table) -> str:
+    """The whole index.html text: header lines, the table with images, problems and notes."""
+    esc = html.escape
+    title = f"Sweep report: {sweep.path.name}"
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title><style>{HTML_STYLE}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    parts += [f"<p><strong>{esc(name)}:</strong> {esc(text)}</p>" for name, text in machine_lines(sweep)]
+    parts.append(f"<p>Rows: {esc(summary_line(sweep))}</p>")
+    parts += [f"<p>Run: {esc(g.description)}<br><strong>Baseline:</strong> {esc(g.reason)}</p>" for g in sweep.groups]
+    parts.append(f"<p>{esc(METHOD)}</p>")
+    if table.rows:
+        parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in table.headers) + "<th>image</th></tr>")
+        for row, cells in table.rows:
+            css = _row_class(row)
+            tds = "".join((NUM_TD if n else "<td>") + f"{esc(c)}</td>" for c, n in zip(cells, table.numeric))
+            tr = f'<tr class="{css}">' if css else "<tr>"
+            parts.append(f'{tr}{tds}<td class="image">{_image_cell(row)}</td></tr>')
+        parts.append("</table>")
+    parts.append(f'<p><img class="plot" src="{PLOT_FILE}" alt="latency plot"></p>')
+    parts.append("<h2>Failed, unsupported, unreadable, missing and broken rows</h2>")
+    problems = problem_lines(sweep)
+    parts.append("<ul>" + "".join(f"<li>{esc(p)}</li>" for p in problems) + "</ul>" if problems else "<p>None.</p>")
+    notes = note_lines(sweep)
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,439 @@
+"""The result row: the one owner of what a job records and how it is read back.
+
+A job writes one row, `<job folder>/result.json`. This module owns everything about it:
+its fields and their types (:data:`FIELDS`), the status values (:class:`Status`), the file
+names, the atomic write (:func:`write_row`), reading and validating (:func:`read_row`, which turns
+anything it cannot trust into an ``unreadable`` row), the spread of the timed runs and the noise
+flags (:func:`latency_stats`, :func:`noise_reasons`), the machine load around a job
+(:func:`machine_load`), the broken-image rule (:func:`broken_image`, :func:`image_problem`) and
+the label of a row within its sweep (:func:`labels`).
+
+It imports neither torch, diffusers nor hydra: rows can be read anywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import secrets
+import statistics
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+RESULT_FILE = "result.json"
+IMAGE_FILE = "image.png"
+ERROR_LOG = "error.log"
+PROCESS_LOG = "process.log"  # isolate=true: the child process's output
+PLAN_FILE = "plan.json"  # in the sweep folder: every job the sweep was asked to run
+LOCK_FILE = ".sdbuild-sweep.lock"  # in the sweep folder while a sweep writes into it
+
+
+class Status(str, enum.Enum):
+    """What became of a job. The first four are written by jobs; the last two only by readers."""
+
+    ok = "ok"  # measured, image fine
+    broken = "broken"  # measured, but the image is NaN or one flat colour: never a speed-up
+    failed = "failed"  # an error while building or running (traceback in error.log), or interrupted
+    unsupported = "unsupported"  # a user mistake or a combination this machine cannot run
+    unreadable = "unreadable"  # a result.json that does not parse or fails validation: never trusted
+    missing = "missing"  # a planned job with no row (the sweep was killed, or is still running)
+
+
+WRITTEN = (Status.ok, Status.broken, Status.failed, Status.unsupported)
+COMPLETED = (Status.ok, Status.broken)  # measured: have a latency
+
+# Honest numbers: below MIN_RUNS timed runs a spread means little; above NOISY_CV (coefficient
+# of variation = stdev / mean of the timed runs) the median moves by more than most optimisations
+# a sweep compares (10 %). Both make a row `noisy`; its speed-up is marked, not hidden.
+MIN_RUNS = 3
+NOISY_CV = 0.10
+# A machine is `busy` when, before or after the job, another process was running (state R in
+# /proc) or the 1-minute load average exceeded the CPU count: CPU timings (compiled code most)
+# are then not those of a quiet machine.
+BUSY_LOAD_PER_CPU = 1.0
+
+LATENCY_STATS = ("median", "mean", "min", "max", "p90", "cv")
+
+# Every field a row may hold, with its JSON type(s). Missing fields read as None; a field that is
+# present with another type makes the row unreadable (a half-written or foreign file is reported,
+# never half-believed). `status` and `choices` are required; completed rows need latency_s.median.
+NUMBER = (int, float)
+FIELDS: Dict[str, tuple] = {
+    "status": (str,),
+    "error": (str,),
+    "choices": (dict,),  # config group -> option name, from Hydra
+    "overrides": (list,),  # the job's command-line overrides ("precision=bf16", "model.path=...")
+    "preset": (str,),
+    "preset_order": (int,),
+    "spec_key": (str,),  # identity of the resolved spec (sdbuild.spec.spec_key): what resume matches
+    "spec": (dict,),  # the resolved spec, enums by name
+    "latency_s": (dict,),  # {median, mean, min, max, p90, cv, runs}: seconds per full pipeline call
+    "warmup_s": NUMBER,
+    "warmup_runs_s": (list,),
+    "load_s": NUMBER,
+    "build_s": NUMBER,
+    "peak_memory_mb": NUMBER,
+    "peak_memory_scope": (str,),  # see MEMORY_SCOPES
+    "image": (str,),
+    "image_stats": (dict,),
+    "compile_cache": (dict,),
+    "env": (dict,),
+    "job": (dict,),  # num, output_dir, wall_s, isolated, interrupted, ... (launchers add their facts)
+    "machine_load": (dict,),  # {"before": {...}, "after": {...}, "busy": bool}, see machine_load()
+    "reused_from": (str,),
+    # Agreed with other branches (notes/ROW_CONTRACT.md), optional:
+    "warmup_calls": (int,),
+    "steady": (bool,),
+    "unsteady_reason": (str,),
+    "warmup_peak_memory_mb": NUMBER,
+    "peak_memory_reserved_mb": NUMBER,
+    "steps_per_s": NUMBER,
+    "attention_kernel": (dict,),
+    "build_notes": (list,),
+    "fatal_cuda_error": (bool,),
+}
+NUMERIC_FIELDS = ("warmup_s", "load_s", "build_s", "peak_memory_mb", "warmup_peak_memory_mb",
+                  "peak_memory_reserved_mb", "steps_per_s")
+
+# peak_memory_scope: what peak_memory_mb measured.
+MEMORY_SCOPES = {
+    "cuda": "CUDA peak allocated during the timed runs",
+    "process": "CPU peak resident set of a process that ran only this job",
+    "shared_process": "CPU peak resident set of a sweep process that ran earlier jobs too (includes what they "
+                      "left behind; use isolate=true for sound CPU memory figures)",
+}
+
+
+class RowError(ValueError):
+    """A result.json that cannot be trusted; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and writing
+
+
+def new_row(**fields: Any) -> Dict[str, Any]:
+    """A row with every field at its empty value, then `fields`; status defaults to failed
+    (a job that dies half-way must not leave anything that looks measured)."""
+    row: Dict[str, Any] = {name: None for name in FIELDS}
+    row.update(status=Status.failed.value, choices={}, overrides=[], job={})
+    row.update(fields)
+    return row
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temp file in the same folder, then rename over `path`: readers never see half a file."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # plain open: the usual umask-based permissions, unlike mkstemp's 0600
+            f.write(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def write_row(folder: Path, row: Dict[str, Any]) -> Path:
+    """Validate `row` (a bug writing a bad row fails here, not in a report later) and write it atomically."""
+    validate(row)
+    path = Path(folder) / RESULT_FILE
+    write_json(path, row)
+    return path
+
+
+def clear_row(folder: Path) -> None:
+    """Remove what an earlier job left in `folder` (row, image, error log), so a row found there
+    afterwards can only be the one this job wrote."""
+    for name in (RESULT_FILE, IMAGE_FILE, ERROR_LOG):
+        (Path(folder) / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating
+
+
+def read_row(path: Path) -> Dict[str, Any]:
+    """The validated row in `path`; RowError (or OSError) when it cannot be trusted."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise RowError(f"{type(exc).__name__}: {exc}") from None
+    return validate(data)
+
+
+def load_row(path: Path) -> Dict[str, Any]:
+    """`read_row`, but a row that cannot be trusted becomes an `unreadable` row saying why."""
+    try:
+        return read_row(path)
+    except (OSError, RowError) as exc:
+        error = str(exc) if isinstance(exc, RowError) else f"{type(exc).__name__}: {exc}"
+        return new_row(status=Status.unreadable.value, error=error)
+
+
+def validate(data: Any) -> Dict[str, Any]:
+    """Check a parsed row and return it with every field present (absent ones None).
+
+    Raises RowError when: not an object; `status` or `choices` missing; an unknown status; a
+    field of the wrong type; a completed row without a latency median; a median or mean that
+    is not the median / mean of the recorded runs; numbers that are not finite.
+    """
+    if not isinstance(data, dict):
+        raise RowError(f"expected a JSON object, got {type(data).__name__}")
+    missing = [key for key in ("status", "choices") if key not in data]
+    if missing:
+        raise RowError(f"missing keys: {', '.join(missing)}")
+    for name, kinds in FIELDS.items():
+        value = data.get(name)
+        if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise RowError(f"{name} should be {'/'.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+    try:
+        status = Status(data["status"])
+    except ValueError:
+        raise RowError(f"unknown status {data['status']!r}") from None
+    if status not in WRITTEN:
+        raise RowError(f"status {status.value!r} is never written by a job")
+    for name in NUMERIC_FIELDS:
+        _finite(data.get(name), name)
+    spec = data.get("spec") or {}
+    for section in ("run", "model"):
+        if spec.get(section) is not None and not isinstance(spec[section], dict):
+            raise RowError(f"spec.{section} should be dict, got {type(spec[section]).__name__}")
+    row = new_row(**data)
+    row["latency_s"] = _latency(data.get("latency_s"), required=status in COMPLETED)
+    row["image_stats"] = row["image_stats"] or {}
+    row["env"] = row["env"] or {}
+    row["spec"] = spec
+    row["choices"] = {str(k): (None if v is None else str(v)) for k, v in data["choices"].items()}
+    return row
+
+
+def _finite(value: Any, name: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, NUMBER) or not math.isfinite(value):
+        raise RowError(f"{name} should be a finite number, got {value!r}")
+    return float(value)
+
+
+def _latency(value: Any, required: bool) -> Optional[dict]:
+    """latency_s with float stats; a completed row needs a median that is the median of its runs."""
+    if value is None:
+        if required:
+            raise RowError("missing keys: latency_s (a completed row must have its timings)")
+        return None
+    stats = {name: _finite(value.get(name), f"latency_s.{name}") for name in LATENCY_STATS}
+    runs = value.get("runs") or []
+    if not isinstance(runs, list):
+        raise RowError("latency_s.runs should be a list")
+    stats["runs"] = [_finite(r, "latency_s.runs[]") for r in runs]
+    if required and stats["median"] is None:
+        raise RowError("missing keys: latency_s.median")
+    if runs and stats["median"] is not None and not math.isclose(stats["median"], statistics.median(stats["runs"])):
+        raise RowError(f"latency_s.median {stats['median']!r} is not the median of latency_s.runs")
+    if runs and stats["mean"] is not None and not math.isclose(stats["mean"], statistics.fmean(stats["runs"])):
+        raise RowError(f"latency_s.mean {stats['mean']!r} is not the mean of latency_s.runs")
+    if runs and stats["cv"] is None:
+        stats["cv"] = coefficient_of_variation(stats["runs"])
+    return stats
+
+
+def is_completed(row: Dict[str, Any]) -> bool:
+    return row["status"] in (s.value for s in COMPLETED)
+
+
+def reusable(row: Dict[str, Any]) -> bool:
+    """Whether `resume=` may copy this row instead of measuring: only an `ok` row that validated.
+    Failed, unsupported and broken rows are measured again (the cause may be fixed by now)."""
+    return row["status"] == Status.ok.value and row["latency_s"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Spread, noise, machine load
+
+
+def coefficient_of_variation(runs: Sequence[float]) -> Optional[float]:
+    """stdev / mean of the runs (None for fewer than 2 runs or a zero mean)."""
+    if len(runs) < 2 or statistics.fmean(runs) == 0:
+        return None
+    return statistics.stdev(runs) / statistics.fmean(runs)
+
+
+def latency_stats(runs: Sequence[float]) -> Dict[str, Any]:
+    """The recorded latency: median, mean, min, max, p90 (nearest-rank-free linear interpolation,
+    as numpy's default) and cv over the timed runs, plus the runs themselves in call order."""
+    ordered = sorted(runs)
+    pos = 0.9 * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    p90 = ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    return {"median": statistics.median(ordered), "mean": statistics.fmean(ordered), "min": ordered[0],
+            "max": ordered[-1], "p90": p90, "cv": coefficient_of_variation(ordered), "runs": list(runs)}
+
+
+def _busy_processes() -> Optional[int]:
+    """How many other processes are running right now (state R in /proc/<pid>/stat); None off Linux."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    own = os.getpid()
+    count = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == own:
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2:].startswith("R"):
+            count += 1
+    return count
+
+
+def machine_load() -> Dict[str, Any]:
+    """A snapshot of how busy the machine is: 1-minute load average, CPUs, other running processes."""
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        load1 = None
+    return {"loadavg_1m": load1, "cpu_count": os.cpu_count(), "busy_processes": _busy_processes()}
+
+
+def is_busy(snapshot: Optional[Dict[str, Any]]) -> bool:
+    """Whether a machine_load() snapshot shows a machine that was not quiet."""
+    if not snapshot:
+        return False
+    if snapshot.get("busy_processes"):
+        return True
+    load, cpus = snapshot.get("loadavg_1m"), snapshot.get("cpu_count") or 1
+    return load is not None and load > BUSY_LOAD_PER_CPU * cpus
+
+
+def load_record(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, Any]:
+    """The row's `machine_load` field: both snapshots and the verdict."""
+    return {"before": before, "after": after, "busy": is_busy(before) or is_busy(after)}
+
+
+def noise_reasons(row: Dict[str, Any]) -> List[str]:
+    """Why a completed row's timings are unreliable (empty when they look sound)."""
+    lat = row.get("latency_s")
+    if not lat or not is_completed(row):
+        return []
+    reasons = []
+    runs = lat.get("runs") or []
+    if len(runs) < MIN_RUNS:
+        reasons.append(f"{len(runs)} timed run{'s' if len(runs) != 1 else ''} (< {MIN_RUNS})")
+    if lat.get("cv") is not None and lat["cv"] > NOISY_CV:
+        reasons.append(f"spread cv {lat['cv']:.0%} > {NOISY_CV:.0%}")
+    if (row.get("machine_load") or {}).get("busy"):
+        reasons.append("machine busy (other processes running)")
+    return reasons
+
+
+def memory_scope(device: Optional[str], isolated_process: bool) -> Optional[str]:
+    """What `peak_memory_mb` means for a job on `device` (see MEMORY_SCOPES)."""
+    if device is None:
+        return None
+    if device == "cuda":
+        return "cuda"
+    return "process" if isolated_process else "shared_process"
+
+
+# ---------------------------------------------------------------------------------------------
+# The broken-image rule
+
+
+def broken_image(stats: Optional[Dict[str, Any]]) -> Optional[str]:
+    """Why image statistics show no real result (NaN, or one flat colour such as fp16 VAE black), else None.
+    Applied by the job to the float output before it is saved."""
+    if not stats:
+        return None
+    if stats.get("nan"):
+        return "broken image: the output holds NaN"
+    if stats.get("max") is not None and stats["max"] - stats["min"] < 1 / 255:
+        return f"broken image: every pixel is {stats['mean']:.3f} (constant)"
+    return None
+
+
+def image_problem(row: Dict[str, Any], folder: Path) -> Optional[str]:
+    """Why a completed row's result cannot be trusted when read back: the job's verdict, NaN in its
+    stats, or its image file missing, unreadable, empty or one flat colour. None when it is fine."""
+    if row["status"] == Status.broken.value:
+        return row["error"] or "broken image (status broken)"
+    if row["status"] != Status.ok.value:
+        return None
+    if (row.get("image_stats") or {}).get("nan"):
+        return "image has NaN values (image_stats.nan)"
+    saves = ((row.get("spec") or {}).get("run") or {}).get("save_image", True) is not False
+    if not row.get("image"):
+        return "no image recorded" if saves else None
+    try:
+        pixels = load_pixels(Path(folder) / row["image"])
+    except Exception as exc:  # any decoder failure is an unreadable image, never a crashed reader
+        return f"image unreadable: {type(exc).__name__}: {exc}"
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    if flat.size == 0:
+        return "image is empty"
+    if (flat == flat[0]).all():
+        colour = "all black" if not flat[0].any() else f"every pixel = {tuple(int(c) for c in flat[0])}"
+        return f"image is one flat colour ({colour})"
+    return None
+
+
+def load_pixels(path: Path):
+    """An image file as a uint8 H x W x 3 array (RGB; other modes converted)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+
+
+# Overrides that say where or how a sweep is stored, not what was measured.
+_NOT_LABEL = ("hydra", "resume", "isolate", "cache_dir")
+
+
+def parse_overrides(overrides: Iterable[str]) -> Dict[str, str]:
+    """`["precision=bf16", "+preset=x", "model.path=a"]` -> {"precision": "bf16", "preset": "x", ...}."""
+    parsed: Dict[str, str] = {}
+    for item in overrides or ():
+        key, sep, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if sep and key.split(".")[0].split("/")[0] not in _NOT_LABEL:
+            parsed[key] = value
+    return parsed
+
+
+def label_values(row: Dict[str, Any]) -> Dict[str, Optional[str]]:
+    return {**(row.get("choices") or {}), **parse_overrides(row.get("overrides") or [])}
+
+
+def varying_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Every override or config-group choice whose value differs between `rows` (groups and plain
+    fields alike, e.g. `precision` and `model.path`), in the order first seen."""
+    values = [label_values(r) for r in rows]
+    keys: Dict[str, None] = {}
+    for v in values:
+        keys.update(dict.fromkeys(v))
+    return [k for k in keys if len({v.get(k) for v in values}) > 1]
+
+
+def labels(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """A short name per row: its preset, else `key=value` for every varying key, else its job number."""
+    keys = varying_keys(rows)
+    out = []
+    for row in rows:
+        values = label_values(row)
+        text = ", ".join(f"{k}={values.get(k, '—')}" for k in keys)
+        num = (row.get("job") or {}).get("num") if isinstance(row.get("job"), dict) else None
+        out.append(row.get("preset") or text or (f"job {num}" if num is not None else "run"))
+    return out
