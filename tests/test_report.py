@@ -43,8 +43,9 @@ def make_spec(precision: str = "fp32", attention: str = "classic", **run) -> dic
 
 
 def timed_runs(median: float) -> list[float]:
-    """Three timed runs whose median is `median` and whose mean is not (cv about 4 %)."""
-    return [median * 1.07, median, median * 0.98]
+    """Three timed runs whose median is `median` and whose mean is not, and not in proportion to it
+    (a speed-up from means differs from one from medians); cv below the noise threshold from 0.5 s."""
+    return [median * 1.06 + 0.02, median, median * 0.99]
 
 
 def write_job(
@@ -346,3 +347,193 @@ def test_status_broken_from_the_runner_is_flagged(grid: Path):
     assert row["broken"] == "broken image: the output holds NaN"
     assert "broken: precision=fp16, attention=classic (job 4): broken image: the output holds NaN" in md
     assert "5 rows: 5 ok (1 broken)" in md
+
+
+# --- the row (sdbuild.results) ------------------------------------------------------------------
+
+
+def test_latency_stats_median_is_the_median_not_the_mean():
+    lat = results.latency_stats([3.0, 1.0, 1.1])
+    assert lat["median"] == 1.1 and lat["mean"] == pytest.approx(5.1 / 3) and lat["runs"] == [3.0, 1.0, 1.1]
+    assert lat["min"] == 1.0 and lat["max"] == 3.0 and lat["cv"] == pytest.approx(np.std([3, 1, 1.1], ddof=1) / (5.1 / 3))
+
+
+def _raw_row(tmp_path: Path, **fields) -> Path:
+    folder = write_job(tmp_path, "0")
+    data = json.loads((folder / "result.json").read_text())
+    data.update(fields)
+    (folder / "result.json").write_text(json.dumps(data))
+    return folder / "result.json"
+
+
+@pytest.mark.parametrize("fields, why", [
+    ({"latency_s": None}, "missing keys: latency_s"),  # an ok row without its timings
+    ({"latency_s": {"median": 1.0, "mean": 1.0, "runs": [1.0, 1.0, 4.0]}}, "mean 1.0 is not the mean"),
+    ({"latency_s": {"median": 2.0, "mean": 2.0, "runs": [1.0, 1.0, 4.0]}}, "median 2.0 is not the median"),
+    ({"status": "missing"}, "never written by a job"),
+    ({"status": "great"}, "unknown status"),
+    ({"steady": "yes"}, "steady should be bool"),
+])
+def test_rows_that_cannot_be_trusted_are_unreadable(tmp_path: Path, fields: dict, why: str):
+    path = _raw_row(tmp_path, **fields)
+    with pytest.raises(results.RowError, match=why):
+        results.read_row(path)
+    row = results.load_row(path)
+    assert row["status"] == "unreadable" and why.split()[0] in row["error"]
+
+
+def test_ok_row_without_latency_does_not_break_the_report(grid: Path):
+    folder = write_job(grid, "4", precision="bf16")
+    data = json.loads((folder / "result.json").read_text())
+    data["latency_s"] = None
+    (folder / "result.json").write_text(json.dumps(data))
+    md = report.aggregate(grid).read_text()
+    assert read_csv(grid)["4"]["status"] == "unreadable" and "missing keys: latency_s" in md
+
+
+def test_contract_fields_are_accepted(tmp_path: Path):
+    write_job(tmp_path, "0", warmup_calls=3, steady=True, unsteady_reason=None, warmup_peak_memory_mb=1.5,
+              peak_memory_reserved_mb=2.0, steps_per_s=10.0, attention_kernel={"requested": "flash"},
+              build_notes=["VAE kept in float32"], fatal_cuda_error=False)
+    assert results.read_row(tmp_path / "0" / "result.json")["steps_per_s"] == 10.0
+
+
+def test_only_ok_rows_are_reusable(tmp_path: Path):
+    write_job(tmp_path, "0")
+    write_job(tmp_path, "1", status="failed", error="boom")
+    write_job(tmp_path, "2", status="unsupported", error="no CUDA")
+    write_job(tmp_path, "3", status="broken", error="NaN")
+    reusable = [results.reusable(results.read_row(tmp_path / j / "result.json")) for j in "0123"]
+    assert reusable == [True, False, False, False]
+
+
+def test_broken_image_rule():
+    assert results.broken_image({"nan": True, "min": 0.0, "max": 1.0, "mean": 0.5}) == "broken image: the output holds NaN"
+    assert "constant" in results.broken_image({"nan": False, "min": 0.2, "max": 0.2, "mean": 0.2})
+    assert results.broken_image({"nan": False, "min": 0.0, "max": 1.0, "mean": 0.5}) is None
+
+
+# --- every planned job accounted for ---------------------------------------------------------------
+
+
+def write_plan(sweep: Path, overrides: list[list[str]]) -> None:
+    (sweep / "plan.json").write_text(json.dumps({"jobs": [{"num": k, "overrides": o} for k, o in enumerate(overrides)]}))
+
+
+def test_planned_jobs_without_a_row_are_missing(tmp_path: Path):
+    plan = [[f"precision={p}", f"attention={a}"] for p in ("fp32", "bf16", "fp16") for a in ("classic", "sdpa")]
+    write_plan(tmp_path, plan)
+    write_job(tmp_path, "0", precision="fp32", attention="classic", median=2.0)
+    write_job(tmp_path, "1", precision="fp32", attention="sdpa", median=1.0)
+    md = report.aggregate(tmp_path).read_text()
+    rows = read_csv(tmp_path)
+    assert [rows[j]["status"] for j in "012345"] == ["ok", "ok"] + ["missing"] * 4
+    assert "6 rows: 2 ok, 0 failed/unsupported, 0 unreadable, 4 missing of 6 planned" in md
+    problems = md.split("broken rows")[1]
+    assert "None." not in problems
+    assert "missing: job 5 (precision=fp16 attention=sdpa)" in problems
+    assert rows["5"]["precision"] == "" and "precision=fp16" in rows["5"]["overrides"]
+    assert "precision=fp16" in (tmp_path / "index.html").read_text()
+
+
+def test_rows_outside_the_plan_or_of_another_sweep_are_not_mixed_in(tmp_path: Path):
+    write_plan(tmp_path, [["precision=fp32"], ["precision=bf16"]])
+    write_job(tmp_path, "0", precision="fp32", median=2.0, overrides=["precision=fp32"])
+    write_job(tmp_path, "1", precision="fp32", median=1.0, overrides=["precision=fp32"])  # not job 1's overrides
+    write_job(tmp_path, "2", precision="bf16", median=0.5, overrides=["precision=bf16"])  # an earlier, bigger sweep
+    md = report.aggregate(tmp_path).read_text()
+    rows = read_csv(tmp_path)
+    assert set(rows) == {"0", "1"} and rows["1"]["status"] == "unreadable"
+    assert "written by another sweep" in rows["1"]["error"]
+    assert "ignored: rows in job folder(s) 2 are not part of this sweep's plan" in md
+
+
+# --- labels, comparison groups, baseline from the typed spec -------------------------------------
+
+
+def test_swept_plain_fields_label_rows_and_separate_models(tmp_path: Path):
+    for job, path, median in (("0", "/m/a", 2.0), ("1", "/m/b", 4.0), ("2", "/m/a", 1.0), ("3", "/m/b", 1.0)):
+        precision = "fp32" if job in "01" else "bf16"
+        spec = make_spec(precision)
+        spec["model"]["path"] = path
+        write_job(tmp_path, job, precision=precision, median=median, spec=spec,
+                  overrides=[f"precision={precision}", f"model.path={path}"])
+    md = report.aggregate(tmp_path).read_text()
+    rows = read_csv(tmp_path)
+    assert "2 comparison groups" in md and "(/m/a)" in md and "(/m/b)" in md
+    assert rows["0"]["baseline"] == "yes" and rows["1"]["baseline"] == "yes"  # one baseline per model
+    assert float(rows["2"]["speedup"]) == pytest.approx(2.0) and float(rows["3"]["speedup"]) == pytest.approx(4.0)
+    assert rows["3"]["model.path"] == "/m/b"
+    sweep = report.analyse(tmp_path)
+    assert [r["label"] for r in sweep.rows] == [
+        "precision=fp32, model.path=/m/a", "precision=fp32, model.path=/m/b",
+        "precision=bf16, model.path=/m/a", "precision=bf16, model.path=/m/b"]
+    header = next(l for l in md.splitlines() if l.startswith("| job"))
+    assert "model.path" in header
+
+
+def test_baseline_is_found_from_the_spec_not_from_option_names(tmp_path: Path):
+    lying = make_spec("fp32")
+    lying["precision"]["dtype"] = "fp16"  # an option named fp32 that runs fp16 is not the reference
+    write_job(tmp_path, "0", precision="fp32", median=1.0, spec=lying)
+    renamed = make_spec("fp32")
+    renamed["precision"]["name"] = "plain"  # a renamed option with the reference's values is
+    write_job(tmp_path, "1", precision="plain", median=0.5, spec=renamed)
+    write_job(tmp_path, "2", precision="bf16", median=0.25)
+    report.aggregate(tmp_path)
+    rows = read_csv(tmp_path)
+    assert rows["1"]["baseline"] == "yes" and rows["0"]["baseline"] == ""
+    assert float(rows["2"]["speedup"]) == pytest.approx(2.0)
+
+
+def test_is_reference_looks_at_every_optimisation():
+    assert report.is_reference({"spec": make_spec("fp32")})
+    for section, key, value in (("compile", "method", "inductor"), ("memory", "offload", "model"),
+                                ("quant", "method", "int8wo"), ("vae", "kind", "tiny"),
+                                ("memory_format", "format", "channels_last"), ("attention", "processor", "sdpa"),
+                                ("precision", "tf32", True), ("attention", "fuse_qkv", True)):
+        spec = make_spec("fp32")
+        spec[section][key] = value
+        assert not report.is_reference({"spec": spec}), (section, key)
+
+
+# --- honest numbers --------------------------------------------------------------------------------
+
+
+def test_noisy_rows_are_flagged_and_their_speedups_marked(grid: Path):
+    write_job(grid, "4", precision="bf16", median=1.0, runs=[1.0])  # one timed run
+    write_job(grid, "5", precision="bf16", attention="sdpa", median=1.0, runs=[0.6, 1.0, 1.5])  # cv 44 %
+    write_job(grid, "6", precision="fp16", attention="sdpa", median=0.8,
+              machine_load={"before": {"loadavg_1m": 9.0, "cpu_count": 2, "busy_processes": 3}, "after": {},
+                            "busy": True})
+    md = report.aggregate(grid).read_text()
+    rows = read_csv(grid)
+    assert rows["4"]["noisy"] == "1 timed run (< 3)" and rows["4"]["speedup_noisy"] == "yes"
+    assert "spread cv 44% > 10%" in rows["5"]["noisy"]
+    assert "machine busy" in rows["6"]["noisy"] and rows["6"]["machine_busy"] == "True"
+    assert rows["0"]["noisy"] == "" and rows["2"]["speedup_noisy"] == ""  # quiet rows stay unmarked
+    assert float(rows["5"]["latency_cv"]) == pytest.approx(np.std([0.6, 1, 1.5], ddof=1) / np.mean([0.6, 1, 1.5]))
+    assert "x2.00 (noisy)" in md and "x2.50 (noisy)" in md and "| x2.00 (noisy) |" in md
+    assert "3 noisy" in md and "measured on a busy machine" in md
+    html = (grid / "index.html").read_text()
+    assert "x2.00 (noisy)" in html and 'class="noisy"' in html
+
+
+def test_shared_process_cpu_memory_is_marked(grid: Path):
+    write_job(grid, "4", precision="bf16", median=1.0, peak_memory_scope="shared_process")
+    write_job(grid, "5", precision="bf16", attention="sdpa", median=1.0, peak_memory_scope="process")
+    md = report.aggregate(grid).read_text()
+    assert "100 (in-process)" in md and "includes what they left behind" in md
+    line5 = next(l for l in md.splitlines() if l.startswith("| 5 "))
+    assert "(in-process)" not in line5
+
+
+def test_sweep_closing_line_counts_rows_not_callback_events(grid: Path, capsys):
+    from omegaconf import OmegaConf
+
+    from sdbuild.sweep import SweepCallback
+
+    callback = SweepCallback()  # as with submitit: no job ran in this process, no on_job_end seen
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(grid)}}}))
+    line = capsys.readouterr().out
+    assert "4 rows: 4 ok" in line and "0 jobs" not in line and "report:" in line
