@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from . import results
-from .errors import SpecError
+from .errors import SpecError, problem
 from .results import ERROR_LOG, IMAGE_FILE, RESULT_FILE, Status
 from .spec import CompileMethod, Spec, spec_key, spec_to_dict
 
@@ -114,8 +114,9 @@ def check_resume(resume: Optional[str]) -> Optional[Path]:
         return None
     path = Path(resume).expanduser()
     if not path.is_dir():
-        raise SpecError(f"resume={resume}: no such folder. Give the folder of an earlier sweep "
-                        f"(outputs/multirun/<time>), or leave resume unset to measure everything.")
+        raise SpecError([problem(f"resume={resume}", "no such folder",
+                                 "Give the folder of an earlier sweep (outputs/multirun/<time>), or leave resume "
+                                 "unset to measure everything")])
     return path
 
 
