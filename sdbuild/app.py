@@ -69,11 +69,13 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     folder, and read back its row. The row is composed here first, so a process that dies without
     writing one (a segfault, the OOM killer) still leaves a `failed` row with its spec; an
     interrupted parent stops the child (SIGTERM, then SIGKILL after CHILD_GRACE_S)."""
-    from .job import Interrupted, base_row, environment, write_row
+    from .job import Interrupted, base_row, environment, settle_from_resume, write_row
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    row = base_row(spec, choices, overrides, {**job, "isolated": True})
+    if (settled := settle_from_resume(spec, out_dir, row)) is not None:
+        return settled  # nothing to measure: no process to start
     results.clear_row(out_dir)  # the child's row, or none: never an earlier sweep's
-    row = base_row(spec, choices, overrides, job)
     command = [sys.executable, "-m", "sdbuild", *overrides, "isolate=false", f"hydra.run.dir={out_dir}"]
     log_path = out_dir / results.PROCESS_LOG
     interrupted = None

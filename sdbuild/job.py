@@ -146,6 +146,21 @@ def _reuse(found: Path, old: Dict[str, Any], out_dir: Path, row: Dict[str, Any])
     return old
 
 
+def settle_from_resume(spec: Spec, out_dir: Path, row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The row written without measuring, if any: the earlier measurement `resume=` points at, or an
+    `unsupported` row when that folder does not exist. None: the job must run."""
+    try:
+        resume = check_resume(spec.resume)
+    except SpecError as exc:
+        results.clear_row(out_dir)
+        row.update(status=Status.unsupported.value, error=str(exc), env=environment(None))
+        return write_row(out_dir, row)
+    if resume and (found := find_reusable(resume, row["spec_key"])):
+        log.info("reusing %s (already measured in %s)", " ".join(row["overrides"]), found[0].parent)
+        return write_row(out_dir, _reuse(*found, out_dir, row))
+    return None
+
+
 def base_row(spec: Spec, choices: Dict[str, str], overrides: list[str], job: Dict[str, Any] | None) -> Dict[str, Any]:
     """A `failed` row that already carries the job's spec: whatever happens next, the row says what
     was asked for (composed in the parent for isolate=true, so a crashed child still has it)."""
@@ -177,15 +192,8 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
     out_dir.mkdir(parents=True, exist_ok=True)
     row = base_row(spec, choices, overrides, job)
     label = " ".join(f"{k}={v}" for k, v in results.parse_overrides(overrides).items())
-    try:
-        resume = check_resume(spec.resume)
-    except SpecError as exc:
-        results.clear_row(out_dir)
-        row.update(status=Status.unsupported.value, error=str(exc), env=environment(None))
-        return write_row(out_dir, row)
-    if resume and (found := find_reusable(resume, row["spec_key"])):
-        log.info("reusing %s (already measured in %s)", label, found[0].parent)
-        return write_row(out_dir, _reuse(*found, out_dir, row))
+    if (settled := settle_from_resume(spec, out_dir, row)) is not None:
+        return settled
     results.clear_row(out_dir)  # a row found here later can only be this job's
     load_before = results.machine_load()
     started = time.perf_counter()

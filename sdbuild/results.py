@@ -97,13 +97,25 @@ FIELDS: Dict[str, tuple] = {
 NUMERIC_FIELDS = ("warmup_s", "load_s", "build_s", "peak_memory_mb", "warmup_peak_memory_mb",
                   "peak_memory_reserved_mb", "steps_per_s")
 
-# peak_memory_scope: what peak_memory_mb measured.
+class MemoryScope(str, enum.Enum):
+    """peak_memory_scope: what peak_memory_mb measured."""
+
+    cuda = "cuda"  # CUDA peak allocated during the timed runs
+    process = "process"  # CPU peak resident set of a process that ran only this job
+    shared_process = "shared_process"  # CPU peak resident set of a sweep process that ran earlier jobs too
+
+
 MEMORY_SCOPES = {
-    "cuda": "CUDA peak allocated during the timed runs",
-    "process": "CPU peak resident set of a process that ran only this job",
-    "shared_process": "CPU peak resident set of a sweep process that ran earlier jobs too (includes what they "
-                      "left behind; use isolate=true for sound CPU memory figures)",
+    MemoryScope.cuda: "CUDA peak allocated during the timed runs",
+    MemoryScope.process: "CPU peak resident set of a process that ran only this job",
+    MemoryScope.shared_process: "CPU peak resident set of a sweep process that ran earlier jobs too (includes "
+                                "what they left behind; use isolate=true for sound CPU memory figures)",
 }
+
+
+def shared_memory(row: Dict[str, Any]) -> bool:
+    """Whether the row's peak memory was measured in a process shared with earlier jobs."""
+    return row.get("peak_memory_scope") == MemoryScope.shared_process.value
 
 
 class RowError(ValueError):
@@ -201,6 +213,8 @@ def validate(data: Any) -> Dict[str, Any]:
         raise RowError(f"status {status.value!r} is never written by a job")
     for name in NUMERIC_FIELDS:
         _finite(data.get(name), name)
+    if data.get("peak_memory_scope") is not None and data["peak_memory_scope"] not in {m.value for m in MemoryScope}:
+        raise RowError(f"unknown peak_memory_scope {data['peak_memory_scope']!r}")
     spec = data.get("spec") or {}
     for section in ("run", "model"):
         if spec.get(section) is not None and not isinstance(spec[section], dict):
@@ -340,8 +354,8 @@ def memory_scope(device: Optional[str], isolated_process: bool) -> Optional[str]
     if device is None:
         return None
     if device == "cuda":
-        return "cuda"
-    return "process" if isolated_process else "shared_process"
+        return MemoryScope.cuda.value
+    return (MemoryScope.process if isolated_process else MemoryScope.shared_process).value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import statistics
 import signal
 import subprocess
@@ -129,10 +130,10 @@ import diffusers
 
 original = diffusers.DiffusionPipeline.from_pretrained.__func__
 
-def counted(cls, *args, **kwargs):  # observe (not replace) every pipeline weight load
+def counted(cls, folder, *args, **kwargs):  # observe (not replace) every pipeline weight load
     with open({log!r}, "a") as f:
-        f.write(cls.__name__ + "\\n")
-    return original(cls, *args, **kwargs)
+        f.write(str(folder) + "\\n")
+    return original(cls, folder, *args, **kwargs)
 
 diffusers.DiffusionPipeline.from_pretrained = classmethod(counted)
 sys.argv = ["sdbuild", *sys.argv[1:]]
@@ -140,33 +141,47 @@ runpy.run_module("sdbuild", run_name="__main__", alter_sys=True)
 """
 
 
-def test_swept_fields_failures_and_broken_images_in_one_sweep(tmp_path):
-    """One in-process sweep over plain fields (not groups): run.height=8 fails while running (error.log),
-    guidance 1e38 overflows to a NaN image (broken), the rest is ok; weights are read from disk once."""
+def test_sweep_over_plain_fields_failures_and_broken_images(tmp_path, model_cache):
+    """One in-process sweep over plain fields, not groups (model.path x run.guidance_scale): a model folder
+    with corrupt weights fails while loading (error.log), guidance 1e38 overflows to a NaN image (broken);
+    rows are labelled and grouped by model.path; the good weights are read from disk once for two jobs."""
+    from sdbuild.models import ensure_model
+    from sdbuild.spec import ModelSpec
+
+    tiny = ensure_model(ModelSpec(), str(model_cache))
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    shutil.copytree(tiny, good)
+    shutil.copytree(tiny, bad)
+    (bad / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights" * 100)
     loads = tmp_path / "loads.txt"
     script = tmp_path / "count_loads.py"
     script.write_text(COUNT_LOADS.format(log=str(loads)))
     sweep_dir = tmp_path / "sweep"
     out = subprocess.run([sys.executable, str(script), "--multirun", f"hydra.sweep.dir={sweep_dir}", *FAST,
-                          "run.guidance_scale=7.5,1e38", "run.height=8,64"],
+                          "model=sd15", "run.height=64", "run.width=64", f"model.path={good},{bad}",
+                          "run.guidance_scale=7.5,1e38"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert loads.read_text().splitlines() == ["StableDiffusionPipeline"]  # 4 jobs, one load from disk
-    found = {(r["spec"]["run"]["guidance_scale"], r["spec"]["run"]["height"]): (k, r) for k, r in rows(sweep_dir).items()}
-    assert len(found) == 4
+    found = {(Path(r["spec"]["model"]["path"]).name, r["spec"]["run"]["guidance_scale"]): (k, r)
+             for k, r in rows(sweep_dir).items()}
+    assert len(found) == 4, found.keys()
+    assert loads.read_text().splitlines().count(str(good)) == 1  # two jobs on these weights, one load
     for guidance in (7.5, 1e38):
-        job, row = found[(guidance, 8)]
-        assert row["status"] == "failed" and "error.log" in row["error"]
+        job, row = found[("bad", guidance)]
+        assert row["status"] == "failed" and "error.log" in row["error"], row["error"]
         assert "Traceback" in (sweep_dir / job / "error.log").read_text()
-    assert found[(7.5, 64)][1]["status"] == "ok"
-    job, broken = found[(1e38, 64)]
-    assert broken["status"] == "broken" and "broken image" in broken["error"]
+    ok_job, ok = found[("good", 7.5)]
+    assert ok["status"] == "ok" and ok["peak_memory_scope"] == "shared_process", ok["error"]
+    job, broken = found[("good", 1e38)]
+    assert broken["status"] == "broken" and "broken image" in broken["error"], (broken["error"], broken["image_stats"])
     table = {r["job"]: r for r in csv_rows(sweep_dir)}
-    assert table[job]["speedup"] == "" and table[found[(7.5, 64)][0]]["noisy"] == "1 timed run (< 3)"
+    assert table[job]["speedup"] == "" and table[ok_job]["noisy"] == "1 timed run (< 3)"
+    assert table[ok_job]["baseline"] == "yes" and table[ok_job]["model.path"] == str(good)
     md = (sweep_dir / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| job"))
-    assert "run.guidance_scale" in header and "run.height" in header
-    assert "failed: run.guidance_scale=7.5, run.height=8" in md
+    assert "model.path" in header and "run.guidance_scale" in header
+    assert f"failed: model.path={bad}, run.guidance_scale=7.5" in md
+    assert "2 comparison groups" in md  # each model is compared only with itself
 
 
 def _prepared_row(folder, overrides, status, **fields):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from .. import results
 from .analyse import Sweep, pareto_frontier, usable
 from .render import fmt_speedup, fmt_seconds, median
 
@@ -45,7 +46,7 @@ def _plot_bars(ax: Any, rows: list[dict], omitted: int) -> None:
 
 def _plot_pareto(ax: Any, rows: list[dict]) -> None:
     """Latency vs peak memory scatter with the Pareto frontier as a labelled step line."""
-    shared = any(r.get("peak_memory_scope") == "shared_process" for r in rows)
+    shared = any(results.shared_memory(r) for r in rows)
     ax.set_title("Latency vs peak memory" + (" (CPU memory in-process: includes earlier jobs)" if shared else ""))
     if not rows:
         ax.text(0.5, 0.5, "no peak memory recorded", ha="center", va="center", transform=ax.transAxes)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from .. import results
-from ..results import LATENCY_STATS, MEMORY_SCOPES, MIN_RUNS, NOISY_CV, Status
+from ..results import LATENCY_STATS, MEMORY_SCOPES, MemoryScope, MIN_RUNS, NOISY_CV, Status
 from .analyse import COMPLETED_VALUES, Sweep, usable
 
 CSV_FILE = "results.csv"
@@ -43,7 +43,7 @@ def _fmt_memory(row: dict) -> str:
     v = row["peak_memory_mb"]
     if v is None:
         return DASH
-    return f"{v:.0f}" + (SHARED_MEMORY_MARK if row.get("peak_memory_scope") == "shared_process" else "")
+    return f"{v:.0f}" + (SHARED_MEMORY_MARK if results.shared_memory(row) else "")
 
 
 def _fmt_spread(row: dict) -> str:
@@ -176,8 +176,8 @@ def problem_lines(sweep: Sweep) -> list[str]:
 def note_lines(sweep: Sweep) -> list[str]:
     """Noisy rows, CPU memory measured in a shared process, rows not compared with their baseline's image."""
     lines = [f"{r['label']} (job {r['job']}): noisy: {'; '.join(r['noisy'])}" for r in sweep.rows if r["noisy"]]
-    if any(r.get("peak_memory_scope") == "shared_process" for r in sweep.readable):
-        lines.append(f"peak memory marked{SHARED_MEMORY_MARK}: {MEMORY_SCOPES['shared_process']}")
+    if any(results.shared_memory(r) for r in sweep.readable):
+        lines.append(f"peak memory marked{SHARED_MEMORY_MARK}: {MEMORY_SCOPES[MemoryScope.shared_process]}")
     lines += [f"{r['label']} (job {r['job']}): {r['note']}" for r in sweep.rows if r["note"] and not r["broken"]]
     return lines
 
