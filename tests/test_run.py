@@ -1,6 +1,7 @@
 """The product end to end on CPU: `python -m sdbuild` builds, runs, measures and records."""
 
 import json
+import statistics
 
 import numpy as np
 from PIL import Image
@@ -9,13 +10,18 @@ from conftest import run_cli
 
 
 def test_default_run_records_an_honest_measurement(tmp_path):
-    out = run_cli(f"hydra.run.dir={tmp_path}", "run.repeats=2")
+    out = run_cli(f"hydra.run.dir={tmp_path}", "run.repeats=3")
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads((tmp_path / "result.json").read_text())
     assert row["status"] == "ok" and row["error"] is None
     lat = row["latency_s"]
-    assert len(lat["runs"]) == 2 and all(t > 0 for t in lat["runs"])
+    assert len(lat["runs"]) == 3 and all(t > 0 for t in lat["runs"])
     assert lat["min"] <= lat["median"] <= lat["max"] and lat["min"] <= lat["p90"] <= lat["max"]
+    # which statistic: three real timings, whose median and mean differ
+    assert lat["median"] == statistics.median(lat["runs"]) and lat["mean"] == statistics.fmean(lat["runs"])
+    assert lat["cv"] == statistics.stdev(lat["runs"]) / statistics.fmean(lat["runs"])
+    assert row["peak_memory_scope"] == "process"  # a single run: its own process
+    assert row["machine_load"]["before"]["cpu_count"] and isinstance(row["machine_load"]["busy"], bool)
     assert row["warmup_s"] > 0 and row["peak_memory_mb"] > 0 and row["load_s"] > 0
     assert row["spec"]["run"]["steps"] == 50 and row["choices"]["precision"] == "fp32"
     env = row["env"]

@@ -126,6 +126,7 @@ def test_interrupted_sweep_keeps_its_rows_and_resume_measures_only_the_rest(tmp_
 
 COUNT_LOADS = """
 import runpy, sys
+sys.path.insert(0, {root!r})  # this checkout's sdbuild, as `python -m sdbuild` from its root would run
 import diffusers
 
 original = diffusers.DiffusionPipeline.from_pretrained.__func__
@@ -155,7 +156,7 @@ def test_sweep_over_plain_fields_failures_and_broken_images(tmp_path, model_cach
     (bad / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights" * 100)
     loads = tmp_path / "loads.txt"
     script = tmp_path / "count_loads.py"
-    script.write_text(COUNT_LOADS.format(log=str(loads)))
+    script.write_text(COUNT_LOADS.format(log=str(loads), root=str(ROOT)))
     sweep_dir = tmp_path / "sweep"
     out = subprocess.run([sys.executable, str(script), "--multirun", f"hydra.sweep.dir={sweep_dir}", *FAST,
                           "model=sd15", "run.height=64", "run.width=64", f"model.path={good},{bad}",
