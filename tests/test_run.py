@@ -4,6 +4,7 @@ import json
 import statistics
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import run_cli
@@ -18,8 +19,9 @@ def test_default_run_records_an_honest_measurement(tmp_path):
     assert len(lat["runs"]) == 3 and all(t > 0 for t in lat["runs"])
     assert lat["min"] <= lat["median"] <= lat["max"] and lat["min"] <= lat["p90"] <= lat["max"]
     # which statistic: three real timings, whose median and mean differ
-    assert lat["median"] == statistics.median(lat["runs"]) and lat["mean"] == statistics.fmean(lat["runs"])
-    assert lat["cv"] == statistics.stdev(lat["runs"]) / statistics.fmean(lat["runs"])
+    assert lat["median"] == statistics.median(lat["runs"])
+    assert lat["mean"] == pytest.approx(statistics.fmean(lat["runs"]), rel=1e-12)
+    assert lat["cv"] == pytest.approx(statistics.stdev(lat["runs"]) / statistics.fmean(lat["runs"]), rel=1e-12)
     assert row["peak_memory_scope"] == "process"  # a single run: its own process
     assert row["machine_load"]["before"]["cpu_count"] and isinstance(row["machine_load"]["busy"], bool)
     assert row["warmup_s"] > 0 and row["peak_memory_mb"] > 0 and row["load_s"] > 0
