@@ -537,3 +537,22 @@ def test_sweep_closing_line_counts_rows_not_callback_events(grid: Path, capsys):
     callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(grid)}}}))
     line = capsys.readouterr().out
     assert "4 rows: 4 ok" in line and "0 jobs" not in line and "report:" in line
+
+
+def test_sweeps_side_by_side_matched_by_spec(tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_job(a, "0", precision="fp32", median=2.0, spec_key="k-fp32")
+    write_job(a, "1", precision="bf16", median=1.0, spec_key="k-bf16")
+    write_job(b, "0", precision="bf16", median=0.5, spec_key="k-bf16")  # other job numbers, same specs
+    write_job(b, "1", precision="fp32", median=1.0, spec_key="k-fp32", runs=[1.0])
+    write_job(b, "2", precision="fp16", median=0.4, spec_key="k-fp16")
+    out = tmp_path / "cmp.csv"
+    proc = subprocess.run([sys.executable, "-m", "sdbuild.report", str(a), str(b), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    table = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.splitlines() if line.startswith("| precision")}
+    assert table["precision=bf16"].endswith("| 1.0000 | 0.5000 | x2.00 |")
+    assert table["precision=fp32"].endswith("| 2.0000 | 1.0000 (noisy) | x2.00 |")
+    assert table["precision=fp16"].endswith("| — | 0.4000 | — |")
+    with open(out) as f:
+        assert len(list(csv.DictReader(f))) == 3

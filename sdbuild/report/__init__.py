@@ -8,7 +8,8 @@ plus, usually, the image it made. The report is four steps, one module each:
 - :mod:`.analyse`: group rows of the same model and workload, find each group's baseline from the
   typed spec, compute speed-ups (medians) and image fidelity, flag broken and noisy rows;
 - :mod:`.render`: results.csv, report.md and index.html;
-- :mod:`.plot`: latency.png.
+- :mod:`.plot`: latency.png;
+- :mod:`.compare`: several sweeps side by side (``python -m sdbuild.report A B ...``).
 
 It imports neither torch, diffusers nor hydra (matplotlib only when plotting), so a sweep can be
 reported anywhere, e.g. on a laptop after copying the folder back::
@@ -66,9 +67,23 @@ def aggregate(sweep_dir: str | Path) -> Path:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m sdbuild.report SWEEP_DIR``: write the report, print a summary; 2 when there is nothing to report."""
     parser = argparse.ArgumentParser(prog="python -m sdbuild.report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", help="folder holding <job>/result.json files")
+    parser.add_argument("sweep_dir", nargs="+", help="folder holding <job>/result.json files; several: compare them "
+                        "side by side (matched by resolved spec)")
+    parser.add_argument("--out", help="with several sweeps: also write the comparison as CSV to this file")
     args = parser.parse_args(argv)
-    root = Path(args.sweep_dir)
+    for folder in args.sweep_dir:
+        if not Path(folder).is_dir():
+            print(f"sdbuild.report: no such folder: {folder}", file=sys.stderr)
+            return 2
+    if len(args.sweep_dir) > 1:
+        from .compare import compare, render, write_csv as write_comparison
+
+        sweeps, lines = compare(args.sweep_dir)
+        print(render(sweeps, lines), end="")
+        if args.out:
+            print(f"csv: {write_comparison(sweeps, lines, Path(args.out))}")
+        return 0
+    root = Path(args.sweep_dir[0])
     if not root.is_dir():
         print(f"sdbuild.report: no such folder: {root}", file=sys.stderr)
         return 2
