@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import needs_packages
 
 from sdbuild import report, results
 from sdbuild.report.analyse import BASELINE_NAME
@@ -556,3 +559,43 @@ def test_sweeps_side_by_side_matched_by_spec(tmp_path: Path):
     assert table["precision=fp16"].endswith("| — | 0.4000 | — |")
     with open(out) as f:
         assert len(list(csv.DictReader(f))) == 3
+
+
+# --- the HTML page in a real browser -------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@needs_packages("playwright")
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs a Chromium browser: apt-get install chromium")
+def test_index_html_in_a_real_browser(grid: Path):
+    """Every row is in the table, every image and the plot load, and the console shows no error."""
+    from playwright.sync_api import sync_playwright
+
+    write_plan(grid, [[f"precision={p}", f"attention={a}"] for p in ("fp32", "fp16") for a in ("classic", "sdpa")]
+               + [["precision=bf16", "attention=classic"]])  # job 4 planned, never ran: a missing row
+    report.aggregate(grid)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("requestfailed", lambda req: errors.append(f"failed: {req.url}"))
+            page.goto((grid / "index.html").as_uri())
+            for img in page.locator("img").all():
+                img.scroll_into_view_if_needed()
+            page.wait_for_load_state("networkidle")
+            jobs = page.eval_on_selector_all("table tr td:first-child", "cells => cells.map(c => c.textContent)")
+            images = page.eval_on_selector_all(
+                "img", "imgs => imgs.map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+        finally:
+            browser.close()
+    assert jobs == ["0", "1", "2", "3", "4"]
+    assert sorted(src for src, _ in images) == ["0/image.png", "1/image.png", "2/image.png", "3/image.png",
+                                                "latency.png"]
+    assert all(loaded for _, loaded in images), images
+    assert errors == []
