@@ -438,7 +438,12 @@ def varying_keys(rows: Sequence[Dict[str, Any]]) -> List[str]:
     keys: Dict[str, None] = {}
     for v in values:
         keys.update(dict.fromkeys(v))
-    return [k for k in keys if len({v.get(k) for v in values}) > 1]
+
+    def known(row: Dict[str, Any], value: Dict[str, Any], key: str) -> bool:
+        # A planned job with no row has overrides but no choices: its choices are unknown, not different.
+        return bool(row.get("choices")) or key in value
+
+    return [k for k in keys if len({v.get(k) for r, v in zip(rows, values) if known(r, v, k)}) > 1]
 
 
 def labels(rows: Sequence[Dict[str, Any]]) -> List[str]:

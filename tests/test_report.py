@@ -437,6 +437,8 @@ def test_planned_jobs_without_a_row_are_missing(tmp_path: Path):
     assert "missing: job 5 (precision=fp16 attention=sdpa)" in problems
     assert rows["5"]["precision"] == "" and "precision=fp16" in rows["5"]["overrides"]
     assert "precision=fp16" in (tmp_path / "index.html").read_text()
+    header = next(l for l in md.splitlines() if l.startswith("| job"))
+    assert "memory_format" not in header and "precision" in header  # unknown choices do not vary
 
 
 def test_rows_outside_the_plan_or_of_another_sweep_are_not_mixed_in(tmp_path: Path):

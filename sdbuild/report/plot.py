@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Any
 
 from .. import results
@@ -28,7 +29,7 @@ def render_plot(sweep: Sweep) -> bytes:
 
 def _plot_bars(ax: Any, rows: list[dict], omitted: int) -> None:
     """Horizontal bars of median latency, first row on top, the baseline highlighted."""
-    title = "Median latency" + (f" (broken rows omitted: {omitted})" if omitted else "") + (" [noisy rows marked]" if any(r["noisy"] for r in rows) else "")
+    title = "Median latency" + (f" (broken rows omitted: {omitted})" if omitted else "") + ("\n(noisy rows marked)" if any(r["noisy"] for r in rows) else "")
     ax.set_title(title)
     if not rows:
         ax.text(0.5, 0.5, "no completed rows", ha="center", va="center", transform=ax.transAxes)
@@ -36,7 +37,7 @@ def _plot_bars(ax: Any, rows: list[dict], omitted: int) -> None:
     medians = [median(r) for r in rows]
     colours = ["tab:orange" if r["is_baseline"] else "tab:blue" for r in rows]
     ax.barh(range(len(rows)), medians, color=colours)
-    ax.set_yticks(range(len(rows)), [r["label"] + (" (noisy)" if r["noisy"] else "") for r in rows], fontsize=8)
+    ax.set_yticks(range(len(rows)), [_wrap(r["label"] + (" (noisy)" if r["noisy"] else "")) for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds (orange: baseline)")
     ax.margins(x=0.25)  # room for the value labels
@@ -47,7 +48,7 @@ def _plot_bars(ax: Any, rows: list[dict], omitted: int) -> None:
 def _plot_pareto(ax: Any, rows: list[dict]) -> None:
     """Latency vs peak memory scatter with the Pareto frontier as a labelled step line."""
     shared = any(results.shared_memory(r) for r in rows)
-    ax.set_title("Latency vs peak memory" + (" (CPU memory in-process: includes earlier jobs)" if shared else ""))
+    ax.set_title("Latency vs peak memory" + ("\n(CPU memory in-process: includes earlier jobs)" if shared else ""))
     if not rows:
         ax.text(0.5, 0.5, "no peak memory recorded", ha="center", va="center", transform=ax.transAxes)
         return
@@ -57,8 +58,13 @@ def _plot_pareto(ax: Any, rows: list[dict]) -> None:
     xs, ys = [points[i][1] for i in front], [points[i][0] for i in front]
     ax.step(xs, ys, where="post", color="tab:red", label="Pareto frontier (fastest within memory)", zorder=1)
     for i in front:
-        ax.annotate(rows[i]["label"], (points[i][1], points[i][0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(_wrap(rows[i]["label"]), (points[i][1], points[i][0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.margins(x=0.2, y=0.1)  # room for the point labels
     ax.set_xlabel("peak memory (MB)")
     ax.set_ylabel("median latency (s)")
     ax.legend(fontsize=8)
+
+
+def _wrap(label: str, width: int = 36) -> str:
+    """Long labels (many varying overrides) on several lines, so the axes keep their room."""
+    return textwrap.fill(label, width, break_long_words=False, break_on_hyphens=False) or label
