@@ -8,6 +8,7 @@ atomic write, the broken-image rule) is owned by `sdbuild.results`; this module 
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -33,6 +34,7 @@ class Interrupted(KeyboardInterrupt):
         self.signame = signame
 
 
+@functools.lru_cache(maxsize=None)  # fixed for the life of the process: read once, not once per sweep job
 def _version(package: str) -> Optional[str]:
     try:
         return metadata.version(package)
@@ -40,6 +42,7 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_name() -> str:
     """The CPU model (from /proc/cpuinfo on Linux), else the architecture."""
     try:
