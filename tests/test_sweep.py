@@ -182,7 +182,8 @@ def test_sweep_over_plain_fields_failures_and_broken_images(tmp_path, model_cach
     header = next(line for line in md.splitlines() if line.startswith("| job"))
     assert "model.path" in header and "run.guidance_scale" in header
     assert f"failed: model.path={bad}, run.guidance_scale=7.5" in md
-    assert "2 comparison groups" in md  # each model is compared only with itself
+    # model and guidance are workload: each (model, guidance) pair is compared only with itself
+    assert "4 comparison groups" in md and f"model sd15 ({good})" in md and f"model sd15 ({bad})" in md
 
 
 def _prepared_row(folder, overrides, status, **fields):
