@@ -175,6 +175,9 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
     except Exception as exc:
         row.update(status="failed", error=_failure_reason(exc))
         (out_dir / "error.log").write_text(traceback.format_exc())
+        from .measure import fatal_cuda_error
+
+        row["fatal_cuda_error"] = fatal_cuda_error(exc)  # later jobs need a fresh process
     finally:
         row["env"] = environment(device)
         row["job"]["wall_s"] = time.perf_counter() - started
@@ -221,11 +224,14 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     counters_before = inductor_counters()
     pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
     m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
-                label=label, show_progress=show_progress)
+                label=label, show_progress=show_progress, max_warmup=getattr(spec.run, "max_warmup", None))
     fields: Dict[str, Any] = dict(
         latency_s=m.latency(), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
         load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb,
         compile_cache=compile_cache_stats(spec, counters_before),
+        warmup_calls=m.warmup_calls, steady=m.steady, unsteady_reason=m.unsteady_reason,
+        warmup_peak_memory_mb=m.warmup_peak_memory_mb, peak_memory_reserved_mb=m.peak_memory_reserved_mb,
+        steps_per_s=m.steps_per_s(), attention_kernel=info.attention_kernel, build_notes=info.notes,
     )
     if spec.run.save_image and m.images is not None:
         fields["image_stats"] = save_image(m.images, out_dir / IMAGE)
