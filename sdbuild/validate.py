@@ -82,7 +82,7 @@ def _unmet(req: Requirement, device: str, machine: Machine) -> Optional[str]:
     """What this machine lacks for `req` (said as "but ..."), or None if all is there."""
     if req.cuda and device != "cuda":
         return "this machine has no CUDA GPU" if not machine.cuda else "the run is on the CPU (run.device=cpu)"
-    if req.min_capability and device == "cuda" and machine.capability < req.min_capability:
+    if req.min_capability and device == "cuda" and machine.capability is not None and machine.capability < req.min_capability:
         return "%s is %d.%d" % ((machine.device_name,) + machine.capability)
     if req.package and req.package not in machine.packages:
         return f"`{req.package}` is not installed"
