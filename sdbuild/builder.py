@@ -97,6 +97,9 @@ def _attention_step(pipe, spec: Spec, device: str, info: BuildInfo) -> None:
     info.attention_kernel = apply_attention(pipe, spec)
     info.notes += [f"attention: {name} not pinned to {spec.attention.sdpa_backend.name} ({why})"
                    for name, why in info.attention_kernel.get("unpinned", {}).items()]
+    if info.attention_kernel.get("xformers_kernels_loaded") is False:
+        info.notes.append("attention=xformers: xformers' own compiled kernels did not load (built for another "
+                          f"torch); its ops run {info.attention_kernel.get('xformers_op')} instead")
 
 
 def _compile_step(pipe, spec: Spec, device: str, info: BuildInfo) -> None:

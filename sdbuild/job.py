@@ -140,6 +140,11 @@ def release_memory() -> None:
         pass
 
 
+# After a CUDA error that poisons this process (sdbuild.measure.fatal_cuda_error), every later job
+# runs in a fresh process, as isolate=true does.
+_PROCESS = {"cuda_poisoned": False}
+
+
 def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[str],
             job: Dict[str, Any] | None = None, show_progress: bool = True, reuse_weights: bool = False) -> Dict[str, Any]:
     """Build, run and measure `spec`; write `out_dir/result.json` and return the row."""
@@ -157,6 +162,11 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
         row = _reuse(found, out_dir, row)  # keeps the measurement's own env
         write_json_atomic(out_dir / RESULT, row)
         return row
+    if _PROCESS["cuda_poisoned"]:
+        from .app import run_in_fresh_process
+
+        log.warning("an earlier job hit a fatal CUDA error: running %s in a fresh process", label)
+        return run_in_fresh_process(overrides, out_dir, choices, row["job"])
     started = time.perf_counter()
     device = None
     try:
@@ -177,7 +187,8 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
         (out_dir / "error.log").write_text(traceback.format_exc())
         from .measure import fatal_cuda_error
 
-        row["fatal_cuda_error"] = fatal_cuda_error(exc)  # later jobs need a fresh process
+        row["fatal_cuda_error"] = fatal_cuda_error(exc)
+        _PROCESS["cuda_poisoned"] |= row["fatal_cuda_error"]
     finally:
         row["env"] = environment(device)
         row["job"]["wall_s"] = time.perf_counter() - started

@@ -134,18 +134,19 @@ def test_sdpa_fused_with_the_tiny_vae_fuses_the_unet_only(tiny_fp32):
 
 
 def test_offload_is_installed_after_attention_fusion_and_channels_last(monkeypatch):
-    seen = {}
+    """`place` (where offload hooks go) runs once, and sees the modules already final."""
+    seen = []
     real_place = builder.place
 
     def watching_place(pipe, spec, device):
-        seen["processors"] = {type(a.processor) for _, a in attention_modules(pipe.unet)}
-        seen["channels_last"] = pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-        seen["slicing"] = pipe.vae.use_slicing
+        seen.append({"processors": {type(a.processor) for _, a in attention_modules(pipe.unet)},
+                     "channels_last": pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
+                     "slicing": pipe.vae.use_slicing})
         real_place(pipe, spec, device)
 
     monkeypatch.setattr(builder, "place", watching_place)
     build_pipeline(spec_of("attention=sdpa_fused", "memory_format=channels_last", "memory=vae_slicing"), "cpu")
-    assert seen == {"processors": {FusedAttnProcessor2_0}, "channels_last": True, "slicing": True}
+    assert seen == [{"processors": {FusedAttnProcessor2_0}, "channels_last": True, "slicing": True}]
 
 
 # Validation on a CUDA machine (before weights load) ------------------------------------------------
@@ -215,7 +216,7 @@ def test_warmup_runs_until_steady_and_peak_memory_excludes_it(tiny_fp32):
     """A UNet compiled by TorchDynamo (eager backend: no C++ build) compiles in the first warmup
     call, so one more warmup call runs; a 300 MB allocation made in the first warmup call only
     shows in the warmup peak, not in the timed runs' peak."""
-    spec = spec_of("run.steps=3")
+    spec = spec_of("run.steps=2")
     pipe = copy.deepcopy(tiny_fp32)
     pipe.unet.compile(backend="eager")
     calls = []
@@ -243,6 +244,16 @@ def test_warmup_runs_until_steady_and_peak_memory_excludes_it(tiny_fp32):
     m = measure(pipe, lambda: call_kwargs(spec, pipe, "cpu"), "cpu", warmup=1, repeats=1, show_progress=False,
                 max_warmup=1)
     assert m.warmup_calls == 1 and not m.steady and "cap 1" in m.unsteady_reason
+
+
+@pytest.mark.slow
+def test_compile_inductor_is_steady_after_warmup():
+    """compile=inductor on the tiny model, end to end: the first warmup call compiles, warmup goes on
+    until a call compiles nothing, and the timed run is steady."""
+    spec = spec_of("compile=inductor", "run.warmup=1")
+    pipe, _ = build_pipeline(spec, "cpu")
+    m = measure(pipe, lambda: call_kwargs(spec, pipe, "cpu"), "cpu", warmup=1, repeats=1, show_progress=False)
+    assert m.warmup_calls >= 2 and m.steady, (m.warmup_calls, m.unsteady_reason)
 
 
 def test_fatal_cuda_errors_are_told_from_out_of_memory():
@@ -314,3 +325,26 @@ def test_gpu_proof_runs_in_cpu_mode(tmp_path):
     assert "failed" not in statuses.values()
     assert "[ok] versions" in (tmp_path / "preflight.log").read_text()
     assert (tmp_path / "sweeps/seed/report.md").exists()
+
+
+# 9. A CUDA error that poisons the process: the row says so, later jobs run in a fresh process -----
+
+
+@pytest.mark.slow
+def test_a_poisoning_cuda_error_sends_later_jobs_to_a_fresh_process(tmp_path, monkeypatch):
+    from sdbuild import job
+
+    monkeypatch.setattr(job, "_PROCESS", {"cuda_poisoned": False})
+    overrides = ["run.steps=1", "run.warmup=0", "run.repeats=1", "run.save_image=false"]
+    spec = spec_of(*overrides)
+
+    def illegal_address(*args, **kwargs):  # what the first kernel after a bad launch raises on a GPU
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builder, "build_pipeline", illegal_address)
+        first = job.run_job(spec, tmp_path / "0", {}, overrides, job={"num": 0})
+    assert first["status"] == "failed" and first["fatal_cuda_error"] is True
+    second = job.run_job(spec, tmp_path / "1", {}, overrides, job={"num": 1})
+    assert second["status"] == "ok" and second["job"]["isolated"] is True
+    assert second["env"]["pid"] != os.getpid()
