@@ -3,11 +3,13 @@
 The order is fixed and each step only does what its config group says:
 
 1. ``set_global_switches``  TF32 / cuDNN flags and compiler caches, set explicitly every build
-2. ``load``                 weights loaded directly in the precision's dtype (and quantized)
-3. ``place``                moved to the device, or offloaded (``memory`` group)
-4. ``apply_attention``      attention processor, SDPA kernel, fused QKV, slicing
-5. ``apply_memory_format``  channels-last conv weights
-6. ``apply_vae_memory``     VAE slicing / tiling
+2. ``load``                 weights loaded directly in the precision's dtype (and quantized);
+                            SDXL's VAE kept in fp32 under fp16 (``upcast_sdxl_vae``)
+3. ``apply_attention``      attention processor, fused QKV, slicing, SDPA kernel pin
+4. ``apply_memory_format``  channels-last conv weights
+5. ``apply_vae_memory``     VAE slicing / tiling
+6. ``place``                moved to the device, or offloaded (``memory`` group): after every
+                            change to the modules, which offload hooks would otherwise undo
 7. ``apply_compile``        torch.jit.trace or torch.export (AOTInductor) of the UNet, or
                             torch.compile of the chosen modules
 
@@ -21,9 +23,9 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -33,6 +35,7 @@ from .spec import (
     AttentionProcessor,
     CompileMethod,
     CompileTarget,
+    Dtype,
     MemoryFormat,
     ModelFamily,
     Offload,
@@ -41,6 +44,7 @@ from .spec import (
     Spec,
     VaeKind,
 )
+from .errors import SpecError, problem
 from .validate import validate
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ class BuildInfo:
     device: str
     load_s: float = 0.0
     build_s: float = 0.0  # everything after loading, including tracing (not lazy torch.compile)
+    attention_kernel: Dict[str, Any] = field(default_factory=dict)  # what attention runs, per module
+    notes: List[str] = field(default_factory=list)  # decisions the user should see (row: build_notes)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -66,7 +72,7 @@ def build(spec: Spec) -> Any:
 
 
 def build_pipeline(spec: Spec, device: str | None = None, reuse_weights: bool = False):
-    """Like `build`, also returning `BuildInfo` (device, load and build time).
+    """Like `build`, also returning `BuildInfo` (device, load and build time, attention, notes).
 
     `reuse_weights` (sweeps): keep the last freshly loaded pipeline in memory and hand out deep
     copies of it, so a sweep reads a model's weights from disk once per dtype, and every job still
@@ -77,16 +83,40 @@ def build_pipeline(spec: Spec, device: str | None = None, reuse_weights: bool = 
     set_global_switches(spec)
     start = time.perf_counter()
     pipe = load_reusing(spec) if reuse_weights else load(spec)
+    info.notes += upcast_sdxl_vae(pipe, spec)
     info.load_s = time.perf_counter() - start
     start = time.perf_counter()
-    place(pipe, spec, device)
-    apply_attention(pipe, spec)
-    apply_memory_format(pipe, spec)
-    apply_vae_memory(pipe, spec)
-    apply_compile(pipe, spec, device)
+    for step in BUILD_STEPS:
+        step(pipe, spec, device, info)
     info.build_s = time.perf_counter() - start
     pipe.set_progress_bar_config(disable=True)  # measurement shows its own progress
     return pipe, info
+
+
+def _attention_step(pipe, spec: Spec, device: str, info: BuildInfo) -> None:
+    info.attention_kernel = apply_attention(pipe, spec)
+    info.notes += [f"attention: {name} not pinned to {spec.attention.sdpa_backend.name} ({why})"
+                   for name, why in info.attention_kernel.get("unpinned", {}).items()]
+    if info.attention_kernel.get("xformers_kernels_loaded") is False:
+        info.notes.append("attention=xformers: xformers' own compiled kernels did not load (built for another "
+                          f"torch); its ops run {info.attention_kernel.get('xformers_op')} instead")
+
+
+def _compile_step(pipe, spec: Spec, device: str, info: BuildInfo) -> None:
+    info.notes += apply_compile(pipe, spec, device, info.attention_kernel)
+
+
+# The order the loaded pipeline is changed in. Offload (`place`) comes after every change to the
+# modules (fused QKV needs real weights, not sequential offload's `meta` ones; channels-last must
+# be in place before offload copies the weights), and before the compile step, which traces or
+# exports on the device.
+BUILD_STEPS = (
+    _attention_step,
+    lambda pipe, spec, device, info: apply_memory_format(pipe, spec),
+    lambda pipe, spec, device, info: apply_vae_memory(pipe, spec),
+    lambda pipe, spec, device, info: place(pipe, spec, device),
+    _compile_step,
+)
 
 
 # 1. Global switches ----------------------------------------------------------------------------
@@ -94,6 +124,9 @@ def build_pipeline(spec: Spec, device: str | None = None, reuse_weights: bool = 
 
 def set_global_switches(spec: Spec) -> None:
     """Set every process-wide flag the spec depends on, so nothing leaks in from an earlier build."""
+    # Compiler caches first: TorchDynamo and Inductor are imported by what follows (and read their
+    # environment once, at import); where they are already imported, their config is set directly.
+    set_inductor_caches(spec.compile.cache_dir)
     tf32 = spec.precision.tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
@@ -101,21 +134,40 @@ def set_global_switches(spec: Spec) -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = False
     torch.compiler.reset()  # drop dynamo caches and compiled graphs of earlier builds
-    # Inductor's persistent caches (FX graph + AOTAutograd) for warm starts across processes: in
-    # the spec's folder, or as the process started (an earlier job's folder must not stick).
+
+
+_INDUCTOR_ENV_AT_START = {name: os.environ.get(name) for name in
+                          ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
+_CACHE_CONFIG_AT_START: Dict[str, bool] = {}  # Inductor's cache switches as this process had them
+
+
+def set_inductor_caches(cache_dir: Optional[str]) -> None:
+    """Inductor's persistent caches (FX graph + AOTAutograd) for warm starts across processes: in
+    `cache_dir`, or as the process started (an earlier job's folder must not stick).
+
+    The environment variables reach a process that has not imported Inductor yet (and the
+    subprocesses Inductor starts); Inductor reads the cache folder from the environment at each
+    use, but its on/off switches only at import, so where its config is loaded already they are
+    set on the config itself."""
+    import sys
+
     for name, value in _INDUCTOR_ENV_AT_START.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    if spec.compile.cache_dir:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(os.path.expanduser(spec.compile.cache_dir))
+    if cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(os.path.expanduser(cache_dir))
         os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
         os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
+    if "torch._inductor.config" in sys.modules:
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
 
-
-_INDUCTOR_ENV_AT_START = {name: os.environ.get(name) for name in
-                          ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
+        if not _CACHE_CONFIG_AT_START:
+            _CACHE_CONFIG_AT_START.update(fx=inductor_config.fx_graph_cache, aot=functorch_config.enable_autograd_cache)
+        inductor_config.fx_graph_cache = True if cache_dir else _CACHE_CONFIG_AT_START["fx"]
+        functorch_config.enable_autograd_cache = True if cache_dir else _CACHE_CONFIG_AT_START["aot"]
 
 
 def global_switches() -> Dict[str, Any]:
@@ -242,6 +294,19 @@ def run_vae_in(pipe, dtype: torch.dtype) -> None:
     first.register_forward_pre_hook(cast_input)
 
 
+def upcast_sdxl_vae(pipe, spec: Spec) -> List[str]:
+    """SDXL's VAE overflows in fp16, so diffusers casts it to fp32 and back inside every call
+    (`force_upcast`), which also re-records CUDA graphs each call. Under precision=fp16 with no
+    VAE dtype chosen, sdbuild keeps the VAE in fp32 once, at build time, and says so."""
+    if (spec.model.family is ModelFamily.sdxl and spec.precision.dtype is Dtype.fp16
+            and spec.precision.vae_dtype is None and spec.vae.kind is VaeKind.full
+            and getattr(pipe.vae.config, "force_upcast", False)):
+        run_vae_in(pipe, torch.float32)
+        return ["VAE kept in float32: SDXL's VAE overflows in fp16, and diffusers would otherwise upcast it "
+                "inside every call (force_upcast). Set precision.vae_dtype to choose otherwise"]
+    return []
+
+
 # 3. Device / offload ---------------------------------------------------------------------------
 
 
@@ -262,42 +327,148 @@ def place(pipe, spec: Spec, device: str) -> None:
 
 # 4. Attention ----------------------------------------------------------------------------------
 
+# Largest head dim each pinnable SDPA kernel takes on CUDA (PyTorch's sdp_utils checks: FlashAttention-2
+# up to 256; cuDNN's fused attention is held to 128 here, the limit of the cuDNN 9 releases PyTorch
+# ships with on pre-Blackwell cards). Math and memory-efficient take any head dim. The GPU proof's
+# preflight prints the kernel x head-dim x dtype matrix of the card it runs on.
+MAX_HEAD_DIM = {SdpaBackend.flash: 256, SdpaBackend.cudnn: 128}
 
-def kernel_pinned_processor(backend: SdpaBackend):
-    """AttnProcessor2_0 that runs scaled_dot_product_attention under `sdpa_kernel(backend)`."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+
+def head_dim(attn) -> int:
+    """Per-head width of a diffusers `Attention` module (the VAE's mid-block: one head of 512)."""
+    return attn.inner_dim // attn.heads
+
+
+# FlashAttention and cuDNN run fp16/bf16 only; math and memory-efficient also fp32.
+HALF_ONLY = (SdpaBackend.flash, SdpaBackend.cudnn)
+
+
+def kernel_takes(backend: SdpaBackend, dim: int, dtype: torch.dtype) -> Optional[str]:
+    """Why the pinned kernel `backend` cannot run attention with heads of width `dim` in `dtype`
+    (None: it can)."""
+    if dim > MAX_HEAD_DIM.get(backend, dim):
+        return f"head dim {dim} > {MAX_HEAD_DIM[backend]}, the most {backend.name} takes"
+    if backend in HALF_ONLY and dtype not in (torch.float16, torch.bfloat16):
+        return f"{backend.name} does not run {str(dtype).replace('torch.', '')}"
+    return None
+
+
+def _pinned_class(base: type, backend: SdpaBackend) -> type:
+    """`base` (AttnProcessor2_0 or FusedAttnProcessor2_0) running its SDPA call under
+    `sdpa_kernel(backend)`: the same processor, with PyTorch allowed only that kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     pinned = getattr(SDPBackend, backend.value)
 
-    class KernelPinnedAttnProcessor(AttnProcessor2_0):
+    class KernelPinned(base):
+        sdpa_backend = backend
+
         def __call__(self, *args, **kwargs):
             with sdpa_kernel(pinned):
                 return super().__call__(*args, **kwargs)
 
-    return KernelPinnedAttnProcessor()
+    KernelPinned.__name__ = KernelPinned.__qualname__ = "KernelPinned" + base.__name__.replace("2_0", "")
+    return KernelPinned
 
 
-def apply_attention(pipe, spec: Spec) -> None:
-    """Set the attention implementation of the UNet and the VAE (the text encoder is transformers')."""
+def kernel_pinned_processor(backend: SdpaBackend, fused: bool = False):
+    """An SDPA processor (fused QKV or not) pinned to `backend`."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+    return _pinned_class(FusedAttnProcessor2_0 if fused else AttnProcessor2_0, backend)()
+
+
+def attention_modules(module):
+    """The diffusers `Attention` blocks of `module`, by name."""
+    from diffusers.models.attention_processor import Attention
+
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, Attention)]
+
+
+def pin_sdpa(module, backend: SdpaBackend, fused: bool) -> list[str]:
+    """Pin every attention block of `module` that the kernel can run; the others keep PyTorch's
+    own choice. Returns why blocks were left unpinned (empty: the whole module is pinned)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+    pinned = kernel_pinned_processor(backend, fused)
+    plain = FusedAttnProcessor2_0() if fused else AttnProcessor2_0()
+    left = set()
+    for _, attn in attention_modules(module):
+        why = kernel_takes(backend, head_dim(attn), attn.to_out[0].weight.dtype)
+        attn.set_processor(plain if why else pinned)
+        if why:
+            left.add(why)
+    return sorted(left)
+
+
+def _fuse_qkv(pipe) -> list[str]:
+    """diffusers' fused QKV projections on the UNet, and on the VAE where it has them (AutoencoderKL;
+    AutoencoderTiny has no attention to fuse)."""
+    from diffusers import AutoencoderKL
+
+    fuse_vae = isinstance(pipe.vae, AutoencoderKL)
+    pipe.fuse_qkv_projections(unet=True, vae=fuse_vae)
+    return ["unet", "vae"] if fuse_vae else ["unet"]
+
+
+def apply_attention(pipe, spec: Spec) -> Dict[str, Any]:
+    """Set the attention implementation of the UNet and the VAE (the text encoder is transformers').
+
+    Returns what the pipeline will run, recorded in the row as `attention_kernel`: a pinned SDPA
+    kernel is pinned only on the attention blocks that kernel can run (the UNet; the VAE's
+    512-wide head is beyond FlashAttention and cuDNN), and the record names every module left
+    to PyTorch's choice, so a row never claims a kernel that did not run.
+    """
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     att = spec.attention
-    modules = [m for m in (pipe.unet, pipe.vae) if hasattr(m, "set_attn_processor")]
+    modules = {name: m for name, m in (("unet", pipe.unet), ("vae", pipe.vae)) if hasattr(m, "set_attn_processor")}
+    record: Dict[str, Any] = {"processor": att.processor.name, "requested": att.sdpa_backend.name,
+                              "fused_qkv": att.fuse_qkv, "pinned_modules": [], "unpinned": {}}
     if att.processor is AttentionProcessor.classic:
-        for m in modules:
+        for m in modules.values():
             m.set_attn_processor(AttnProcessor())
     elif att.processor is AttentionProcessor.sdpa:
-        pinned = att.sdpa_backend is not SdpaBackend.auto
-        for m in modules:
-            m.set_attn_processor(kernel_pinned_processor(att.sdpa_backend) if pinned else AttnProcessor2_0())
+        for m in modules.values():
+            m.set_attn_processor(AttnProcessor2_0())
     elif att.processor is AttentionProcessor.xformers:
         pipe.enable_xformers_memory_efficient_attention()
+        record.update(xformers_kernels())
     if att.slice_size is not None:
         size = int(att.slice_size) if str(att.slice_size).isdigit() else att.slice_size
         pipe.enable_attention_slicing(size)
     if att.fuse_qkv:
-        pipe.fuse_qkv_projections()
+        record["fused_modules"] = _fuse_qkv(pipe)  # installs FusedAttnProcessor2_0, unpinned
+    if att.processor is AttentionProcessor.sdpa and att.sdpa_backend is not SdpaBackend.auto:
+        # Pinned last, over whichever SDPA processor (plain or fused) each module now has.
+        for name, m in modules.items():
+            if not attention_modules(m):
+                continue
+            left = pin_sdpa(m, att.sdpa_backend, fused=name in record.get("fused_modules", []))
+            if left:
+                record["unpinned"][name] = "; ".join(left) + ": PyTorch picks the kernel there"
+            else:
+                record["pinned_modules"].append(name)
+    return record
+
+
+def xformers_kernels() -> Dict[str, Any]:
+    """Whether xformers' own compiled kernels loaded, and which forward op it picks for an SD 1.5
+    UNet attention shape: a wheel built for another torch falls back to PyTorch's kernels under
+    the xformers name, and the row must say so."""
+    import xformers
+
+    loaded = bool(getattr(xformers, "_has_cpp_library", False))
+    out: Dict[str, Any] = {"xformers_kernels_loaded": loaded, "xformers_op": None}
+    try:
+        import xformers.ops.fmha as fmha
+
+        q = torch.empty(2, 4096, 8, 40, device="cuda", dtype=torch.float16)
+        op = fmha._dispatch_fw(fmha.Inputs(query=q, key=q, value=q), False)
+        out["xformers_op"] = getattr(op, "NAME", type(op).__name__)
+    except Exception as exc:  # the row still records that the probe could not tell
+        out["xformers_op"] = f"unknown ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return out
 
 
 # 5. Memory format ------------------------------------------------------------------------------
@@ -324,14 +495,42 @@ def apply_vae_memory(pipe, spec: Spec) -> None:
 # 7. Compile ------------------------------------------------------------------------------------
 
 
-def apply_compile(pipe, spec: Spec, device: str) -> None:
+def apply_compile(pipe, spec: Spec, device: str, attention: Optional[Dict[str, Any]] = None) -> List[str]:
+    """Trace, export or torch.compile as the compile group says; returns build notes."""
     method = spec.compile.method
+    notes: List[str] = []
     if method is CompileMethod.trace:
-        trace_unet(pipe, spec, device)
+        backend = _graph_sdpa_pin(spec, attention or {})
+        log.info("compile=trace: tracing the UNet with torch.jit.trace (seconds to a minute)")
+        trace_unet(pipe, spec, device, backend)
+        if backend is not None:
+            notes.append(f"compile=trace: the traced UNet replays under sdpa_kernel({backend.name})")
     elif method is CompileMethod.export:
+        log.info("compile=export: torch.export + AOTInductor compiles the UNet ahead of time now "
+                 "(about 1 min for the tiny model on CPU, several minutes for SD 1.5 on a GPU)")
         export_unet(pipe, spec, device)
     elif method is CompileMethod.inductor:
+        log.info("compile=%s: torch.compile compiles lazily during the first warmup call, which is silent "
+                 "while it runs: tens of seconds for the tiny model on CPU, about 1-3 minutes for an SD 1.5 "
+                 "UNet on a GPU, 10 minutes or more with max-autotune (a warm cache, compile.cache_dir, is "
+                 "much faster)", spec.compile.name)
         compile_modules(pipe, spec)
+    return notes
+
+
+def _graph_sdpa_pin(spec: Spec, attention: Dict[str, Any]) -> Optional[SdpaBackend]:
+    """The SDPA kernel a traced UNet must replay under (the graph records a plain
+    `scaled_dot_product_attention` call, and the processor's pin is gone when it replays), or
+    None when nothing is pinned. A UNet pinned only in part cannot be replayed under one kernel."""
+    backend = spec.attention.sdpa_backend
+    if spec.attention.processor is not AttentionProcessor.sdpa or backend is SdpaBackend.auto:
+        return None
+    if "unet" not in attention.get("pinned_modules", []):
+        raise SpecError([problem(f"compile=trace with attention.sdpa_backend={backend.name}",
+                                 f"the traced UNet replays every attention under one kernel, but {backend.name} "
+                                 f"cannot run all of this UNet's attention ({attention.get('unpinned', {}).get('unet')})",
+                                 "Use attention.sdpa_backend=efficient or auto with compile=trace")])
+    return backend
 
 
 def compile_modules(pipe, spec: Spec) -> None:
@@ -378,10 +577,11 @@ class GraphUNet(torch.nn.Module):
     graph cannot take (timestep_cond, added_cond_kwargs, cross_attention_kwargs) are refused.
     """
 
-    def __init__(self, graph, unet, kind: str) -> None:
+    def __init__(self, graph, unet, kind: str, sdpa_backend: Optional[SdpaBackend] = None) -> None:
         super().__init__()
         self.graph = graph  # a torch.jit.ScriptModule (trace) or an AOTInductor runner (export)
         self.kind = kind
+        self.sdpa_backend = sdpa_backend  # the kernel the graph's attention is pinned to when it replays
         self.config = unet.config
         self._dtype, self._device = unet.dtype, unet.device
 
@@ -399,7 +599,13 @@ class GraphUNet(torch.nn.Module):
             raise ValueError(f"compile={self.kind}: the UNet graph takes only (sample, timestep, encoder_hidden_states)")
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        out = self.graph(sample, timestep, encoder_hidden_states)[0]
+        if self.sdpa_backend is None:
+            out = self.graph(sample, timestep, encoder_hidden_states)[0]
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(getattr(SDPBackend, self.sdpa_backend.value)):
+                out = self.graph(sample, timestep, encoder_hidden_states)[0]
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
@@ -414,7 +620,7 @@ class _UNetForGraph(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)
 
 
-def trace_unet(pipe, spec: Spec, device: str) -> None:
+def trace_unet(pipe, spec: Spec, device: str, sdpa_backend: Optional[SdpaBackend] = None) -> None:
     """The seed's recipe: torch.jit.trace the UNet with example inputs of the run's shape."""
     example = unet_example_inputs(pipe, spec, device)
     # TracerWarnings say the graph is fixed to these shapes: that is the recipe (and why the
@@ -422,7 +628,7 @@ def trace_unet(pipe, spec: Spec, device: str) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(_UNetForGraph(pipe.unet).eval(), example, check_trace=False)
-    pipe.unet = GraphUNet(traced, pipe.unet, "trace")
+    pipe.unet = GraphUNet(traced, pipe.unet, "trace", sdpa_backend)
 
 
 def export_unet(pipe, spec: Spec, device: str) -> None:

@@ -18,6 +18,7 @@ from .spec import (
     CompileMode,
     CompileTarget,
     Dtype,
+    MemoryFormat,
     ModelFamily,
     ModelSource,
     Offload,
@@ -39,6 +40,8 @@ class Requirement:
     diffusers: Optional[str] = None  # minimum diffusers version
     families: Optional[Tuple[ModelFamily, ...]] = None
     c_compiler_on_cpu: bool = False  # inductor writes and builds C++ on CPU
+    triton_on_cuda: bool = False  # Triton builds its launcher with a C compiler and Python.h
+    cuda_toolkit_on_cuda: bool = False  # AOTInductor compiles its CUDA wrapper with nvcc (CUDA_HOME)
     instead: str = ""  # what to use where the need is not met
 
 
@@ -104,14 +107,17 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         "compile",
         _compiles,
         c_compiler_on_cpu=True,
-        instead="Install a C++ compiler (apt-get install g++) or use compile=none",
+        triton_on_cuda=True,
+        instead="Install what is missing (apt-get install g++ python3-dev) or use compile=none",
     ),
     Requirement(
         "compile=export",
         "compile",
         lambda s: s.compile.method is CompileMethod.export,
         c_compiler_on_cpu=True,
-        instead="Install a C++ compiler (apt-get install g++) or use compile=trace",
+        triton_on_cuda=True,
+        cuda_toolkit_on_cuda=True,
+        instead="Install what is missing (g++, python3-dev, a CUDA toolkit with CUDA_HOME set) or use compile=trace",
     ),
     Requirement(
         "compile.mode=reduce_overhead (CUDA graphs)",
@@ -147,8 +153,15 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         "quant",
         lambda s: s.quant.method is not Quant.none,
         package="torchao",
-        diffusers="0.32",
+        diffusers="0.34",  # PipelineQuantizationConfig
         instead="Use quant=none",
+    ),
+    Requirement(
+        "quant=int8wo, int8dq, fp8dq (loading)",
+        "quant",
+        lambda s: s.quant.method is not Quant.none,
+        package="accelerate",  # diffusers loads quantized weights with low_cpu_mem_usage, which needs it
+        instead="pip install accelerate, or use quant=none",
     ),
     Requirement(
         "quant=fp8dq",
@@ -185,6 +198,25 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         lambda s: _fixed_graph(s) and s.compile.targets != [CompileTarget.unet],
         "the fixed-shape graph recipes (trace, export) replace the UNet only",
         "Use compile=inductor for other modules",
+    ),
+    Exclusion(
+        "attention.sdpa_backend=flash or cudnn with precision.dtype=fp32 (fp32, tf32)",
+        lambda s: s.attention.sdpa_backend in (SdpaBackend.flash, SdpaBackend.cudnn) and s.precision.dtype is Dtype.fp32,
+        "FlashAttention and cuDNN attention run fp16/bf16 only, so the fp32 UNet has no attention they can run",
+        "Use precision=fp16 or bf16 with them, or attention.sdpa_backend=efficient in fp32",
+    ),
+    Exclusion(
+        "compile=export with attention.sdpa_backend other than auto",
+        lambda s: s.compile.method is CompileMethod.export and s.attention.sdpa_backend is not SdpaBackend.auto,
+        "AOTInductor picks the attention kernel when it compiles the exported graph, outside the "
+        "processor's pin, so the row could not say which kernel ran",
+        "Use compile=trace (the traced UNet replays under the pin) or attention.sdpa_backend=auto",
+    ),
+    Exclusion(
+        "memory.offload=group with memory_format=channels_last",
+        lambda s: s.memory.offload is Offload.group and s.memory_format.format is MemoryFormat.channels_last,
+        "group offload copies the weights onto the GPU at each use, which drops their channels-last layout",
+        "Use memory_format=contiguous with group offload, or memory=model_offload",
     ),
     Exclusion(
         "compile.regional=true with compile.method other than inductor",
@@ -234,6 +266,10 @@ def requirement_needs(req: Requirement) -> str:
         needs.append("model family " + "/".join(f.name for f in req.families))
     if req.c_compiler_on_cpu:
         needs.append("a C++ compiler on CPU")
+    if req.triton_on_cuda:
+        needs.append("on CUDA a C compiler and the Python headers (Triton)")
+    if req.cuda_toolkit_on_cuda:
+        needs.append("on CUDA a CUDA toolkit (CUDA_HOME, nvcc)")
     return ", ".join(needs)
 
 

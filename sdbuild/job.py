@@ -184,6 +184,11 @@ def write_row(out_dir: Path, row: Dict[str, Any]) -> Dict[str, Any]:
     return row
 
 
+# After a CUDA error that poisons this process (sdbuild.measure.fatal_cuda_error), every later job
+# runs in a fresh process, as isolate=true does.
+_PROCESS = {"cuda_poisoned": False}
+
+
 def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[str],
             job: Dict[str, Any] | None = None, show_progress: bool = True, reuse_weights: bool = False,
             shared_process: bool = False) -> Dict[str, Any]:
@@ -197,6 +202,11 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
     label = " ".join(f"{k}={v}" for k, v in results.parse_overrides(overrides).items())
     if (settled := settle_from_resume(spec, out_dir, row)) is not None:
         return settled
+    if _PROCESS["cuda_poisoned"]:
+        from .app import run_in_fresh_process
+
+        log.warning("an earlier job hit a fatal CUDA error: running %s in a fresh process", label)
+        return run_in_fresh_process(spec, overrides, out_dir, choices, row["job"])
     results.clear_row(out_dir)  # a row found here later can only be this job's
     load_before = results.machine_load()
     started = time.perf_counter()
@@ -220,6 +230,10 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
     except Exception as exc:
         row.update(status=Status.failed.value, error=_failure_reason(exc))
         (out_dir / ERROR_LOG).write_text(traceback.format_exc())
+        from .measure import fatal_cuda_error
+
+        row["fatal_cuda_error"] = fatal_cuda_error(exc)
+        _PROCESS["cuda_poisoned"] |= row["fatal_cuda_error"]
     finally:
         row["env"] = environment(device)
         row["job"]["wall_s"] = time.perf_counter() - started
@@ -269,11 +283,14 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     counters_before = inductor_counters()
     pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
     m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
-                label=label, show_progress=show_progress)
+                label=label, show_progress=show_progress, max_warmup=getattr(spec.run, "max_warmup", None))
     fields: Dict[str, Any] = dict(
         latency_s=results.latency_stats(m.runs_s), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
         load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb,
         compile_cache=compile_cache_stats(spec, counters_before),
+        warmup_calls=m.warmup_calls, steady=m.steady, unsteady_reason=m.unsteady_reason,
+        warmup_peak_memory_mb=m.warmup_peak_memory_mb, peak_memory_reserved_mb=m.peak_memory_reserved_mb,
+        steps_per_s=m.steps_per_s(), attention_kernel=info.attention_kernel, build_notes=info.notes,
     )
     if spec.run.save_image and m.images is not None:
         fields["image_stats"] = save_image(m.images, out_dir / IMAGE_FILE)

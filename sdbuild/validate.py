@@ -8,8 +8,10 @@ the option, what is wrong and what to use instead. Machine-dependent rules come 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
+import sysconfig
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -33,7 +35,12 @@ class Machine:
     capability: Optional[Tuple[int, int]]
     packages: FrozenSet[str]
     diffusers_version: str
-    c_compiler: bool
+    c_compiler: bool  # a C++ compiler (Inductor's CPU kernels)
+    # The CUDA compile toolchain (defaults: present, so a Machine built by hand for a CPU rule
+    # need not spell them out).
+    cc: bool = True  # a C compiler: Triton builds its kernel launcher with it
+    python_headers: bool = True  # Python.h: the same launcher includes it
+    cuda_toolkit: bool = True  # CUDA_HOME / nvcc: AOTInductor compiles its CUDA wrapper with it
 
     @classmethod
     def probe(cls) -> "Machine":
@@ -47,7 +54,17 @@ class Machine:
             packages=frozenset(p for p in OPTIONAL_PACKAGES if importlib.util.find_spec(p) is not None),
             diffusers_version=metadata.version("diffusers"),
             c_compiler=any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+            cc=bool(os.environ.get("CC") and shutil.which(os.environ["CC"])) or any(shutil.which(c) for c in ("cc", "gcc", "clang")),
+            python_headers=Path(sysconfig.get_paths()["include"], "Python.h").exists(),
+            cuda_toolkit=cuda and _cuda_home() is not None,
         )
+
+
+def _cuda_home() -> Optional[str]:
+    """Where the CUDA toolkit is, as PyTorch's extension builder finds it (CUDA_HOME, nvcc on PATH)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME
 
 
 def resolve_device(spec: Spec, machine: Machine) -> str:
@@ -65,7 +82,7 @@ def _unmet(req: Requirement, device: str, machine: Machine) -> Optional[str]:
     """What this machine lacks for `req` (said as "but ..."), or None if all is there."""
     if req.cuda and device != "cuda":
         return "this machine has no CUDA GPU" if not machine.cuda else "the run is on the CPU (run.device=cpu)"
-    if req.min_capability and device == "cuda" and machine.capability < req.min_capability:
+    if req.min_capability and device == "cuda" and machine.capability is not None and machine.capability < req.min_capability:
         return "%s is %d.%d" % ((machine.device_name,) + machine.capability)
     if req.package and req.package not in machine.packages:
         return f"`{req.package}` is not installed"
@@ -73,6 +90,14 @@ def _unmet(req: Requirement, device: str, machine: Machine) -> Optional[str]:
         return f"diffusers {machine.diffusers_version} is installed"
     if req.c_compiler_on_cpu and device == "cpu" and not machine.c_compiler:
         return "no C++ compiler was found (TorchInductor builds C++ kernels on CPU)"
+    if req.triton_on_cuda and device == "cuda":
+        missing = [what for present, what in ((machine.cc, "no C compiler (cc, gcc, clang) was found"),
+                                              (machine.python_headers, "the Python headers (Python.h) are missing"))
+                   if not present]
+        if missing:
+            return " and ".join(missing) + " (Triton builds its kernel launcher with them)"
+    if req.cuda_toolkit_on_cuda and device == "cuda" and not machine.cuda_toolkit:
+        return "no CUDA toolkit was found (CUDA_HOME unset, no nvcc on PATH; AOTInductor compiles with it)"
     return None
 
 
