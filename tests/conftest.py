@@ -58,3 +58,22 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=600):
         [sys.executable, "-m", "sdbuild", *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def shared_pipeline():
+    """`built(*overrides)` once per session: for tests that inspect or run a pipeline without changing
+    it. Each hand-out first sets the spec's process-wide switches again, as a fresh build would."""
+    from helpers import built
+    from sdbuild.builder import set_global_switches
+
+    cache = {}
+
+    def get(*overrides):
+        if overrides not in cache:
+            cache[overrides] = built(*overrides)
+        else:
+            set_global_switches(cache[overrides][0])
+        return cache[overrides]
+
+    return get

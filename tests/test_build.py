@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+)
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import sdbuild
@@ -12,20 +17,7 @@ from sdbuild.models import ensure_model
 from sdbuild.run_inputs import call_kwargs
 
 from conftest import FAST
-
-
-def built(*overrides):
-    spec = sdbuild.compose([*FAST, *overrides])
-    pipe, info = build_pipeline(spec)
-    return spec, pipe, info
-
-
-def run(spec, pipe, device="cpu"):
-    return pipe(**call_kwargs(spec, pipe, device)).images
-
-
-def unet_processors(pipe):
-    return {type(p) for p in pipe.unet.attn_processors.values()}
+from helpers import built, compiled_with, mode_config, run, unet_processors
 
 
 def test_fp32_and_tf32_set_the_flags_explicitly():
@@ -51,12 +43,23 @@ def test_bf16_with_fp32_vae():
     assert np.isfinite(run(spec, pipe)).all()
 
 
-def test_channels_last_changes_conv_weight_layout():
-    _, pipe, _ = built("memory_format=channels_last")
-    conv = pipe.unet.conv_in.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    _, pipe, _ = built("memory_format=contiguous")
-    assert pipe.unet.conv_in.weight.is_contiguous()
+def conv_weights(module):
+    return {name: m.weight for name, m in module.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def test_channels_last_on_every_conv_weight_of_the_unet_and_the_vae(shared_pipeline):
+    _, pipe, _ = shared_pipeline("memory_format=channels_last")
+    for part in ("unet", "vae"):
+        weights = conv_weights(getattr(pipe, part))
+        assert len(weights) > 5
+        wrong = [name for name, w in weights.items() if not w.is_contiguous(memory_format=torch.channels_last)]
+        assert not wrong, f"{part} conv weights not channels-last: {wrong}"
+        # A 1x1 kernel is both layouts at once; a 3x3 one in channels-last is no longer NCHW-contiguous.
+        assert any(w.shape[-1] > 1 for w in weights.values())
+        assert not [name for name, w in weights.items() if w.shape[-1] > 1 and w.is_contiguous()]
+    _, pipe, _ = shared_pipeline("memory_format=contiguous")
+    for part in ("unet", "vae"):
+        assert all(w.is_contiguous() for w in conv_weights(getattr(pipe, part)).values())
 
 
 @pytest.mark.parametrize("option,processor", [("classic", AttnProcessor), ("sdpa", AttnProcessor2_0)])
@@ -89,6 +92,57 @@ def test_inductor_compiles_the_unet_in_place():
     assert pipe.unet._compiled_call_impl is not None  # nn.Module.compile() was applied
     images = run(spec, pipe)
     assert np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("option,mode,fullgraph", [
+    ("inductor", "default", False),
+    ("inductor_max_autotune", "max-autotune", False),
+    ("inductor_fullgraph", "default", True),
+])
+def test_compile_options_reach_torch_compile(option, mode, fullgraph, shared_pipeline):
+    """What torch.compile was handed for the UNet, read back without compiling (no call)."""
+    _, pipe, _ = shared_pipeline(f"compile={option}")
+    assert compiled_with(pipe.unet) == {"fullgraph": fullgraph, "dynamic": False, "mode_config": mode_config(mode),
+                                        "backend": "inductor"}
+
+
+def test_compile_dynamic_reaches_torch_compile():
+    _, pipe, _ = built("compile=inductor", "compile.dynamic=true")
+    assert compiled_with(pipe.unet)["dynamic"] is True
+    _, pipe, _ = built("compile=inductor", "compile.dynamic=null")  # null: torch decides after a recompile
+    assert compiled_with(pipe.unet)["dynamic"] is None
+
+
+SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}),
+}
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl"])
+def test_the_scheduler_option_is_the_scheduler_that_runs(model, shared_pipeline):
+    images = {}
+    for name, (cls, settings) in SCHEDULERS.items():
+        spec, pipe, _ = shared_pipeline(f"model={model}", f"scheduler={name}")
+        assert type(pipe.scheduler) is cls
+        assert {key: pipe.scheduler.config[key] for key in settings} == settings
+        # built from the model's own scheduler config, not the class defaults
+        assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.beta_end == 0.012
+        images[name] = run(spec, pipe)
+    for a, b in [("ddim", "dpmpp_2m"), ("ddim", "euler"), ("dpmpp_2m", "euler")]:
+        assert np.abs(images[a] - images[b]).max() > 1e-3, f"scheduler={a} and scheduler={b} gave the same image"
+
+
+def test_negative_prompt_reaches_the_pipeline(shared_pipeline):
+    spec, pipe, _ = shared_pipeline()
+    plain = run(spec, pipe)
+    negative_spec = sdbuild.compose([*FAST, "run.negative_prompt=blurry low quality"])
+    negative = run(negative_spec, pipe)
+    assert np.abs(negative - plain).max() > 1e-3
+    # the same as giving diffusers the negative prompt directly
+    by_hand = pipe(**call_kwargs(spec, pipe, "cpu"), negative_prompt=["blurry low quality"]).images
+    np.testing.assert_array_equal(negative, by_hand)
 
 
 def test_sdbuild_matches_the_same_pipeline_written_by_hand(model_cache):

@@ -15,12 +15,7 @@ from sdbuild.errors import SpecError
 from sdbuild.validate import validate
 
 from conftest import needs_packages, run_cli
-from test_build import built, run, unet_processors
-from test_validate import CPU
-
-
-def first_attention(pipe):
-    return pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+from helpers import CPU, built, compiled_with, first_attention, mode_config, run, unet_processors
 
 
 def test_fused_qkv_projections():
@@ -60,22 +55,35 @@ def test_tiny_autoencoder_decodes():
 
 
 @needs_packages("torchao", "accelerate")
-@pytest.mark.parametrize("option", ["int8wo", "int8dq"])
-def test_torchao_quantized_unet(option):
-    spec, pipe, _ = built(f"quant={option}")
-    weight = first_attention(pipe).to_q.weight
-    assert type(weight) is not torch.nn.Parameter and "Int8" in type(weight).__name__
-    assert type(pipe.vae.decoder.conv_in.weight) is torch.nn.Parameter  # only the UNet is quantized
-    assert np.isfinite(run(spec, pipe)).all()
+def test_torchao_quantized_unet(shared_pipeline):
+    """int8wo quantizes weights only; int8dq also quantizes activations on the fly: a different
+    torchao config, a weight that carries activation-quantization settings, and other numbers."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    images = {}
+    for option, config, quantizes_activations in [("int8wo", Int8WeightOnlyConfig, False),
+                                                  ("int8dq", Int8DynamicActivationInt8WeightConfig, True)]:
+        spec, pipe, _ = shared_pipeline(f"quant={option}")
+        assert type(pipe.unet.hf_quantizer.quantization_config.quant_type) is config
+        weight = first_attention(pipe).to_q.weight
+        assert type(weight) is not torch.nn.Parameter and weight.qdata.dtype == torch.int8
+        assert (weight.act_quant_kwargs is not None) is quantizes_activations
+        assert type(pipe.vae.decoder.conv_in.weight) is torch.nn.Parameter  # only the UNet is quantized
+        images[option] = run(spec, pipe)
+        assert np.isfinite(images[option]).all()
+    assert np.abs(images["int8wo"] - images["int8dq"]).max() > 1e-4
 
 
-def test_compile_targets_and_modes_are_applied():
-    _, pipe, _ = built("compile=inductor_all")
+def test_compile_targets_and_their_options(shared_pipeline):
+    """Every target gets torch.compile with the spec's options (read back, nothing compiled)."""
+    expected = {"fullgraph": False, "dynamic": False, "mode_config": mode_config("default"), "backend": "inductor"}
+    _, pipe, _ = shared_pipeline("compile=inductor_all")
     for module in (pipe.unet, pipe.vae.decoder, pipe.text_encoder):
-        assert module._compiled_call_impl is not None
-    _, pipe, _ = built("compile=regional")
+        assert compiled_with(module) == expected
+    _, pipe, _ = shared_pipeline("compile=regional", "compile.mode=max_autotune", "compile.fullgraph=true")
     blocks = [m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
-    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert blocks and all(compiled_with(b) == {**expected, "fullgraph": True, "mode_config": mode_config("max-autotune")}
+                          for b in blocks)
     assert pipe.unet._compiled_call_impl is None  # the blocks, not the whole UNet
 
 

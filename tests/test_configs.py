@@ -70,3 +70,43 @@ def test_installed_package_carries_its_configs(tmp_path):
     for group in GROUPS:
         assert f"{group}:" in out.stdout
     assert "precision: bf16, bf16_vae32, fp16" in out.stdout
+
+
+def compose_with_hydra(overrides):
+    """The full composed config, `hydra` node included (where an experiment keeps its sweep)."""
+    from hydra import compose, initialize_config_dir
+
+    from sdbuild.spec import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+PRESETS = sorted(p.stem for p in (CONF / "preset").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes(preset):
+    """A preset that names an option or a field that does not exist fails here, not in a user's sweep."""
+    spec = sdbuild.compose([f"+preset={preset}"])
+    assert spec.preset == preset and spec.preset_order is not None
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_every_job(experiment):
+    """Each experiment composes, and so does every job of its sweep (each value of each swept key)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose_with_hydra([f"+experiment={experiment}"])
+    params = cfg.hydra.sweeper.params
+    assert params, f"experiment={experiment} sweeps nothing"
+    parser = OverridesParser.create()
+    jobs = 0
+    for override in parser.parse_overrides([f"{key}={value}" for key, value in params.items()]):
+        for value in override.sweep_string_iterator():
+            spec = sdbuild.compose([f"+experiment={experiment}", f"{override.get_key_element()}={value}"])
+            assert isinstance(spec, Spec)
+            jobs += 1
+    assert jobs >= 2

@@ -9,11 +9,7 @@ from sdbuild.errors import SpecError
 from sdbuild.validate import Machine, validate
 
 from conftest import FAST, run_cli
-
-CPU = Machine(cuda=False, device_name="cpu", capability=None, packages=frozenset({"xformers", "accelerate", "torchao"}),
-              diffusers_version="0.42.1", c_compiler=True)
-OLD_GPU = Machine(cuda=True, device_name="Tesla T4", capability=(7, 5), packages=frozenset({"xformers", "accelerate", "torchao"}),
-                  diffusers_version="0.42.1", c_compiler=True)
+from helpers import CPU, OLD_GPU
 
 
 def problems(overrides, machine=CPU):
