@@ -29,16 +29,16 @@ def test_fp32_and_tf32_set_the_flags_explicitly():
     assert global_switches()["float32_matmul_precision"] == "highest"
 
 
-def test_bf16_loads_weights_in_bf16_and_runs():
-    spec, pipe, _ = built("precision=bf16")
+def test_bf16_loads_weights_in_bf16_and_runs(shared_pipeline):
+    spec, pipe, _ = shared_pipeline("precision=bf16")
     assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
     assert pipe.text_encoder.dtype == torch.bfloat16
     images = run(spec, pipe)
     assert np.isfinite(images).all() and images.std() > 0.01
 
 
-def test_bf16_with_fp32_vae():
-    spec, pipe, _ = built("precision=bf16_vae32")
+def test_bf16_with_fp32_vae(shared_pipeline):
+    spec, pipe, _ = shared_pipeline("precision=bf16_vae32")
     assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
     assert np.isfinite(run(spec, pipe)).all()
 
@@ -63,24 +63,24 @@ def test_channels_last_on_every_conv_weight_of_the_unet_and_the_vae(shared_pipel
 
 
 @pytest.mark.parametrize("option,processor", [("classic", AttnProcessor), ("sdpa", AttnProcessor2_0)])
-def test_attention_processor_class(option, processor):
-    spec, pipe, _ = built(f"attention={option}")
+def test_attention_processor_class(option, processor, shared_pipeline):
+    spec, pipe, _ = shared_pipeline(f"attention={option}")
     assert unet_processors(pipe) == {processor}
     assert {type(p) for p in pipe.vae.attn_processors.values()} == {processor}
     assert np.isfinite(run(spec, pipe)).all()
 
 
-def test_sdpa_matches_classic_attention():
-    spec, pipe, _ = built("attention=classic")
+def test_sdpa_matches_classic_attention(shared_pipeline):
+    spec, pipe, _ = shared_pipeline("attention=classic")
     classic = run(spec, pipe)
-    spec, pipe, _ = built("attention=sdpa")
+    spec, pipe, _ = shared_pipeline("attention=sdpa")
     assert np.abs(run(spec, pipe) - classic).max() < 1e-3
 
 
-def test_trace_replaces_the_unet_with_a_traced_graph_and_keeps_the_image():
-    spec, pipe, _ = built("attention=sdpa")
+def test_trace_replaces_the_unet_with_a_traced_graph_and_keeps_the_image(shared_pipeline):
+    spec, pipe, _ = shared_pipeline("attention=sdpa")
     eager = run(spec, pipe)
-    spec, pipe, info = built("attention=sdpa", "compile=trace")
+    spec, pipe, _ = shared_pipeline("attention=sdpa", "compile=trace")
     assert isinstance(pipe.unet, GraphUNet)
     assert isinstance(pipe.unet.graph, torch.jit.ScriptModule)
     assert pipe.unet.config.in_channels == 4 and pipe.unet.dtype == torch.float32
@@ -145,9 +145,10 @@ def test_negative_prompt_reaches_the_pipeline(shared_pipeline):
     np.testing.assert_array_equal(negative, by_hand)
 
 
-def test_sdbuild_matches_the_same_pipeline_written_by_hand(model_cache):
+def test_sdbuild_matches_the_same_pipeline_written_by_hand(model_cache, shared_pipeline):
     """The seed's baseline, hand-written with diffusers, gives the very same pixels."""
-    spec, pipe, _ = built("attention=classic", "precision=fp32", "run.seed=3")
+    spec, pipe, _ = shared_pipeline("attention=classic", "precision=fp32")
+    spec = sdbuild.compose([*FAST, "attention=classic", "precision=fp32", "run.seed=3"])
     ours = run(spec, pipe)
 
     by_hand = StableDiffusionPipeline.from_pretrained(ensure_model(spec.model, None), use_safetensors=True,
@@ -170,5 +171,5 @@ def test_sweeps_reuse_loaded_weights_without_sharing_state():
     classic_pipe, info = build_pipeline(classic_spec, reuse_weights=True)
     assert classic_pipe.unet is not sdpa_pipe.unet
     assert unet_processors(sdpa_pipe) == {AttnProcessor2_0} and unet_processors(classic_pipe) == {AttnProcessor}
-    fresh_spec, fresh_pipe, _ = built("attention=classic")
+    fresh_spec, fresh_pipe, _ = built("attention=classic")  # not shared: a fresh load
     np.testing.assert_array_equal(run(classic_spec, classic_pipe), run(fresh_spec, fresh_pipe))

@@ -18,37 +18,37 @@ from conftest import needs_packages, run_cli
 from helpers import CPU, built, compiled_with, first_attention, mode_config, run, unet_processors
 
 
-def test_fused_qkv_projections():
-    spec, pipe, _ = built("attention=sdpa")
+def test_fused_qkv_projections(shared_pipeline):
+    spec, pipe, _ = shared_pipeline("attention=sdpa")
     plain = run(spec, pipe)
-    spec, pipe, _ = built("attention=sdpa_fused")
+    spec, pipe, _ = shared_pipeline("attention=sdpa_fused")
     attn = first_attention(pipe)
     assert unet_processors(pipe) == {FusedAttnProcessor2_0} and attn.fused_projections and attn.to_qkv is not None
     assert np.abs(run(spec, pipe) - plain).max() < 1e-3  # same maths, one matmul
 
 
-def test_attention_slicing():
-    spec, pipe, _ = built("attention=sliced")
+def test_attention_slicing(shared_pipeline):
+    spec, pipe, _ = shared_pipeline("attention=sliced")
     assert unet_processors(pipe) == {SlicedAttnProcessor}
     assert np.isfinite(run(spec, pipe)).all()
 
 
-def test_sdpa_pinned_to_the_math_kernel():
-    spec, pipe, _ = built("attention=sdpa_math")
+def test_sdpa_pinned_to_the_math_kernel(shared_pipeline):
+    spec, pipe, _ = shared_pipeline("attention=sdpa_math")
     (processor,) = unet_processors(pipe)
     assert issubclass(processor, AttnProcessor2_0) and processor.__name__ == "KernelPinnedAttnProcessor"
     assert np.isfinite(run(spec, pipe)).all()
 
 
 @pytest.mark.parametrize("option,flag", [("vae_slicing", "use_slicing"), ("vae_tiling", "use_tiling")])
-def test_vae_memory_switches(option, flag):
-    spec, pipe, _ = built(f"memory={option}")
+def test_vae_memory_switches(option, flag, shared_pipeline):
+    spec, pipe, _ = shared_pipeline(f"memory={option}")
     assert getattr(pipe.vae, flag) is True
     assert np.isfinite(run(spec, pipe)).all()
 
 
-def test_tiny_autoencoder_decodes():
-    spec, pipe, _ = built("vae=tiny")
+def test_tiny_autoencoder_decodes(shared_pipeline):
+    spec, pipe, _ = shared_pipeline("vae=tiny")
     assert isinstance(pipe.vae, AutoencoderTiny)
     images = run(spec, pipe)
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
@@ -111,13 +111,14 @@ def test_exclusions(overrides, needle):
     assert needle in str(err.value)
 
 
-def test_export_compiles_the_unet_ahead_of_time():
-    spec, pipe, _ = built("attention=sdpa")
+def test_export_compiles_the_unet_ahead_of_time(tmp_path, shared_pipeline):
+    spec, pipe, _ = shared_pipeline("attention=sdpa")
     eager = run(spec, pipe)
-    spec, pipe, info = built("attention=sdpa", "compile=export")
+    spec, pipe, _ = built("attention=sdpa", "compile=export", f"compile.cache_dir={tmp_path}")
+    # compiled while building (the package is on disk before any call), not lazily in warmup
+    assert (tmp_path / "unet.pt2").stat().st_size > 0
     assert isinstance(pipe.unet, GraphUNet) and pipe.unet.kind == "export"
     assert np.abs(run(spec, pipe) - eager).max() < 1e-3
-    assert info.build_s > 1  # the AOT compile happens while building, not in warmup
 
 
 def test_compile_cache_makes_the_second_process_start_warm(tmp_path):
@@ -141,10 +142,52 @@ def test_compile_cache_makes_the_second_process_start_warm(tmp_path):
     [], ["attention=sdpa_fused"], ["precision=bf16", "memory_format=channels_last"], ["vae=tiny"],
     ["quant=int8wo"], ["memory=vae_slicing"], ["scheduler=dpmpp_2m"],
 ], ids=lambda o: " ".join(o) or "default")
-def test_second_architecture_sdxl(overrides):
+def test_second_architecture_sdxl(overrides, shared_pipeline):
     from diffusers import StableDiffusionXLPipeline
 
-    spec, pipe, _ = built("model=tiny_sdxl", *overrides)
+    spec, pipe, _ = shared_pipeline("model=tiny_sdxl", *overrides)
     assert isinstance(pipe, StableDiffusionXLPipeline) and pipe.text_encoder_2 is not None
     images = run(spec, pipe)
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0.01
+
+
+# GPU paths: these run where CUDA is present (a lent GPU) and skip with the reason elsewhere.
+
+
+def max_difference(a, b):
+    return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())
+
+
+@pytest.mark.cuda
+def test_fp16_on_cuda_gives_the_fp32_picture(shared_pipeline):
+    spec32, pipe32, _ = shared_pipeline("precision=fp32", "attention=sdpa")
+    spec, pipe, info = shared_pipeline("precision=fp16", "attention=sdpa")
+    assert info.device == "cuda" and pipe.unet.device.type == "cuda"
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float16
+    images = run(spec, pipe, "cuda")
+    assert np.isfinite(images).all() and images.std() > 0.01
+    assert max_difference(images, run(spec32, pipe32, "cuda")) < 0.05  # same noise, same maths, fp16 rounding
+
+
+@pytest.mark.cuda
+def test_sdpa_pinned_to_flash_runs_on_cuda(shared_pipeline):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("FlashAttention needs compute capability >= 8.0")
+    auto_spec, auto_pipe, _ = shared_pipeline("precision=fp16", "attention=sdpa")
+    spec, pipe, _ = shared_pipeline("precision=fp16", "attention=sdpa_flash")
+    (processor,) = unet_processors(pipe)
+    assert issubclass(processor, AttnProcessor2_0)
+    images = run(spec, pipe, "cuda")
+    assert np.isfinite(images).all() and max_difference(images, run(auto_spec, auto_pipe, "cuda")) < 0.02
+
+
+@pytest.mark.cuda
+@needs_packages("xformers")
+def test_xformers_on_cuda(shared_pipeline):
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    sdpa_spec, sdpa_pipe, _ = shared_pipeline("precision=fp16", "attention=sdpa")
+    spec, pipe, _ = shared_pipeline("precision=fp16", "attention=xformers")
+    assert unet_processors(pipe) == {XFormersAttnProcessor}
+    images = run(spec, pipe, "cuda")
+    assert np.isfinite(images).all() and max_difference(images, run(sdpa_spec, sdpa_pipe, "cuda")) < 0.02
