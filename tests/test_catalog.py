@@ -11,11 +11,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProc
 
 import sdbuild
 from sdbuild.builder import GraphUNet
-from sdbuild.errors import SpecError
-from sdbuild.validate import validate
 
 from conftest import needs_packages, run_cli
-from helpers import CPU, built, compiled_with, first_attention, mode_config, run, unet_processors
+from helpers import built, compiled_with, first_attention, mode_config, run, unet_processors
 
 
 def test_fused_qkv_projections(shared_pipeline):
@@ -85,30 +83,6 @@ def test_compile_targets_and_their_options(shared_pipeline):
     assert blocks and all(compiled_with(b) == {**expected, "fullgraph": True, "mode_config": mode_config("max-autotune")}
                           for b in blocks)
     assert pipe.unet._compiled_call_impl is None  # the blocks, not the whole UNet
-
-
-@pytest.mark.parametrize("option", [
-    "precision=fp16_vae32", "attention=sdpa_flash", "attention=sdpa_efficient", "attention=sdpa_cudnn",
-    "compile=inductor_reduce_overhead", "memory=model_offload", "memory=sequential_offload",
-    "memory=group_offload", "quant=fp8dq",
-])
-def test_cuda_only_options_say_what_they_need(option):
-    with pytest.raises(SpecError) as err:
-        validate(sdbuild.compose([option]), CPU)
-    assert option in str(err.value) and "needs CUDA" in str(err.value)
-
-
-@pytest.mark.parametrize("overrides,needle", [
-    (["attention=sliced", "attention.processor=sdpa"], "SlicedAttnProcessor"),
-    (["attention=classic", "attention.fuse_qkv=true"], "FusedAttnProcessor2_0"),
-    (["compile=trace", "quant=int8wo"], "torch.jit"),
-    (["compile=regional", "compile.method=trace"], "repeated blocks"),
-    (["vae=tiny", "model=sd15", "model.path=org/name"], "vae.path"),
-])
-def test_exclusions(overrides, needle):
-    with pytest.raises(SpecError) as err:
-        validate(sdbuild.compose(overrides), CPU)
-    assert needle in str(err.value)
 
 
 def test_export_compiles_the_unet_ahead_of_time(tmp_path, shared_pipeline):

@@ -110,3 +110,39 @@ def test_every_experiment_composes_every_job(experiment):
             assert isinstance(spec, Spec)
             jobs += 1
     assert jobs >= 2
+
+
+def test_spec_identity_ignores_only_how_a_run_is_stored():
+    from sdbuild.spec import spec_key, spec_to_dict
+
+    def key(*overrides):
+        return spec_key(spec_to_dict(sdbuild.compose(list(overrides))))
+
+    base = key()
+    assert len(base) == 16 and int(base, 16) >= 0 and base == key()
+    for same in ["resume=/some/sweep", "cache_dir=/tmp/x", "isolate=true"]:
+        assert key(same) == base, same
+    stored = spec_to_dict(sdbuild.compose())
+    assert spec_key({**stored, "preset": "cpu_fp32", "preset_order": 3}) == base
+    for different in ["run.steps=7", "precision=bf16", "run.seed=1", "run.negative_prompt=x", "compile.fullgraph=true"]:
+        assert key(different) != base, different
+
+
+def test_spec_to_dict_writes_enums_by_name():
+    from sdbuild.spec import spec_to_dict
+
+    d = spec_to_dict(sdbuild.compose(["precision=bf16", "compile=inductor_max_autotune"]))
+    assert d["precision"]["dtype"] == "bf16" and d["compile"]["mode"] == "max_autotune"
+    assert d["compile"]["targets"] == ["unet"] and d["run"]["negative_prompt"] is None
+
+
+def test_to_spec_drops_the_hydra_node():
+    from omegaconf import OmegaConf
+
+    from sdbuild.spec import to_spec
+
+    cfg = compose_with_hydra(["run.steps=3"])
+    assert "hydra" in cfg
+    spec = to_spec(cfg)
+    assert isinstance(spec, Spec) and spec.run.steps == 3
+    assert to_spec(OmegaConf.create({"run": {"steps": 5}})).run.steps == 5  # a bare config too
