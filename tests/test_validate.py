@@ -9,12 +9,12 @@ from sdbuild.errors import SpecError
 from sdbuild.validate import Machine, validate
 
 from conftest import FAST, run_cli
-from helpers import CPU, OLD_GPU
+from helpers import CPU, OLD_GPU, composed
 
 
 def problems(overrides, machine=CPU):
     with pytest.raises(SpecError) as err:
-        validate(sdbuild.compose(overrides), machine)
+        validate(composed(*overrides), machine)
     return str(err.value)
 
 
@@ -36,7 +36,7 @@ def test_cuda_only_options_are_refused_on_cpu_saying_what_to_use_instead(overrid
 ])
 def test_cuda_only_options_say_what_they_need(option):
     with pytest.raises(SpecError) as err:
-        validate(sdbuild.compose([option]), CPU)
+        validate(composed(*[option]), CPU)
     assert option in str(err.value) and "needs CUDA" in str(err.value)
 
 
@@ -49,7 +49,7 @@ def test_cuda_only_options_say_what_they_need(option):
 ])
 def test_exclusions(overrides, needle):
     with pytest.raises(SpecError) as err:
-        validate(sdbuild.compose(overrides), CPU)
+        validate(composed(*overrides), CPU)
     assert needle in str(err.value)
 
 
@@ -60,9 +60,9 @@ def test_xformers_without_the_package():
 
 
 def test_bf16_needs_ampere_on_cuda_but_runs_on_cpu():
-    assert validate(sdbuild.compose(["precision=bf16"]), CPU) == "cpu"
+    assert validate(composed(*["precision=bf16"]), CPU) == "cpu"
     assert "compute capability >= 8.0" in problems(["precision=bf16"], OLD_GPU)
-    assert validate(sdbuild.compose(["precision=fp16"]), OLD_GPU) == "cuda"
+    assert validate(composed(*["precision=fp16"]), OLD_GPU) == "cuda"
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -89,7 +89,7 @@ def test_quant_without_accelerate_is_refused_before_loading():
     for option in ("int8wo", "int8dq"):
         text = problems([f"quant={option}"], machine)
         assert f"quant={option}" in text and "`accelerate`" in text
-    assert validate(sdbuild.compose(["quant=int8wo"]), CPU) == "cpu"  # with accelerate it is accepted
+    assert validate(composed(*["quant=int8wo"]), CPU) == "cpu"  # with accelerate it is accepted
 
 
 def test_model_folder_without_safetensors(tmp_path):
@@ -114,7 +114,7 @@ def test_cli_refuses_cleanly_and_records_the_row(tmp_path):
 
 
 def accepted(overrides, machine=CPU):
-    return validate(sdbuild.compose(overrides), machine)
+    return validate(composed(*overrides), machine)
 
 
 A100 = Machine(**{**CPU.__dict__, "cuda": True, "device_name": "A100", "capability": (8, 0)})
@@ -220,3 +220,20 @@ def test_the_probe_describes_this_machine():
     assert machine.cuda == torch.cuda.is_available()
     assert machine.device_name == ("cpu" if not machine.cuda else torch.cuda.get_device_name(0))
     assert machine.packages <= {"xformers", "accelerate", "torchao"} and machine.diffusers_version[0].isdigit()
+
+
+def test_the_docs_tables_carry_every_rule():
+    from sdbuild.capabilities import EXCLUSIONS, REQUIREMENTS, markdown_tables, requirement_needs
+
+    table = markdown_tables()
+    for req in REQUIREMENTS:
+        assert f"| `{req.option}` | {requirement_needs(req)} | {req.instead} |" in table
+    for excl in EXCLUSIONS:
+        assert f"| `{excl.options}` | {excl.why} | {excl.instead} |" in table
+    assert table.count("\n|---|---|---|") == 2
+    every_need = [r for r in REQUIREMENTS if r.option == "compile=inductor"][0]
+    assert requirement_needs(every_need) == "a C++ compiler on CPU"
+    fp8 = [r for r in REQUIREMENTS if r.option == "quant=fp8dq"][0]
+    assert requirement_needs(fp8) == "CUDA, compute capability >= 8.9"
+    offload = [r for r in REQUIREMENTS if r.group == "memory" and r.package][0]
+    assert requirement_needs(offload) == "CUDA, the `accelerate` package"
