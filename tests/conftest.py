@@ -58,3 +58,28 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=600):
         [sys.executable, "-m", "sdbuild", *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def shared_pipeline():
+    """`built(*overrides)` once per session and spec: for tests that inspect or run a pipeline
+    without changing it. Each hand-out first sets the spec's process-wide switches again (TF32
+    flags...), as a fresh build would."""
+    import json
+
+    import sdbuild
+    from sdbuild.builder import build_pipeline, set_global_switches
+    from sdbuild.spec import spec_to_dict
+
+    cache = {}
+
+    def get(*overrides):
+        spec = sdbuild.compose([*FAST, *overrides])
+        key = json.dumps(spec_to_dict(spec), sort_keys=True)
+        if key not in cache:
+            cache[key] = (spec, *build_pipeline(spec))
+        else:
+            set_global_switches(spec)
+        return cache[key]
+
+    return get

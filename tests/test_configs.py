@@ -70,3 +70,79 @@ def test_installed_package_carries_its_configs(tmp_path):
     for group in GROUPS:
         assert f"{group}:" in out.stdout
     assert "precision: bf16, bf16_vae32, fp16" in out.stdout
+
+
+def compose_with_hydra(overrides):
+    """The full composed config, `hydra` node included (where an experiment keeps its sweep)."""
+    from hydra import compose, initialize_config_dir
+
+    from sdbuild.spec import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+PRESETS = sorted(p.stem for p in (CONF / "preset").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes(preset):
+    """A preset that names an option or a field that does not exist fails here, not in a user's sweep."""
+    spec = sdbuild.compose([f"+preset={preset}"])
+    assert spec.preset == preset and spec.preset_order is not None
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_every_job(experiment):
+    """Each experiment composes, and so does every job of its sweep (each value of each swept key)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose_with_hydra([f"+experiment={experiment}"])
+    params = cfg.hydra.sweeper.params
+    assert params, f"experiment={experiment} sweeps nothing"
+    parser = OverridesParser.create()
+    jobs = 0
+    for override in parser.parse_overrides([f"{key}={value}" for key, value in params.items()]):
+        for value in override.sweep_string_iterator():
+            spec = sdbuild.compose([f"+experiment={experiment}", f"{override.get_key_element()}={value}"])
+            assert isinstance(spec, Spec)
+            jobs += 1
+    assert jobs >= 2
+
+
+def test_spec_identity_ignores_only_how_a_run_is_stored():
+    from sdbuild.spec import spec_key, spec_to_dict
+
+    def key(*overrides):
+        return spec_key(spec_to_dict(sdbuild.compose(list(overrides))))
+
+    base = key()
+    assert len(base) == 16 and int(base, 16) >= 0 and base == key()
+    for same in ["resume=/some/sweep", "cache_dir=/tmp/x", "isolate=true"]:
+        assert key(same) == base, same
+    stored = spec_to_dict(sdbuild.compose())
+    assert spec_key({**stored, "preset": "cpu_fp32", "preset_order": 3}) == base
+    for different in ["run.steps=7", "precision=bf16", "run.seed=1", "run.negative_prompt=x", "compile.fullgraph=true"]:
+        assert key(different) != base, different
+
+
+def test_spec_to_dict_writes_enums_by_name():
+    from sdbuild.spec import spec_to_dict
+
+    d = spec_to_dict(sdbuild.compose(["precision=bf16", "compile=inductor_max_autotune"]))
+    assert d["precision"]["dtype"] == "bf16" and d["compile"]["mode"] == "max_autotune"
+    assert d["compile"]["targets"] == ["unet"] and d["run"]["negative_prompt"] is None
+
+
+def test_to_spec_drops_the_hydra_node():
+    from omegaconf import OmegaConf
+
+    from sdbuild.spec import to_spec
+
+    cfg = compose_with_hydra(["run.steps=3"])
+    assert "hydra" in cfg
+    spec = to_spec(cfg)
+    assert isinstance(spec, Spec) and spec.run.steps == 3
+    assert to_spec(OmegaConf.create({"run": {"steps": 5}})).run.steps == 5  # a bare config too
