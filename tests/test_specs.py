@@ -5,8 +5,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -123,25 +125,52 @@ else:
 
 
 def run_offline(hub_id: str, hf_cache: Path):
-    """Build in a fresh process whose Hugging Face cache is `hf_cache` and whose hub endpoint
-    cannot be reached: anything that tries the network fails."""
-    env = {**os.environ, "HF_HUB_CACHE": str(hf_cache), "HF_ENDPOINT": "http://127.0.0.1:9"}
-    env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([sys.executable, "-c", HF_ENV_CODE, hub_id], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    """Build in a fresh process whose Hugging Face cache is `hf_cache` and whose hub endpoint is a
+    local socket that counts connections and drops them: returns the output and how often the
+    network was tried (huggingface_hub falls back to its cache when the hub fails, so a load that
+    succeeds says nothing by itself)."""
+    tries = []
+    with socket.socket() as hub:
+        hub.bind(("127.0.0.1", 0))
+        hub.listen(16)
+        hub.settimeout(0.2)
+
+        def count():
+            while not done.is_set():
+                try:
+                    conn, _ = hub.accept()
+                except OSError:
+                    continue
+                tries.append(1)
+                conn.close()
+
+        done = threading.Event()
+        counter = threading.Thread(target=count, daemon=True)
+        counter.start()
+        env = {**os.environ, "HF_HUB_CACHE": str(hf_cache), "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}"}
+        env.pop("HF_HUB_OFFLINE", None)
+        try:
+            out = subprocess.run([sys.executable, "-c", HF_ENV_CODE, hub_id], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=600)
+        finally:
+            done.set()
+            counter.join()
+    return out, len(tries)
 
 
 def test_hub_id_loads_from_the_local_cache_only(tiny_folder, tmp_path):
-    """A hub id in the cache loads with no network; one not in the cache is refused before loading."""
+    """A hub id in the cache loads without a single connection to the hub; one not in the cache
+    is refused before loading, saying how to get it."""
     repo = tmp_path / "hub" / "models--team--tiny-sd"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
     copy_model(tiny_folder, repo / "snapshots" / ("0" * 40))
-    out = run_offline("team/tiny-sd", tmp_path / "hub")
+    out, contacted = run_offline("team/tiny-sd", tmp_path / "hub")
     assert "BUILT StableDiffusionPipeline" in out.stdout, out.stdout + out.stderr
-    out = run_offline("team/not-cached", tmp_path / "hub")
+    assert not contacted, "loading a cached hub id tried the network"
+    out, contacted = run_offline("team/not-cached", tmp_path / "hub")
     assert "REFUSED" in out.stdout and "not in the local Hugging Face cache" in out.stdout, out.stdout + out.stderr
-    assert "hf download team/not-cached" in out.stdout
+    assert "hf download team/not-cached" in out.stdout and not contacted
 
 
 # Sizes and paths ----------------------------------------------------------------------------------
