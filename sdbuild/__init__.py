@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Union
 from .config import compose
 from .spec import GROUPS, Spec
 
-__all__ = ["Spec", "build", "compose", "run"]
+__all__ = ["Spec", "build", "compose", "run", "show"]
 
 RUNS_DIR = Path("outputs") / "runs"  # where the CLI's single runs land (conf/config.yaml, hydra.run.dir)
 
@@ -26,6 +26,14 @@ def build(spec: Spec):
     from .builder import build as _build
 
     return _build(spec)
+
+
+def show(spec: Spec) -> str:
+    """Validate `spec` and describe it: the resolved spec and what would be built, loading no
+    weights (what `dry_run=true` prints). Raises `SpecError` where validation refuses it."""
+    from .dryrun import show as _show
+
+    return _show(spec)
 
 
 def new_run_dir(root: Union[str, Path] = RUNS_DIR) -> Path:
@@ -53,11 +61,15 @@ def run(spec: Spec, out_dir: Optional[Union[str, Path]] = None, *, choices: Opti
 
     A spec this machine cannot run returns an `unsupported` row (its `error` says why), a crash a
     `failed` one: check `row["status"] == "ok"`. `choices` default to the spec's group options.
+    With `spec.dry_run` it prints `show(spec)` instead, writes nothing and returns None.
     """
     import sys
 
     from .job import run_job
 
+    if spec.dry_run:
+        print(show(spec))
+        return None
     out_dir = Path(out_dir) if out_dir is not None else new_run_dir()
     job = {"num": None, "output_dir": str(out_dir), **(job or {})}
     return run_job(spec, out_dir, choices if choices is not None else choices_of(spec), list(overrides or []),

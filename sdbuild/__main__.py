@@ -21,11 +21,32 @@ def main(cfg: DictConfig) -> None:
     except SpecError as exc:
         print(f"sdbuild: refused:\n{exc}", file=sys.stderr)
         sys.exit(2)
+    if cfg.get("dry_run"):
+        if code := dry_run(cfg):
+            sys.exit(code)
+        return
     from .app import run_from_hydra
 
     code = run_from_hydra(cfg)
     if code:
         sys.exit(code)
+
+
+def dry_run(cfg: DictConfig) -> int:
+    """`dry_run=true`: print the resolved spec and the build plan, or the refusal; load nothing.
+    In a sweep every job prints its plan and the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from .dryrun import show
+    from .spec import to_spec
+
+    try:
+        print(show(to_spec(cfg)), flush=True)
+    except SpecError as exc:
+        print(f"sdbuild: refused (dry run):\n{exc}", file=sys.stderr, flush=True)
+        return 0 if HydraConfig.get().mode == RunMode.MULTIRUN else 2
+    return 0
 
 
 if __name__ == "__main__":

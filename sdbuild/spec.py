@@ -215,6 +215,8 @@ class Spec:
     # Sweeps: run each job in a fresh Python process (CPU memory figures untouched by earlier
     # jobs; a crash in one job cannot take the sweep down). Costs the imports once per job.
     isolate: bool = False
+    # Validate, print the resolved spec and what would be built, and stop: no weights load.
+    dry_run: bool = False
 
 
 # The config groups, in the order the builder applies them (see sdbuild/builder.py).
@@ -343,7 +345,7 @@ def _unwritable(path: str) -> Optional[str]:
 
 # Fields that say how a run is measured or where it is stored, not what pipeline is built:
 # left out of the identity used to match rows when a sweep is resumed.
-_NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir", "isolate"}
+_NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir", "isolate", "dry_run"}
 
 
 def spec_key(spec_dict: dict) -> str:
