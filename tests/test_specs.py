@@ -212,3 +212,35 @@ def test_recorded_spec_is_plain_json():
     """What result.json records (and replay reads) is data: only JSON scalars, lists and dicts."""
     spec = sdbuild.spec.spec_to_dict(sdbuild.compose(["precision=bf16"]))
     assert json.loads(json.dumps(spec)) == spec
+
+
+# Config reuse across teams: a team's own folder or package on Hydra's search path -----------------
+
+TEAM_CONF = ROOT / "tests" / "data" / "team_conf"
+TEAM_PKG = ROOT / "tests" / "data" / "team_pkg"
+
+
+def test_a_team_folder_adds_presets_and_models_without_copying():
+    spec = sdbuild.compose([f"hydra.searchpath=[file://{TEAM_CONF}]", "+preset=team_fast", "model=team_tiny"])
+    assert (spec.preset, spec.precision.name, spec.attention.name, spec.run.steps) == ("team_fast", "bf16", "sdpa", 20)
+    assert (spec.model.name, spec.model.resolution) == ("team_tiny", 128)
+    assert not (ROOT / "conf" / "preset" / "team_fast.yaml").exists()  # found where the team keeps it
+    with pytest.raises(Exception, match="team_tiny"):
+        sdbuild.compose(["model=team_tiny"])  # and only through the search path
+
+
+def test_a_team_package_adds_presets(monkeypatch):
+    monkeypatch.syspath_prepend(str(TEAM_PKG))
+    spec = sdbuild.compose(["hydra.searchpath=[pkg://team_sdbuild_conf]", "+preset=team_pkg_sdpa"])
+    assert spec.preset == "team_pkg_sdpa" and spec.attention.name == "sdpa"
+
+
+def test_cli_runs_a_team_preset_on_a_team_model(tmp_path):
+    out = run_cli(f"hydra.searchpath=[file://{TEAM_CONF}]", "+preset=team_fast", "model=team_tiny", "precision=fp32",
+                  *FAST, f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    row = json.loads((tmp_path / "result.json").read_text())
+    assert row["status"] == "ok" and row["preset"] == "team_fast"
+    assert row["choices"]["model"] == "team_tiny" and row["choices"]["attention"] == "sdpa"
+    assert row["spec"]["run"]["steps"] == 4  # the command line still wins over the preset
+    assert (tmp_path / "image.png").exists()
