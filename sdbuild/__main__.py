@@ -8,18 +8,28 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import config_dir
-from .spec import register_configs
+from .errors import SpecError
+from .spec import check_keys, register_configs
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | None:
     """Hydra's task function: returns the job's row (Hydra callbacks and launchers get it as
     `JobReturn.return_value`); a failed single run exits non-zero."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    try:
+        check_keys(cfg)  # before anything runs: an unknown key is a user mistake, not a row
+    except SpecError as exc:
+        print(f"sdbuild: refused:\n{exc}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.get("dry_run"):
+        if code := dry_run(cfg):
+            sys.exit(code)
+        return None
     from .app import exit_code, run_from_hydra
 
     row = run_from_hydra(cfg)
@@ -27,6 +37,23 @@ def main(cfg: DictConfig) -> dict:
     if code:
         sys.exit(code)
     return row
+
+
+def dry_run(cfg: DictConfig) -> int:
+    """`dry_run=true`: print the resolved spec and the build plan, or the refusal; load nothing.
+    In a sweep every job prints its plan and the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from .dryrun import show
+    from .spec import to_spec
+
+    try:
+        print(show(to_spec(cfg)), flush=True)
+    except SpecError as exc:
+        print(f"sdbuild: refused (dry run):\n{exc}", file=sys.stderr, flush=True)
+        return 0 if HydraConfig.get().mode == RunMode.MULTIRUN else 2
+    return 0
 
 
 if __name__ == "__main__":

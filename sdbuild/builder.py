@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .models import ensure_model
+from .models import ensure_model, local_folder
 from .quiet import quiet_imports
 from .spec import (
     AttentionProcessor,
@@ -231,7 +231,7 @@ def load(spec: Spec):
     """Load weights straight into the target dtype (no fp32 copy first), safetensors only."""
     folder = ensure_model(spec.model, spec.cache_dir)
     dtype = torch_dtype(spec.precision.dtype.value)
-    kwargs: Dict[str, Any] = {dtype_keyword(): dtype, "use_safetensors": True}
+    kwargs: Dict[str, Any] = {dtype_keyword(): dtype, "use_safetensors": True, "local_files_only": True}
     if spec.model.family is ModelFamily.sd15:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if (quant := quantization_config(spec)) is not None:
@@ -273,8 +273,8 @@ def tiny_autoencoder(spec: Spec, dtype: torch.dtype):
     from diffusers import AutoencoderTiny
 
     if spec.vae.path:
-        return AutoencoderTiny.from_pretrained(os.path.expanduser(spec.vae.path), use_safetensors=True,
-                                               **{dtype_keyword(): dtype})
+        return AutoencoderTiny.from_pretrained(str(local_folder(spec.vae.path)), use_safetensors=True,
+                                               local_files_only=True, **{dtype_keyword(): dtype})
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(3)

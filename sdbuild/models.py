@@ -3,7 +3,8 @@
 Three sources (``model.source``), one loading path: every model ends up as a diffusers folder
 with safetensors weights, loaded by ``StableDiffusionPipeline.from_pretrained``.
 
-- ``pretrained``: a hub id (already in the local Hugging Face cache) or a local folder.
+- ``pretrained``: a local folder, or a hub id already in the local Hugging Face cache (resolved
+  to its snapshot folder here: sdbuild never downloads). Checked per component before loading.
 - ``tiny`` / ``arch``: a pipeline built from code with a fixed seed and random weights: the
   embedded tiny model, or a published architecture (SD 1.5) at full size. It is saved once
   to the cache folder and loaded from there like any real model.
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
-from .spec import ModelSource, ModelSpec
+from .errors import problem
+from .spec import ModelFamily, ModelSource, ModelSpec, Spec
 
 # Bump when the code that builds a random model changes, so stale caches are not reused.
 RANDOM_MODEL_VERSION = 1
@@ -184,9 +187,9 @@ def random_model_name(model: ModelSpec) -> str:
 
 
 def model_folder(model: ModelSpec, cache_dir: str | None) -> str:
-    """The folder (or hub id) `from_pretrained` reads for this model spec."""
+    """The local folder `from_pretrained` reads for this model spec (a hub id: its cached snapshot)."""
     if model.source is ModelSource.pretrained:
-        return os.path.expanduser(model.path)
+        return str(local_folder(model.path))
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     return str(root / f"{random_model_name(model)}-v{RANDOM_MODEL_VERSION}")
 
@@ -280,6 +283,74 @@ def save_random_pipeline(name: str, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def has_safetensors(folder: Path) -> bool:
-    return any(folder.rglob("*.safetensors"))
+# The components a pipeline folder must carry, each a subfolder with its own safetensors weights.
+COMPONENTS = {
+    ModelFamily.sd15: ("unet", "vae", "text_encoder"),
+    ModelFamily.sdxl: ("unet", "vae", "text_encoder", "text_encoder_2"),
+}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
+
+class NotLocal(FileNotFoundError):
+    """A path that is neither a local folder nor a hub id in the local Hugging Face cache."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path} {why}")
+        self.why = why
+
+
+def local_folder(path: str) -> Path:
+    """`path` as a local folder: itself if it exists, else the cached snapshot of the hub id it
+    names. Never reaches for the network (`local_files_only`)."""
+    folder = Path(path).expanduser()
+    if folder.exists():
+        return folder
+    if not HUB_ID.match(path):
+        raise NotLocal(path, "does not exist and is not a hub id (org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise NotLocal(path, "is a hub id that is not in the local Hugging Face cache, and sdbuild never "
+                             "downloads") from None
+
+
+def safetensors_in(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
+
+
+def folder_problems(option: str, path: str | None, index: str, components: tuple[str, ...], fix: str) -> list[str]:
+    """What `path` (a folder or a hub id) lacks to load from local safetensors only: its `index`
+    file, and safetensors weights in every component's own subfolder ("" is the folder itself):
+    one stray .safetensors elsewhere is not enough."""
+    if not path:
+        return [problem(option, "is empty", f"Set {fix}")]
+    try:
+        folder = local_folder(path)
+    except NotLocal as exc:
+        instead = f"Download it once yourself (`hf download {path}`), or set {fix}" if HUB_ID.match(path) else f"Set {fix}"
+        return [problem(f"{option}={path}", exc.why, instead)]
+    parts = ", ".join([index] + [f"{c}/" for c in components if c])
+    if not (folder / index).is_file():
+        return [problem(f"{option}={path}", f"is not a diffusers folder (no {index} in {folder})",
+                        f"Point it at the folder that holds {parts}")]
+    missing = [f"{c}/" if c else str(folder) for c in components if not safetensors_in(folder / c)]
+    if missing:
+        return [problem(f"{option}={path}", f"holds no .safetensors weights in {', '.join(missing)} (sdbuild loads "
+                        "only safetensors, never pickles)",
+                        "Convert the weights with diffusers' save_pretrained(..., safe_serialization=True)")]
+    return []
+
+
+def model_problems(spec: Spec) -> list[str]:
+    """Problems with the spec's weight folders, found before anything loads."""
+    problems = []
+    if spec.model.source is ModelSource.pretrained:
+        problems += folder_problems("model.path", spec.model.path, "model_index.json", COMPONENTS[spec.model.family],
+                                    "model.path=/path/to/a/diffusers/folder")
+    if spec.vae.path:
+        problems += folder_problems("vae.path", spec.vae.path, "config.json", ("",),
+                                    "vae.path=/path/to/taesd (a folder with config.json and safetensors weights)")
+    return problems

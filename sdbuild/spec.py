@@ -9,6 +9,7 @@ config and `--help` stay fast.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -214,6 +215,8 @@ class Spec:
     # Sweeps: run each job in a fresh Python process (CPU memory figures untouched by earlier
     # jobs; a crash in one job cannot take the sweep down). Costs the imports once per job.
     isolate: bool = False
+    # Validate, print the resolved spec and what would be built, and stop: no weights load.
+    dry_run: bool = False
 
 
 # The config groups, in the order the builder applies them (see sdbuild/builder.py).
@@ -227,11 +230,64 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="sdbuild_schema", node=Spec)
 
 
+# Keys a composed config may hold beside the Spec's fields: Hydra's own node (dropped here).
+NOT_SPEC_KEYS = frozenset({"hydra"})
+
+
+def unknown_keys(data: Any, schema: Any = Spec, prefix: str = "") -> list[str]:
+    """Every key in `data` (a DictConfig or dict) that is not a field of `schema`, as one
+    problem line each naming the key and the nearest valid one.
+
+    Hydra adds `+key=value` overrides with `force_add`, which writes the key into the
+    structured schema's node past its struct flag, and `OmegaConf.to_object` then drops it
+    without a word: `+precison=fp16` would run fp32. So the composed keys are checked against
+    the dataclass fields here, on every path that makes a Spec.
+    """
+    import dataclasses
+    import difflib
+
+    from omegaconf import DictConfig, OmegaConf
+
+    from .errors import problem
+
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=False)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    problems = []
+    for key, value in data.items():
+        if prefix == "" and key in NOT_SPEC_KEYS:
+            continue
+        name = f"{prefix}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            instead = f"Did you mean {prefix}{near[0]}?" if near else \
+                f"Valid keys here: {', '.join(prefix + f for f in fields)}"
+            problems.append(problem(name, "is not a spec field (sdbuild refuses keys it does not know, also those "
+                                          "added with `+`, so a typo cannot silently run the default)", instead))
+            continue
+        default = getattr(schema(), key) if dataclasses.is_dataclass(schema) else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            problems += unknown_keys(value, type(default), f"{name}.")
+    return problems
+
+
+def check_keys(cfg: Any) -> None:
+    """Raise `SpecError` naming every key of `cfg` that the Spec does not have."""
+    from .errors import SpecError
+
+    if problems := unknown_keys(cfg):
+        raise SpecError(problems)
+
+
 def to_spec(cfg: Any) -> Spec:
-    """Turn a composed DictConfig into the typed `Spec` object (hydra keys dropped)."""
+    """Turn a composed DictConfig (or a plain dict, such as a recorded `spec`) into the typed
+    `Spec` object: Hydra's node dropped, unknown keys refused (`SpecError`), values typed."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    check_keys(cfg)
+    if not OmegaConf.is_config(cfg):
+        cfg = OmegaConf.create(cfg)
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in NOT_SPEC_KEYS])
     merged = OmegaConf.merge(OmegaConf.structured(Spec), cfg)
     return OmegaConf.to_object(merged)
 
@@ -243,9 +299,53 @@ def spec_to_dict(spec: Spec) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(spec), enum_to_str=True)
 
 
+# Upper bounds that keep a config from someone else from asking for an absurd allocation
+# (run.height=80000 is 100 GB of latents before the UNet starts). SDXL's native side is 1024.
+MAX_SIDE = 4096
+MAX_BATCH = 64
+
+
+def value_problems(spec: Spec) -> list[str]:
+    """Spec-level checks of sizes and paths, each naming the option (no machine, no torch)."""
+    from .errors import problem
+
+    run, problems = spec.run, []
+    for name in ("height", "width"):
+        value = getattr(run, name)
+        if value is not None and (value <= 0 or value % 8 or value > MAX_SIDE):
+            fixed = min(MAX_SIDE, max(8, round(value / 8) * 8))
+            problems.append(problem(f"run.{name}={value}", f"must be a positive multiple of 8 (the VAE downsamples "
+                                    f"8x), at most {MAX_SIDE}", f"Use run.{name}={fixed}"))
+    if run.batch_size > MAX_BATCH:
+        problems.append(problem(f"run.batch_size={run.batch_size}", f"is more than {MAX_BATCH} images per call",
+                                f"Use run.batch_size={MAX_BATCH} or less, and run.repeats for more samples"))
+    for option, value in (("cache_dir", spec.cache_dir), ("compile.cache_dir", spec.compile.cache_dir)):
+        if value is not None and (why := _unwritable(value)):
+            problems.append(problem(f"{option}={value}", why, f"Set {option} to a folder you can write, or leave it unset"))
+    if spec.resume is not None and not os.path.isdir(os.path.expanduser(spec.resume)):
+        problems.append(problem(f"resume={spec.resume}", "is not a folder", "Point resume at an earlier sweep's folder "
+                                "(outputs/multirun/<time>)"))
+    return problems
+
+
+def _unwritable(path: str) -> Optional[str]:
+    """Why a folder cannot be used (or made) for writing, else None."""
+    if not path.strip():
+        return "is empty"
+    folder = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "is a file, not a folder"
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written ({existing} is not writable)"
+    return None
+
+
 # Fields that say how a run is measured or where it is stored, not what pipeline is built:
 # left out of the identity used to match rows when a sweep is resumed.
-_NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir", "isolate"}
+_NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir", "isolate", "dry_run"}
 
 
 def spec_key(spec_dict: dict) -> str:

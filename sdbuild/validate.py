@@ -14,16 +14,14 @@ import shutil
 import sysconfig
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import FrozenSet, Optional, Tuple
 
 from .capabilities import EXCLUSIONS, REQUIREMENTS, Requirement, requirement_needs
 from .errors import SpecError, problem
-from .models import has_safetensors
-from .spec import Device, ModelSource, Spec
+from .models import model_problems
+from .spec import Device, Spec, value_problems
 
 OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -102,11 +100,7 @@ def _unmet(req: Requirement, device: str, machine: Machine) -> Optional[str]:
 
 
 def _check_values(spec: Spec) -> list[str]:
-    run, problems = spec.run, []
-    for name in ("height", "width"):
-        value = getattr(run, name)
-        if value is not None and (value <= 0 or value % 8):
-            problems.append(problem(f"run.{name}={value}", "must be a positive multiple of 8 (the VAE downsamples 8x)", f"Use run.{name}={max(8, round(value / 8) * 8)}"))
+    run, problems = spec.run, value_problems(spec)  # sizes and paths: spec-level rules (spec.py)
     for name, low in (("steps", 1), ("batch_size", 1), ("repeats", 1), ("warmup", 0)):
         value = getattr(run, name)
         if value < low:
@@ -115,26 +109,8 @@ def _check_values(spec: Spec) -> list[str]:
         problems.append(problem(f"run.guidance_scale={run.guidance_scale}", "must be >= 0", "Use 7.5 (typical) or 1.0 (no classifier-free guidance)"))
     if spec.attention.slice_size is not None and spec.attention.slice_size not in ("auto", "max") and not str(spec.attention.slice_size).isdigit():
         problems.append(problem(f"attention.slice_size={spec.attention.slice_size}", "must be auto, max or a number of heads", "Use attention.slice_size=auto"))
-    problems += _check_model_path(spec)
+    problems += model_problems(spec)  # weight folders, per component (models.py)
     return problems
-
-
-def _check_model_path(spec: Spec) -> list[str]:
-    model = spec.model
-    if model.source is not ModelSource.pretrained:
-        return []
-    if not model.path:
-        return [problem(f"model={model.name}", "model.path is empty", "Set model.path=/path/to/model_folder or a hub id")]
-    folder = Path(model.path).expanduser()
-    if folder.exists():
-        if not (folder / "model_index.json").exists():
-            return [problem(f"model.path={model.path}", "is not a diffusers pipeline folder (no model_index.json)", "Point it at the folder that holds model_index.json, unet/, vae/, ...")]
-        if not has_safetensors(folder):
-            return [problem(f"model.path={model.path}", "holds no .safetensors weights (sdbuild loads only safetensors, never pickles)", "Convert the weights with diffusers' save_pretrained(..., safe_serialization=True)")]
-        return []
-    if not HUB_ID.match(model.path):
-        return [problem(f"model.path={model.path}", "does not exist and is not a hub id (org/name)", "Give an existing local folder or a hub id already in the Hugging Face cache")]
-    return []
 
 
 def validate(spec: Spec, machine: Optional[Machine] = None) -> str:

@@ -1,0 +1,113 @@
+"""`python -m sdbuild.replay RUN_DIR`: rerun exactly the spec a past run recorded.
+
+The recorded `spec` (from RUN_DIR/result.json) is the whole input: it is checked against the
+typed schema like any config (unknown keys refused) and run through `sdbuild.run`, the CLI's own
+path, into a new `outputs/runs/<time>` folder with the old labels. No Hydra config is composed,
+so nothing but data is read from the old run. Then it prints the new median beside the recorded
+one and every environment fact that differs (versions, device, flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+# Environment facts that are expected to change between any two runs.
+_NOT_COMPARED = {"pid"}
+
+
+def load_row(path: str | Path) -> Dict[str, Any]:
+    """The row recorded in a run folder (or a result.json given directly)."""
+    from .job import RESULT
+
+    path = Path(path)
+    result = path / RESULT if path.is_dir() else path
+    if not result.is_file():
+        raise SystemExit(f"sdbuild.replay: {result} does not exist: give a run folder that holds a {RESULT}")
+    row = json.loads(result.read_text())
+    if not isinstance(row.get("spec"), dict):
+        raise SystemExit(f"sdbuild.replay: {result} records no spec (status {row.get('status')!r}): nothing to replay")
+    return row
+
+
+def _flatten(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def env_differences(old: Optional[Dict[str, Any]], new: Optional[Dict[str, Any]]) -> List[str]:
+    """`name: old -> new` for every environment fact (flags included) that differs."""
+    old, new = _flatten(old or {}), _flatten(new or {})
+    return [f"{key}: {old.get(key)} -> {new.get(key)}" for key in sorted(old.keys() | new.keys())
+            if key not in _NOT_COMPARED and old.get(key) != new.get(key)]
+
+
+def median(row: Dict[str, Any]) -> Optional[float]:
+    return (row.get("latency_s") or {}).get("median")
+
+
+def compare(old: Dict[str, Any], new: Dict[str, Any]) -> str:
+    """The lines replay prints: both medians, their ratio, and what differs in the environment."""
+    lines = []
+    before, after = median(old), median(new)
+    if before is not None and after is not None:
+        ratio = after / before
+        lines.append(f"median {after:.3f} s now vs {before:.3f} s recorded (x{ratio:.2f}, "
+                     f"{'slower' if ratio > 1 else 'faster' if ratio < 1 else 'same'})")
+    else:
+        lines.append(f"median now: {after if after is None else f'{after:.3f} s'} ({new['status']}); "
+                     f"recorded: {before if before is None else f'{before:.3f} s'} ({old.get('status')})")
+    if new.get("spec_key") != old.get("spec_key"):  # only when the schema's defaults changed since
+        lines.append(f"note: spec key {old.get('spec_key')} recorded, {new.get('spec_key')} now")
+    diffs = env_differences(old.get("env"), new.get("env"))
+    lines.append("environment: same versions, device and flags" if not diffs else
+                 "environment differences:\n" + "\n".join(f"  {d}" for d in diffs))
+    return "\n".join(lines)
+
+
+def replay(run_dir: str | Path, out_dir: Optional[str | Path] = None) -> Dict[str, Any]:
+    """Rerun the spec recorded in `run_dir`; return the new row (written under `out_dir`)."""
+    import sdbuild
+
+    from .spec import to_spec
+
+    old = load_row(run_dir)
+    spec = to_spec(old["spec"])
+    spec.resume = None  # a replay measures again; it never copies the old measurement
+    return sdbuild.run(spec, out_dir, choices=old.get("choices") or None, overrides=old.get("overrides"),
+                       job={"replay_of": str(Path(run_dir).resolve())})
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdbuild.replay", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a run folder holding result.json (outputs/runs/<time>, or a sweep's job folder)")
+    parser.add_argument("--out", help="where to write the new run (default: a new outputs/runs/<time>)")
+    args = parser.parse_args(argv)
+
+    from .app import summary_line
+    from .errors import SpecError
+
+    old = load_row(args.run_dir)
+    try:
+        new = replay(args.run_dir, args.out)
+    except SpecError as exc:
+        print(f"sdbuild.replay: the recorded spec is refused:\n{exc}", file=sys.stderr)
+        return 2
+    print(summary_line(new))
+    print(compare(old, new))
+    print(f"result: {Path(new['job']['output_dir']) / 'result.json'}")
+    if new["status"] == "ok":
+        return 0
+    return 2 if new["status"] == "unsupported" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""A shared spec is data, never code: unknown keys are refused (also with `+`), weights come from
+local safetensors only, and sizes and paths are checked before anything loads."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+import sdbuild
+from sdbuild.errors import SpecError
+from sdbuild.models import ensure_model
+from sdbuild.spec import to_spec
+from sdbuild.validate import Machine, validate
+
+from conftest import FAST, ROOT, run_cli
+
+CPU = Machine(cuda=False, device_name="cpu", capability=None, packages=frozenset(), diffusers_version="0.42.1",
+              c_compiler=True)
+
+
+def refusal(overrides, machine=CPU) -> str:
+    with pytest.raises(SpecError) as err:
+        validate(sdbuild.compose(overrides), machine)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("override,key,nearest", [
+    ("+precison=fp16", "precison", "precision"),
+    ("+run.stepz=3", "run.stepz", "run.steps"),
+    ("+attention.fuse_qvk=true", "attention.fuse_qvk", "attention.fuse_qkv"),
+    ("++compile.cache=/tmp/x", "compile.cache", "compile.cache_dir"),
+])
+def test_unknown_key_added_with_plus_is_refused(override, key, nearest):
+    with pytest.raises(SpecError) as err:
+        sdbuild.compose([override])
+    assert f"{key}:" in str(err.value) and f"Did you mean {nearest}?" in str(err.value)
+
+
+def test_every_unknown_key_is_named_at_once_and_known_ones_pass():
+    with pytest.raises(SpecError) as err:
+        sdbuild.compose(["+precison=fp16", "+run.stepz=3", "run.steps=3"])
+    assert "precison" in str(err.value) and "run.stepz" in str(err.value)
+    assert sdbuild.compose(["run.steps=3", "+preset=cpu_best"]).run.steps == 3  # a real group with `+` still works
+
+
+def test_a_recorded_spec_with_an_unknown_key_is_refused():
+    spec = sdbuild.spec.spec_to_dict(sdbuild.compose())
+    assert to_spec(spec) == sdbuild.compose()
+    spec["run"]["stepz"] = 3
+    with pytest.raises(SpecError, match=r"run\.stepz.*Did you mean run\.steps"):
+        to_spec(spec)
+
+
+def test_cli_refuses_an_unknown_key_before_running(tmp_path):
+    out = run_cli("+precison=fp16", f"hydra.run.dir={tmp_path}", *FAST)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "precison" in out.stderr and "Did you mean precision?" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "result.json").exists()  # nothing was built or measured
+
+
+def test_a_sweep_with_an_unknown_key_stops_at_once(tmp_path):
+    out = run_cli("--multirun", "+run.stepz=3", "precision=fp32,bf16", f"hydra.sweep.dir={tmp_path}", *FAST)
+    assert out.returncode == 2 and "run.stepz" in out.stderr and "Traceback" not in out.stderr
+    assert not list(tmp_path.glob("*/result.json"))
+
+
+# Weights: local safetensors only, every component --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_folder():
+    return Path(ensure_model(sdbuild.compose().model, None))
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_complete_local_folder_passes(tiny_folder, tmp_path):
+    folder = copy_model(tiny_folder, tmp_path / "sd")
+    assert validate(sdbuild.compose(["model=sd15", f"model.path={folder}"]), CPU) == "cpu"
+
+
+def test_each_component_needs_its_own_safetensors(tiny_folder, tmp_path):
+    folder = copy_model(tiny_folder, tmp_path / "sd")
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").rename(folder / "stray.safetensors")
+    text = refusal(["model=sd15", f"model.path={folder}"])
+    assert "no .safetensors weights in vae/, text_encoder/" in text and "model.path=" in text
+
+
+def test_sdxl_needs_its_second_text_encoder(tiny_folder, tmp_path):
+    folder = copy_model(tiny_folder, tmp_path / "sd")  # an SD 1.x folder has no text_encoder_2/
+    assert "text_encoder_2/" in refusal(["model=sdxl", f"model.path={folder}"])
+
+
+def test_vae_path_is_checked_too(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    text = refusal(["vae=tiny", f"vae.path={tmp_path}"])
+    assert f"vae.path={tmp_path}" in text and "no .safetensors" in text
+
+
+HF_ENV_CODE = """
+import sys, sdbuild
+from sdbuild.errors import SpecError
+spec = sdbuild.compose(["model=sd15", "model.path=" + sys.argv[1], "run.steps=2", "run.device=cpu"])
+try:
+    pipe = sdbuild.build(spec)
+except SpecError as exc:
+    print("REFUSED", exc)
+else:
+    print("BUILT", type(pipe).__name__)
+"""
+
+
+def run_offline(hub_id: str, hf_cache: Path):
+    """Build in a fresh process whose Hugging Face cache is `hf_cache` and whose hub endpoint is a
+    local socket that counts connections and drops them: returns the output and how often the
+    network was tried (huggingface_hub falls back to its cache when the hub fails, so a load that
+    succeeds says nothing by itself)."""
+    tries = []
+    with socket.socket() as hub:
+        hub.bind(("127.0.0.1", 0))
+        hub.listen(16)
+        hub.settimeout(0.2)
+
+        def count():
+            while not done.is_set():
+                try:
+                    conn, _ = hub.accept()
+                except OSError:
+                    continue
+                tries.append(1)
+                conn.close()
+
+        done = threading.Event()
+        counter = threading.Thread(target=count, daemon=True)
+        counter.start()
+        env = {**os.environ, "HF_HUB_CACHE": str(hf_cache), "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}"}
+        env.pop("HF_HUB_OFFLINE", None)
+        try:
+            out = subprocess.run([sys.executable, "-c", HF_ENV_CODE, hub_id], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=600)
+        finally:
+            done.set()
+            counter.join()
+    return out, len(tries)
+
+
+def test_hub_id_loads_from_the_local_cache_only(tiny_folder, tmp_path):
+    """A hub id in the cache loads without a single connection to the hub; one not in the cache
+    is refused before loading, saying how to get it."""
+    repo = tmp_path / "hub" / "models--team--tiny-sd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    copy_model(tiny_folder, repo / "snapshots" / ("0" * 40))
+    out, contacted = run_offline("team/tiny-sd", tmp_path / "hub")
+    assert "BUILT StableDiffusionPipeline" in out.stdout, out.stdout + out.stderr
+    assert not contacted, "loading a cached hub id tried the network"
+    out, contacted = run_offline("team/not-cached", tmp_path / "hub")
+    assert "REFUSED" in out.stdout and "not in the local Hugging Face cache" in out.stdout, out.stdout + out.stderr
+    assert "hf download team/not-cached" in out.stdout and not contacted
+
+
+# Sizes and paths ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["run.height=80000"], "run.height=80000: must be a positive multiple of 8 (the VAE downsamples 8x), at most 4096"),
+    (["run.width=100"], "Use run.width=96"),
+    (["run.batch_size=100000"], "run.batch_size=100000"),
+    (["resume=/nonexistent/sweep"], "resume=/nonexistent/sweep: is not a folder"),
+])
+def test_sizes_and_paths_name_the_option(overrides, needle):
+    assert needle in refusal(overrides)
+
+
+@pytest.mark.parametrize("option", ["cache_dir", "compile.cache_dir"])
+def test_a_cache_dir_that_is_a_file(option, tmp_path):
+    (tmp_path / "file").write_text("")
+    assert f"{option}={tmp_path / 'file'}: is a file, not a folder" in refusal([f"{option}={tmp_path / 'file'}"])
+
+
+# The Hydra release sdbuild asks for ---------------------------------------------------------------
+
+
+def test_hydra_with_the_instantiate_blocklist_is_required():
+    """Hydra instantiates `hydra.callbacks`, launchers and sweepers from config: sdbuild asks for
+    the 1.3 release that refuses dangerous targets (1.3.4), and the installed one does."""
+    pin = re.search(r'"hydra-core>=([\d.]+),<1\.4"', (ROOT / "pyproject.toml").read_text())
+    assert pin and tuple(map(int, pin.group(1).split("."))) >= (1, 3, 4)
+    assert tuple(map(int, metadata.version("hydra-core").split(".")[:3])) >= (1, 3, 4)
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    with pytest.raises(InstantiationException, match="blocklisted"):
+        instantiate({"_target_": "os.system", "_args_": ["true"]})
+
+
+def test_recorded_spec_is_plain_json():
+    """What result.json records (and replay reads) is data: only JSON scalars, lists and dicts."""
+    spec = sdbuild.spec.spec_to_dict(sdbuild.compose(["precision=bf16"]))
+    assert json.loads(json.dumps(spec)) == spec
+
+
+# Config reuse across teams: a team's own folder or package on Hydra's search path -----------------
+
+TEAM_CONF = ROOT / "tests" / "data" / "team_conf"
+TEAM_PKG = ROOT / "tests" / "data" / "team_pkg"
+
+
+def test_a_team_folder_adds_presets_and_models_without_copying():
+    spec = sdbuild.compose([f"hydra.searchpath=[file://{TEAM_CONF}]", "+preset=team_fast", "model=team_tiny"])
+    assert (spec.preset, spec.precision.name, spec.attention.name, spec.run.steps) == ("team_fast", "bf16", "sdpa", 20)
+    assert (spec.model.name, spec.model.resolution) == ("team_tiny", 128)
+    assert not (ROOT / "conf" / "preset" / "team_fast.yaml").exists()  # found where the team keeps it
+    with pytest.raises(Exception, match="team_tiny"):
+        sdbuild.compose(["model=team_tiny"])  # and only through the search path
+
+
+def test_a_team_package_adds_presets(monkeypatch):
+    monkeypatch.syspath_prepend(str(TEAM_PKG))
+    spec = sdbuild.compose(["hydra.searchpath=[pkg://team_sdbuild_conf]", "+preset=team_pkg_sdpa"])
+    assert spec.preset == "team_pkg_sdpa" and spec.attention.name == "sdpa"
+
+
+def test_cli_runs_a_team_preset_on_a_team_model(tmp_path):
+    out = run_cli(f"hydra.searchpath=[file://{TEAM_CONF}]", "+preset=team_fast", "model=team_tiny", "precision=fp32",
+                  *FAST, f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    row = json.loads((tmp_path / "result.json").read_text())
+    assert row["status"] == "ok" and row["preset"] == "team_fast"
+    assert row["choices"]["model"] == "team_tiny" and row["choices"]["attention"] == "sdpa"
+    assert row["spec"]["run"]["steps"] == 4  # the command line still wins over the preset
+    assert (tmp_path / "image.png").exists()
