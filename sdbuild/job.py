@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .errors import SpecError
+from .hardware import job_facts
 from .report import write_atomic
 from .spec import GROUPS, Spec, spec_key, spec_to_dict
 
@@ -149,7 +150,7 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
         status="failed", error=None, choices=choices, preset=spec.preset, preset_order=spec.preset_order,
         overrides=overrides, spec_key=spec_key(spec_dict), spec=spec_dict, latency_s=None, warmup_s=None,
         warmup_runs_s=None, load_s=None, build_s=None, peak_memory_mb=None, image=None, image_stats=None,
-        compile_cache=None, env=None, job=job or {}, reused_from=None,
+        compile_cache=None, env=None, job={**(job or {}), **job_facts()}, reused_from=None,
     )
     label = " ".join(f"{g}={choices[g]}" for g in GROUPS if g in choices)
     if spec.resume and (found := _find_completed(spec.resume, row["spec_key"])):
