@@ -128,6 +128,48 @@ def test_report_names_a_job_that_left_no_row(tmp_path):
     assert "run.steps=3" in (tmp_path / "report.md").read_text()
 
 
+# --- one node, several GPUs, no scheduler (hydra/launcher=local_gpus) --------------------------------
+
+# A job process as submitit's local executor starts it, on a node whose CUDA shows two GPUs. (The GPU
+# count is the one thing faked: this machine has none. The claiming, locks and waiting are real.)
+CLAIM = """
+import os, sys
+from sdbuild import hardware
+hardware._visible_gpus = lambda: ["0", "1"]
+gpu = hardware.claim_gpu(lock_dir=sys.argv[1], poll_s=0.1)
+print(gpu, os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
+sys.stdin.read()  # hold the GPU until the test closes stdin
+"""
+
+
+def test_local_gpus_jobs_each_claim_a_gpu_of_their_own_and_wait_for_a_free_one(tmp_path):
+    import select
+
+    env = {**os.environ, "SUBMITIT_EXECUTOR": "local"}
+    jobs = [subprocess.Popen([sys.executable, "-c", CLAIM, str(tmp_path)], cwd=ROOT, env=env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(3)]
+    try:
+        said = {}
+        deadline = time.time() + 120
+        while len(said) < 2 and time.time() < deadline:
+            ready, _, _ = select.select([j.stdout for j in jobs if j not in said], [], [], 1)
+            for job in jobs:
+                if job.stdout in ready:
+                    said[job] = job.stdout.readline().split()
+        assert sorted(said.values()) == [["0", "0"], ["1", "1"]]  # two GPUs, two jobs, one each
+        waiting = next(j for j in jobs if j not in said)
+        assert select.select([waiting.stdout], [], [], 2)[0] == []  # the third waits: no GPU is free
+        holder = next(iter(said))
+        holder.stdin.close()
+        holder.wait(timeout=60)
+        assert select.select([waiting.stdout], [], [], 60)[0], "the waiting job never got the freed GPU"
+        assert waiting.stdout.readline().split() == said[holder]
+    finally:
+        for job in jobs:
+            job.kill()
+            job.wait()
+
+
 # --- a real SLURM cluster: one node, this machine ----------------------------------------------------
 
 
