@@ -11,11 +11,14 @@
 # `gpu` GRES (so `--gpus-per-node=1` gives each job its own GPU through CUDA_VISIBLE_DEVICES).
 # One partition, `debug` (SDBUILD_SLURM_PARTITION to rename). Cores are the consumable resource
 # (select/cons_tres, CR_Core) and task/affinity binds each job to the cores it was given, so a job
-# sees, and a row records, exactly the CPUs it had. There is no accounting database (slurmdbd needs
-# MySQL); finished jobs are logged to /var/log/slurm/jobcomp.log instead.
+# sees, and a row records, exactly the CPUs it had. Accounting: slurmdbd on a local MariaDB (socket
+# only, no network), so `sacct` answers and submitit can follow its jobs without a warning per poll;
+# SDBUILD_SLURM_ACCOUNTING=0 leaves it out (two packages fewer; submitit then warns that sacct is
+# unavailable, harmlessly). Finished jobs are also logged to /var/log/slurm/jobcomp.log.
 set -euo pipefail
 
 PARTITION=${SDBUILD_SLURM_PARTITION:-debug}
+ACCOUNTING=${SDBUILD_SLURM_ACCOUNTING:-1}
 CONF=/etc/slurm/slurm.conf
 MARK="# written by sdbuild scripts/slurm_cluster.sh"
 PIDS=/run/sdbuild-slurm
@@ -30,14 +33,18 @@ running() {  # running NAME PIDFILE: is the process in PIDFILE alive and called 
 }
 
 install_packages() {
-    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
-            && command -v munged >/dev/null; then
-        return
-    fi
-    command -v apt-get >/dev/null || die "needs apt-get (Debian/Ubuntu) to install slurmctld slurmd slurm-client munge"
-    say "installing slurmctld slurmd slurm-client munge"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null \
-        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; }
+    local wanted=(slurmctld slurmd slurm-client munge) missing=()
+    (( ACCOUNTING )) && wanted+=(slurmdbd mariadb-server)
+    local pkg
+    for pkg in "${wanted[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+    (( ${#missing[@]} )) || return 0
+    command -v apt-get >/dev/null || die "needs apt-get (Debian/Ubuntu) to install ${missing[*]}"
+    say "installing ${missing[*]}"
+    local apt=(apt-get install -y -qq -o DPkg::Lock::Timeout=300 "${missing[@]}")
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null; }
 }
 
 start_munge() {
@@ -68,7 +75,6 @@ write_conf() {
     host=$(hostname -s)
     node=$(slurmd -C | head -1)  # NodeName=<host> CPUs=.. Boards=.. ... RealMemory=..
     n=$(gpus)
-    install -d -m 0755 "$STATE/ctld" "$STATE/d" "$LOG" "$PIDS"
     {
         echo "$MARK"
         echo "ClusterName=sdbuild"
@@ -86,9 +92,15 @@ write_conf() {
         echo "SlurmdPidFile=$PIDS/slurmd.pid"
         echo "SlurmctldLogFile=$LOG/slurmctld.log"
         echo "SlurmdLogFile=$LOG/slurmd.log"
-        # No slurmdbd: sacct has nothing to read. Finished jobs (start/end time, node) go to a text log.
-        echo "AccountingStorageType=accounting_storage/none"
-        echo "JobAcctGatherType=jobacct_gather/none"
+        if (( ACCOUNTING )); then
+            echo "AccountingStorageType=accounting_storage/slurmdbd"
+            echo "AccountingStorageHost=localhost"
+            echo "JobAcctGatherType=jobacct_gather/linux"
+        else  # sacct has nothing to read; submitit warns on each poll and follows jobs by their files
+            echo "AccountingStorageType=accounting_storage/none"
+            echo "JobAcctGatherType=jobacct_gather/none"
+        fi
+        # Finished jobs (start/end time, node) also go to a text log.
         echo "JobCompType=jobcomp/filetxt"
         echo "JobCompLoc=$LOG/jobcomp.log"
         echo "SchedulerType=sched/backfill"
@@ -109,11 +121,52 @@ write_conf() {
     fi
 }
 
+start_accounting() {  # MariaDB on a socket, the accounting database, slurmdbd
+    if ! mysqladmin ping --silent >/dev/null 2>&1; then
+        install -d -o mysql -g mysql -m 0755 /run/mysqld
+        [[ -d /var/lib/mysql/mysql ]] || mariadb-install-db --user=mysql >/dev/null
+        say "starting mariadbd (socket only)"
+        setsid mariadbd --user=mysql --skip-networking --pid-file=/run/mysqld/mariadbd.pid </dev/null >>"$LOG/mariadbd.log" 2>&1 &
+        for _ in $(seq 100); do mysqladmin ping --silent >/dev/null 2>&1 && break; sleep 0.2; done
+        mysqladmin ping --silent >/dev/null 2>&1 || die "mariadbd did not come up; see $LOG/mariadbd.log"
+    fi
+    mysql -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+              CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'sdbuild-local';
+              GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
+    {
+        echo "$MARK"
+        echo "AuthType=auth/munge"
+        echo "DbdHost=localhost"
+        echo "SlurmUser=root"
+        echo "StorageType=accounting_storage/mysql"
+        echo "StorageHost=localhost"
+        echo "StorageUser=slurm"
+        echo "StoragePass=sdbuild-local"
+        echo "StorageLoc=slurm_acct_db"
+        echo "PidFile=$PIDS/slurmdbd.pid"
+        echo "LogFile=$LOG/slurmdbd.log"
+    } >/etc/slurm/slurmdbd.conf
+    chmod 0600 /etc/slurm/slurmdbd.conf
+    if ! running slurmdbd "$PIDS/slurmdbd.pid"; then
+        say "starting slurmdbd"
+        slurmdbd
+    fi
+    for _ in $(seq 100); do sacctmgr -n show cluster >/dev/null 2>&1 && break; sleep 0.2; done
+    sacctmgr -n show cluster format=cluster 2>/dev/null | grep -qw sdbuild || sacctmgr -i add cluster sdbuild >/dev/null
+}
+
 start() {
     [[ $(id -u) == 0 ]] || die "must run as root (it installs packages and starts daemons); try: sudo $0"
     install_packages
     start_munge
+    install -d -m 0755 "$STATE/ctld" "$STATE/d" "$LOG" "$PIDS"
+    local before
+    before=$(cat "$CONF" 2>/dev/null || true)
     write_conf
+    if [[ "$(cat "$CONF")" != "$before" ]]; then  # a changed configuration needs fresh daemons
+        stop_daemons slurmd slurmctld
+    fi
+    if (( ACCOUNTING )); then start_accounting; fi
     running slurmctld "$PIDS/slurmctld.pid" || { say "starting slurmctld"; slurmctld; }
     running slurmd "$PIDS/slurmd.pid" || { say "starting slurmd"; slurmd; }
     local host state
@@ -130,14 +183,22 @@ start() {
     say "up: partition $PARTITION, node $(sinfo -h -n "$host" -o '%n %c CPUs %m MB %G')"
 }
 
-stop() {
-    local name
-    for name in slurmd slurmctld; do
-        if running "$name" "$PIDS/$name.pid"; then
+stop_daemons() {  # stop_daemons NAME...: daemons this script started, by their pid files; waits until gone
+    local name pid file
+    for name in "$@"; do
+        file=$PIDS/$name.pid
+        [[ $name == mariadbd ]] && file=/run/mysqld/mariadbd.pid
+        if running "$name" "$file"; then
+            pid=$(cat "$file")
             say "stopping $name"
-            kill "$(cat "$PIDS/$name.pid")"
+            kill "$pid"
+            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         fi
     done
+}
+
+stop() {
+    stop_daemons slurmd slurmctld slurmdbd mariadbd
     if [[ -f /run/munge/munged.pid ]] && running munged /run/munge/munged.pid; then
         say "stopping munged"
         kill "$(cat /run/munge/munged.pid)"
