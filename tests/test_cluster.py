@@ -200,12 +200,16 @@ def slurm_cluster():
 
 
 def _job_times(jobcomp: Path, job_id: str):
-    """(start, end) of a finished SLURM job, from the job-completion log the cluster script configures."""
-    for line in reversed(jobcomp.read_text().splitlines()):
-        if f"JobId={job_id} " in line:
+    """(start, end) of a finished SLURM job, from the job-completion log the cluster script configures
+    (slurmctld may write it a moment after the job's result reached the sweep)."""
+    deadline = time.time() + 60
+    while True:
+        for line in jobcomp.read_text().splitlines():
             fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-            return tuple(datetime.fromisoformat(fields[k]) for k in ("StartTime", "EndTime"))
-    raise AssertionError(f"job {job_id} is not in {jobcomp}")
+            if fields.get("JobId") == job_id:
+                return tuple(datetime.fromisoformat(fields[k]) for k in ("StartTime", "EndTime"))
+        assert time.time() < deadline, f"job {job_id} is not in {jobcomp}"
+        time.sleep(1)
 
 
 @needs_slurm
