@@ -122,6 +122,9 @@ write_conf() {
 }
 
 start_accounting() {  # MariaDB on a socket, the accounting database, slurmdbd
+    if [[ -f /etc/slurm/slurmdbd.conf ]] && ! grep -qF "$MARK" /etc/slurm/slurmdbd.conf; then
+        die "/etc/slurm/slurmdbd.conf exists and was not written by this script: not touching it"
+    fi
     if ! mysqladmin ping --silent >/dev/null 2>&1; then
         install -d -o mysql -g mysql -m 0755 /run/mysqld
         [[ -d /var/lib/mysql/mysql ]] || mariadb-install-db --user=mysql >/dev/null

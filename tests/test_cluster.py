@@ -109,7 +109,7 @@ def test_a_killed_job_leaves_the_other_row_and_the_report(tmp_path):
     log, _ = sweep.communicate(timeout=300)
     assert not (tmp_path / "1" / "result.json").exists()
     assert sweep.returncode != 0  # Hydra's submitit launcher reports the lost job ...
-    assert "job 1" in log.lower() or "#1" in log or "exited with code" in log or "killed" in log.lower(), log[-3000:]
+    assert "has not produced any output" in log, log[-3000:]  # submitit's word for a job that died
     kept = rows(tmp_path)
     assert list(kept) == ["0"] and kept["0"]["status"] == "ok"  # ... and the finished row stays
     table = report_rows(tmp_path)  # the report is built from what exists
@@ -118,7 +118,6 @@ def test_a_killed_job_leaves_the_other_row_and_the_report(tmp_path):
 
 @pytest.mark.xfail(strict=True, reason="the report does not yet name jobs that left no row (issue 8, helper "
                    "'results': missing/failed rows); remove this mark when it does")
-@needs_submitit
 def test_report_names_a_job_that_left_no_row(tmp_path):
     # The state a killed job leaves, without the wait: a two-job sweep's folders, one row missing.
     out = run_cli("--multirun", f"hydra.sweep.dir={tmp_path}", "run.steps=2,3", "run.warmup=0", "run.repeats=1")
