@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional
 
 from . import results
 from .errors import SpecError, problem
+from .hardware import job_facts
 from .results import ERROR_LOG, IMAGE_FILE, RESULT_FILE, Status
 from .spec import CompileMethod, Spec, spec_key, spec_to_dict
 
@@ -170,7 +171,7 @@ def base_row(spec: Spec, choices: Dict[str, str], overrides: list[str], job: Dic
     spec_dict = spec_to_dict(spec)
     return results.new_row(status=Status.failed.value, choices=dict(choices), preset=spec.preset,
                            preset_order=spec.preset_order, overrides=list(overrides), spec_key=spec_key(spec_dict),
-                           spec=spec_dict, job=dict(job or {}))
+                           spec=spec_dict, job={**(job or {}), **job_facts()})
 
 
 def write_row(out_dir: Path, row: Dict[str, Any]) -> Dict[str, Any]:
