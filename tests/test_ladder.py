@@ -135,6 +135,22 @@ def test_a_row_whose_image_cannot_be_compared_is_not_kept_under_a_bound():
     assert rejection(m, Bounds(psnr_db=None)) is None
 
 
+def test_walk_order_and_start_from_the_settings():
+    from hydra_plugins.sdbuild_ladder.ladder_sweeper import LadderError, LadderSweeper
+
+    axes = {"compile": ["none", "trace"], "run.steps": ["4", "1"], "precision": ["fp32", "bf16"], "+preset": ["a", "b"]}
+    assert LadderSweeper()._walk_order(axes) == ["precision", "compile", "run.steps", "+preset"]
+    assert LadderSweeper(order=["preset", "compile"])._walk_order(axes) == ["+preset", "compile", "run.steps", "precision"]
+    with pytest.raises(LadderError, match="'atention'.*not swept"):
+        LadderSweeper(order=["atention"])._walk_order(axes)
+    assert LadderSweeper(start={"precision": "bf16"})._start(axes) == {
+        "compile": "none", "run.steps": "4", "precision": "bf16", "+preset": "a"}
+    with pytest.raises(LadderError, match="not one of the swept options"):
+        LadderSweeper(start={"precision": "fp16"})._start(axes)
+    with pytest.raises(LadderError, match="not a swept axis"):
+        LadderSweeper(start={"attention": "sdpa"})._start(axes)
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end on the tiny model
 

@@ -2,7 +2,7 @@
 when it scans the `hydra_plugins` namespace, so the registration needs no import from the app).
 
     python -m sdbuild --multirun hydra/sweeper=ladder precision=fp32,bf16 attention=classic,sdpa
-    ... hydra.sweeper.psnr_db=30 hydra.sweeper.order=[attention,precision] hydra.sweeper.start.precision=bf16
+    ... hydra.sweeper.psnr_db=30 hydra.sweeper.order=[attention,precision] +hydra.sweeper.start.precision=bf16
 """
 
 from dataclasses import dataclass, field
@@ -25,7 +25,8 @@ class LadderConf:
     # Default: _ladder.DEFAULT_ORDER (precision, quant, memory_format, attention, memory, vae,
     # scheduler, compile), then the command line's order.
     order: Optional[List[str]] = None
-    # Start option per axis (`hydra.sweeper.start.precision=bf16`); default: the axis' first value.
+    # Start option per axis (`+hydra.sweeper.start.precision=bf16`: the `+` adds a key to the
+    # dict); default: the axis' first value.
     # The start recipe is the baseline: speed-ups and fidelity are measured against it.
     start: Dict[str, str] = field(default_factory=dict)
     # Fidelity bound against the baseline image: a lever is kept only if PSNR >= psnr_db. 50 dB

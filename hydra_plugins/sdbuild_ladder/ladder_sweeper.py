@@ -195,7 +195,7 @@ class LadderSweeper(Sweeper):
                     raise LadderError(
                         f"hydra/sweeper=ladder: the baseline ({incumbent.label(order)}) is {incumbent.status}: "
                         f"{(incumbent.row or {}).get('error') or 'no row'}. Start from a recipe that runs here: "
-                        f"put a supported option first in each axis or set hydra.sweeper.start.<axis>=<option>.")
+                        f"put a supported option first in each axis or set +hydra.sweeper.start.<axis>=<option>.")
                 for m in self.cache.values():
                     measure_fidelity(m, incumbent)
             if key is None:
@@ -203,7 +203,7 @@ class LadderSweeper(Sweeper):
             verdict = Verdict.baseline if incumbent is self.baseline else Verdict.current
             kept, trials = choose(incumbent, measured, self.bounds, verdict)
             steps.append(Step(key, incumbent, kept, trials))
-            note = f"kept {key}={kept.choices[key]}" if kept is not incumbent else f"kept {key}={current[key]} (no option faster beyond noise)"
+            note = f"kept {key}={kept.choices[key]}" if kept is not incumbent else f"kept {key}={current[key]} (no other option qualified)"
             print(f"[ladder] step {len(steps)}: {note}; median {kept.median:.4f} s, "
                   f"x{self.baseline.median / kept.median:.2f} on the baseline", flush=True)
             current = dict(kept.choices)
