@@ -10,7 +10,7 @@ Three sweeps over the same space on the tiny model:
     python benchmarks/ladder_vs_grid.py                       # 2 x 2 x 3 x 2 = 24 combinations
     python benchmarks/ladder_vs_grid.py --keep out/ run.repeats=5 compile=none,trace,export
 
-Extra arguments are overrides for all three sweeps (a swept key replaces the default axis).
+Extra arguments are overrides for all three sweeps (one naming an axis replaces it).
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the three sweep folders here")
     parser.add_argument("overrides", nargs="*")
     ns = parser.parse_args()
-    swept = {o.split("=", 1)[0] for o in ns.overrides if "," in o}
-    args = RUN + [f"{k}={v}" for k, v in AXES.items() if k not in swept] + ns.overrides
+    given = {o.split("=", 1)[0] for o in ns.overrides}
+    args = RUN + [f"{k}={v}" for k, v in AXES.items() if k not in given] + ns.overrides
     root = ns.keep or Path(tempfile.mkdtemp(prefix="ladder_vs_grid_"))
     grid_dir, ladder_dir, replay_dir = root / "grid", root / "ladder", root / "replay"
     for d in (grid_dir, ladder_dir, replay_dir):

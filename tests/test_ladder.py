@@ -305,3 +305,12 @@ def test_ladder_finds_the_grids_winner_within_noise_with_far_fewer_jobs(tmp_path
     assert won["min"] <= best["latency_s"]["max"], (ladder["winner"]["choices"], won, best["choices"], best["latency_s"])
     assert ladder["jobs"]["recipes"] <= 6 + 4  # baseline + 1 + 1 + 2 + 1 new options; second pass <= 4 drops
     assert ladder["jobs"]["grid_size"] == 24
+
+
+def test_a_baseline_that_cannot_run_stops_the_ladder_with_its_reason(tmp_path):
+    out = run_cli("--multirun", "hydra/sweeper=ladder", f"hydra.sweep.dir={tmp_path}", *TINY, "precision=fp16,fp16_vae32")
+    assert out.returncode != 0
+    assert "the baseline (precision=fp16) is unsupported" in out.stderr and "CUDA" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(list(tmp_path.glob("*/result.json"))) == 2  # both options have their row
+    assert "| baseline |" in (tmp_path / "ladder.md").read_text()
