@@ -140,7 +140,8 @@ def test_walk_order_and_start_from_the_settings():
 
     axes = {"compile": ["none", "trace"], "run.steps": ["4", "1"], "precision": ["fp32", "bf16"], "+preset": ["a", "b"]}
     assert LadderSweeper()._walk_order(axes) == ["precision", "compile", "run.steps", "+preset"]
-    assert LadderSweeper(order=["preset", "compile"])._walk_order(axes) == ["+preset", "compile", "run.steps", "precision"]
+    assert LadderSweeper(order=["preset", "compile"])._walk_order(axes) == [
+        "+preset", "compile", "run.steps", "precision"]
     with pytest.raises(LadderError, match="'atention'.*not swept"):
         LadderSweeper(order=["atention"])._walk_order(axes)
     assert LadderSweeper(start={"precision": "bf16"})._start(axes) == {
@@ -302,13 +303,15 @@ def test_ladder_finds_the_grids_winner_within_noise_with_far_fewer_jobs(tmp_path
     assert len(grid_rows) == 24
     best = min(grid_rows, key=lambda r: r["latency_s"]["median"])
     won = ladder["winner"]["latency_s"]
-    assert won["min"] <= best["latency_s"]["max"], (ladder["winner"]["choices"], won, best["choices"], best["latency_s"])
+    assert won["min"] <= best["latency_s"]["max"], (ladder["winner"]["choices"], won, best["choices"],
+                                                    best["latency_s"])
     assert ladder["jobs"]["recipes"] <= 6 + 4  # baseline + 1 + 1 + 2 + 1 new options; second pass <= 4 drops
     assert ladder["jobs"]["grid_size"] == 24
 
 
 def test_a_baseline_that_cannot_run_stops_the_ladder_with_its_reason(tmp_path):
-    out = run_cli("--multirun", "hydra/sweeper=ladder", f"hydra.sweep.dir={tmp_path}", *TINY, "precision=fp16,fp16_vae32")
+    out = run_cli("--multirun", "hydra/sweeper=ladder", f"hydra.sweep.dir={tmp_path}", *TINY,
+                  "precision=fp16,fp16_vae32")
     assert out.returncode != 0
     assert "the baseline (precision=fp16) is unsupported" in out.stderr and "CUDA" in out.stderr
     assert "Traceback" not in out.stderr

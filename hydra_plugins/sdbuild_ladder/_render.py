@@ -200,16 +200,18 @@ def _jobs_line(ladder: Ladder) -> str:
 
 def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
 
 
 def render_markdown(ladder: Ladder) -> str:
     w = ladder.winner
+    walk = " → ".join(f"{k} {{{', '.join(ladder.axes[k])}}}" for k in ladder.order)
     out = ["# Ladder: the fastest recipe, one lever at a time", "",
            f"**Machine:** {_machine(ladder)}  ",
-           f"**Axes, in walk order:** " + " → ".join(f"{k} {{{', '.join(ladder.axes[k])}}}" for k in ladder.order) + "  ",
+           f"**Axes, in walk order:** {walk}  ",
            f"**Fixed overrides:** {' '.join(ladder.fixed) or '(none)'}  ",
-           f"**Rules:** " + "; ".join(_rules(ladder)) + "  ",
+           "**Rules:** " + "; ".join(_rules(ladder)) + "  ",
            f"**Jobs:** {_jobs_line(ladder)}", ""]
     out += _md_table(*ladder_table(ladder)) + [""]
     if w.ok:
@@ -236,13 +238,14 @@ def render_html(ladder: Ladder) -> str:
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}img{image-rendering:pixelated}</style>",
              "<h1>Ladder: the fastest recipe, one lever at a time</h1>",
-             f"<p><b>Machine:</b> {html.escape(_machine(ladder))}<br><b>Rules:</b> {html.escape('; '.join(_rules(ladder)))}"
+             f"<p><b>Machine:</b> {html.escape(_machine(ladder))}"
+             f"<br><b>Rules:</b> {html.escape('; '.join(_rules(ladder)))}"
              f"<br><b>Jobs:</b> {html.escape(_jobs_line(ladder))}</p>",
              _html_table(*ladder_table(ladder))]
-    images = [(label, m) for label, m in _kept_images(ladder) if m.image]
-    if images:
+    images = [(label, m) for label, m in _kept_images(ladder) if m.image and m.folder]
+    if images:  # image paths relative to the sweep folder, where ladder.html lives
         parts.append("<p>" + "".join(
-            f"<figure style='display:inline-block'><img src='{html.escape(str(m.image.relative_to(m.folder.parent)) if m.folder else '')}' "
+            f"<figure style='display:inline-block'><img src='{html.escape(str(m.image.relative_to(m.folder.parent)))}' "
             f"width='128'><figcaption>{html.escape(label)}</figcaption></figure>" for label, m in images) + "</p>")
     if ladder.preset:
         parts.append(f"<p>Preset: <code>{html.escape(str(ladder.preset))}</code>: "

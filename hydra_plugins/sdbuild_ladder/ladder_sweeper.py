@@ -91,8 +91,9 @@ class LadderSweeper(Sweeper):
         else:
             unknown = [n for n in self.order if n.lstrip("+~") not in names]
             if unknown:
-                raise LadderError(f"hydra.sweeper.order names {unknown}, which {'is' if len(unknown) == 1 else 'are'} "
-                                  f"not swept; swept axes: {list(names)}. Sweep it (key=a,b) or drop it from the order.")
+                verb = "is" if len(unknown) == 1 else "are"
+                raise LadderError(f"hydra.sweeper.order names {unknown}, which {verb} not swept; swept axes: "
+                                  f"{list(names)}. Sweep it (key=a,b) or drop it from the order.")
             chosen = list(dict.fromkeys(names[n.lstrip("+~")] for n in self.order))
         return chosen + [k for k in axes if k not in chosen]
 
@@ -179,8 +180,9 @@ class LadderSweeper(Sweeper):
         self.returns: List[Any] = []
         self.baseline: Optional[Measured] = None
         grid = math.prod(len(v) for v in self.axes.values())
-        print(f"[ladder] {len(self.axes)} axes in this order: {', '.join(f'{k} {{{chr(44).join(self.axes[k])}}}' for k in order)}"
-              f" ({grid} combinations in the full grid); {len(self.found)} rows already in {self.sweep_dir}", flush=True)
+        walk = ", ".join(f"{k} {{{','.join(self.axes[k])}}}" for k in order)
+        print(f"[ladder] {len(self.axes)} axes in this order: {walk} ({grid} combinations in the full grid); "
+              f"{len(self.found)} rows already in {self.sweep_dir}", flush=True)
 
         steps: List[Step] = []
         current = dict(start)
@@ -203,12 +205,12 @@ class LadderSweeper(Sweeper):
             verdict = Verdict.baseline if incumbent is self.baseline else Verdict.current
             kept, trials = choose(incumbent, measured, self.bounds, verdict)
             steps.append(Step(key, incumbent, kept, trials))
-            note = f"kept {key}={kept.choices[key]}" if kept is not incumbent else f"kept {key}={current[key]} (no other option qualified)"
+            note = f"kept {key}={kept.choices[key]}" + ("" if kept is not incumbent else " (no other option qualified)")
             print(f"[ladder] step {len(steps)}: {note}; median {kept.median:.4f} s, "
                   f"x{self.baseline.median / kept.median:.2f} on the baseline", flush=True)
             current = dict(kept.choices)
 
-        winner = self.cache[self._spec_key(self._overrides(current))]
+        winner = steps[-1].kept if steps else self.baseline
         second: List[Trial] = []
         if self.second_pass:
             levers = [k for k in order if winner.choices[k] != start[k]]
@@ -216,7 +218,7 @@ class LadderSweeper(Sweeper):
                 drops = self._measure([{**winner.choices, k: start[k]} for k in levers])
                 best, second = choose(winner, drops, self.bounds, Verdict.current)
                 if best is not winner:
-                    print(f"[ladder] second pass: without {_dropped(best, winner, start, order)} the recipe is "
+                    print(f"[ladder] second pass: without {_dropped(best, winner, order)} the recipe is "
                           f"faster beyond noise; it becomes the winner", flush=True)
                     winner = best
         preset = self._write_preset(winner)
@@ -234,7 +236,8 @@ class LadderSweeper(Sweeper):
             recipes=len(self.cache), wall_s=time.perf_counter() - started, runs=len(self.state.runs))
         paths = render.write_outputs(ladder, self.sweep_dir)
         print(f"[ladder] {ladder.launched} jobs launched, {ladder.reused} rows reused, {ladder.recipes} recipes "
-              f"of {grid} in the full grid; {paths['md']}" + (f"; winner preset: {preset}" if preset else ""), flush=True)
+              f"of {grid} in the full grid; {paths['md']}" + (f"; winner preset: {preset}" if preset else ""),
+              flush=True)
 
     def _write_preset(self, winner: Measured) -> Optional[Path]:
         """The winner as a `# @package _global_` preset: its group choices, then every field its
@@ -267,7 +270,7 @@ def _job_folder(job_return: Any, row: Optional[Dict[str, Any]]) -> Optional[Path
     return Path(out) if out else None
 
 
-def _dropped(m: Measured, winner: Measured, start: Dict[str, str], order: Sequence[str]) -> str:
+def _dropped(m: Measured, winner: Measured, order: Sequence[str]) -> str:
     return " ".join(f"{k}={winner.choices[k]}" for k in order if m.choices[k] != winner.choices[k])
 
 
