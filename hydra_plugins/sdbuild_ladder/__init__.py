@@ -1,0 +1,1 @@
+"""sdbuild's tuner as a Hydra sweeper plugin: `hydra/sweeper=ladder` (see ladder_sweeper.py)."""

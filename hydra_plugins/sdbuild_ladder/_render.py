@@ -1,0 +1,320 @@
+"""The ladder's outputs: ladder.json (data), ladder.md and ladder.html (the seed's table, then
+every row tried), and the winner as a preset YAML."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from ._ladder import Bounds, Measured, NoiseRule, Step, Trial
+
+
+@dataclass
+class Ladder:
+    axes: Dict[str, List[str]]
+    order: List[str]
+    start: Dict[str, str]
+    fixed: List[str]
+    bounds: Bounds
+    baseline: Optional[Measured]
+    steps: List[Step]
+    second_pass: List[Trial]
+    winner: Measured
+    preset: Optional[Path]
+    grid_size: int
+    launched: int  # jobs this run launched
+    reused: int  # rows this run found in the sweep folder (earlier runs)
+    launched_all_runs: int
+    recipes: int  # distinct recipes the ladder looked at
+    wall_s: float
+    runs: int = 1
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def speedup(self, m: Measured) -> Optional[float]:
+        if self.baseline is None or not self.baseline.ok or not m.ok:
+            return None
+        return self.baseline.median / m.median
+
+
+# ---------------------------------------------------------------------------------------------
+# ladder.json
+
+
+def _num(x: Optional[float]) -> Any:
+    if x is None:
+        return None
+    return "inf" if math.isinf(x) else x
+
+
+def measured_json(m: Measured, ladder: Ladder) -> Dict[str, Any]:
+    row = m.row or {}
+    return {
+        "choices": m.choices, "overrides": m.overrides, "spec_key": m.spec_key, "job": m.job,
+        "folder": str(m.folder) if m.folder else None, "reused": m.reused, "status": m.status,
+        "error": row.get("error"), "latency_s": row.get("latency_s"), "peak_memory_mb": m.peak_memory_mb,
+        "speedup": ladder.speedup(m), "psnr_db": _num(m.psnr_db), "ssim": m.ssim, "max_abs_diff": m.max_abs_diff,
+        "fidelity_error": m.fidelity_error,
+    }
+
+
+def trial_json(t: Trial, ladder: Ladder) -> Dict[str, Any]:
+    return {**measured_json(t.m, ladder), "verdict": t.verdict.value, "reason": t.reason}
+
+
+def to_json(ladder: Ladder) -> Dict[str, Any]:
+    b = ladder.bounds
+    return {
+        "axes": ladder.axes, "order": ladder.order, "start": ladder.start, "fixed_overrides": ladder.fixed,
+        "bounds": {"psnr_db": b.psnr_db, "ssim": b.ssim, "memory_mb": b.memory_mb, "noise": b.noise.value,
+                   "min_gain": b.min_gain},
+        "baseline": measured_json(ladder.baseline, ladder) if ladder.baseline else None,
+        "steps": [{"axis": s.axis, "incumbent": s.incumbent.choices[s.axis], "kept": s.kept.choices[s.axis],
+                   "changed": s.changed, "trials": [trial_json(t, ladder) for t in s.trials]} for s in ladder.steps],
+        "second_pass": [{**trial_json(t, ladder), "dropped": _dropped_axes(t.m, ladder)} for t in ladder.second_pass],
+        "winner": measured_json(ladder.winner, ladder),
+        "preset": str(ladder.preset) if ladder.preset else None,
+        "jobs": {"launched": ladder.launched, "reused": ladder.reused, "launched_all_runs": ladder.launched_all_runs,
+                 "recipes": ladder.recipes, "grid_size": ladder.grid_size, "runs": ladder.runs},
+        "wall_s": ladder.wall_s,
+        "machine": _machine(ladder),
+    }
+
+
+def _dropped_axes(m: Measured, ladder: Ladder) -> Dict[str, str]:
+    """{axis: option the ladder's winner had} for the levers this second-pass recipe drops."""
+    base = _pre_second_pass_winner(ladder)
+    return {k: base.choices[k] for k in ladder.order if m.choices[k] != base.choices[k]} if base else {}
+
+
+def _pre_second_pass_winner(ladder: Ladder) -> Optional[Measured]:
+    return ladder.steps[-1].kept if ladder.steps else ladder.baseline
+
+
+def _machine(ladder: Ladder) -> str:
+    env = ((ladder.baseline.row if ladder.baseline else None) or {}).get("env") or {}
+    return env.get("device_name") or env.get("cpu") or "unknown machine"
+
+
+# ---------------------------------------------------------------------------------------------
+# ladder.md / ladder.html (one table model, two renderings)
+
+
+def _s(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:.4f} s"
+
+
+def _db(x: Optional[float]) -> str:
+    return "—" if x is None else ("inf" if math.isinf(x) else f"{x:.1f}")
+
+
+def _ssim(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def _mb(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x:.0f}"
+
+
+def _x(x: Optional[float]) -> str:
+    return "—" if x is None else f"x{x:.2f}"
+
+
+def _range(m: Measured) -> str:
+    if not m.ok:
+        return "—"
+    return f"{m.median:.4f} ({m.latency('min'):.4f}–{m.latency('max'):.4f})"
+
+
+def _status(m: Measured) -> str:
+    return m.status + (" (reused)" if m.reused else "")
+
+
+def ladder_table(ladder: Ladder) -> tuple[List[str], List[List[str]]]:
+    """The seed's form: baseline, then each kept lever, with cumulative speed-up and fidelity."""
+    head = ["step", "recipe", "median", "speed-up", "PSNR vs baseline (dB)", "SSIM", "peak memory (MB)", "job"]
+    rows = []
+    if ladder.baseline is None:
+        return head, rows
+    b = ladder.baseline
+    rows.append(["baseline", b.label(ladder.order), _s(b.median), _x(ladder.speedup(b)), "(baseline)", "(baseline)",
+                 _mb(b.peak_memory_mb), str(b.job)])
+    for s in ladder.steps:
+        if s.changed:
+            k = s.kept
+            rows.append([f"+ {s.axis}={k.choices[s.axis]}", k.label(ladder.order), _s(k.median),
+                         _x(ladder.speedup(k)), _db(k.psnr_db), _ssim(k.ssim), _mb(k.peak_memory_mb), str(k.job)])
+    if ladder.second_pass and ladder.winner is not _pre_second_pass_winner(ladder):
+        w = ladder.winner
+        dropped = ", ".join(f"{k}={v}" for k, v in _dropped_axes(w, ladder).items())
+        rows.append([f"− {dropped} (second pass)", w.label(ladder.order), _s(w.median), _x(ladder.speedup(w)),
+                     _db(w.psnr_db), _ssim(w.ssim), _mb(w.peak_memory_mb), str(w.job)])
+    return head, rows
+
+
+def trials_table(ladder: Ladder) -> tuple[List[str], List[List[str]]]:
+    head = ["step", "option", "job", "status", "median (min–max) s", "PSNR (dB)", "SSIM", "peak MB", "verdict", "why"]
+    rows = []
+    for i, s in enumerate(ladder.steps, 1):
+        for t in s.trials:
+            rows.append([f"{i}: {s.axis}", f"{s.axis}={t.m.choices[s.axis]}", str(t.m.job), _status(t.m), _range(t.m),
+                         _db(t.m.psnr_db), _ssim(t.m.ssim), _mb(t.m.peak_memory_mb), t.verdict.value, t.reason])
+    return head, rows
+
+
+def second_pass_table(ladder: Ladder) -> tuple[List[str], List[List[str]]]:
+    head = ["lever dropped", "recipe", "job", "status", "median (min–max) s", "winner's gain from the lever", "verdict",
+            "why"]
+    base = _pre_second_pass_winner(ladder)
+    rows = []
+    for t in ladder.second_pass:
+        dropped = ", ".join(f"{k}={v}" for k, v in _dropped_axes(t.m, ladder).items())
+        gain = _x(t.m.median / base.median) if t.m.ok and base and base.ok else "—"
+        rows.append([dropped, t.m.label(ladder.order), str(t.m.job), _status(t.m), _range(t.m), gain,
+                     t.verdict.value, t.reason])
+    return head, rows
+
+
+def _rules(ladder: Ladder) -> List[str]:
+    b = ladder.bounds
+    noise = ("spread: a lever is kept only when its slowest timed run beats the current recipe's fastest"
+             if b.noise == NoiseRule.spread else "median: a lower median is enough")
+    lines = [
+        f"PSNR >= {b.psnr_db:g} dB against the baseline image" if b.psnr_db is not None else "no PSNR bound",
+        f"SSIM >= {b.ssim:g}" if b.ssim is not None else "SSIM reported, not enforced",
+        f"peak memory <= {b.memory_mb:g} MB" if b.memory_mb is not None else "no memory budget",
+        f"noise rule {noise}" + (f", and at least {b.min_gain:.0%} faster" if b.min_gain else ""),
+    ]
+    return lines
+
+
+def _jobs_line(ladder: Ladder) -> str:
+    runs = f" ({ladder.launched_all_runs} over {ladder.runs} runs of this folder)" if ladder.runs > 1 else ""
+    return (f"{ladder.recipes} recipes looked at, {ladder.launched} jobs launched by this run{runs}, "
+            f"{ladder.reused} rows reused from the folder; the full grid has {ladder.grid_size} combinations. "
+            f"Wall time {ladder.wall_s:.1f} s.")
+
+
+def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+
+
+def render_markdown(ladder: Ladder) -> str:
+    w = ladder.winner
+    walk = " → ".join(f"{k} {{{', '.join(ladder.axes[k])}}}" for k in ladder.order)
+    out = ["# Ladder: the fastest recipe, one lever at a time", "",
+           f"**Machine:** {_machine(ladder)}  ",
+           f"**Axes, in walk order:** {walk}  ",
+           f"**Fixed overrides:** {' '.join(ladder.fixed) or '(none)'}  ",
+           "**Rules:** " + "; ".join(_rules(ladder)) + "  ",
+           f"**Jobs:** {_jobs_line(ladder)}", ""]
+    out += _md_table(*ladder_table(ladder)) + [""]
+    if w.ok:
+        out.append(f"**Winner:** `{w.label(ladder.order)}`: {_s(w.median)}, {_x(ladder.speedup(w))} on the baseline, "
+                   f"PSNR {_db(w.psnr_db)} dB, SSIM {_ssim(w.ssim)}.")
+    if ladder.preset:
+        out += ["", f"Preset: `{ladder.preset}`. Use it: `{preset_command(ladder.preset)}` "
+                    f"(or copy it into conf/preset/ and use `+preset={ladder.preset.stem}`)."]
+    out += ["", "## Every row tried", ""] + _md_table(*trials_table(ladder))
+    if ladder.second_pass:
+        out += ["", "## Second pass: each kept lever dropped once from the winner", ""]
+        out += _md_table(*second_pass_table(ladder))
+    return "\n".join(out) + "\n"
+
+
+def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(ladder: Ladder) -> str:
+    parts = ["<!doctype html><meta charset='utf-8'><title>sdbuild ladder</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}img{image-rendering:pixelated}</style>",
+             "<h1>Ladder: the fastest recipe, one lever at a time</h1>",
+             f"<p><b>Machine:</b> {html.escape(_machine(ladder))}"
+             f"<br><b>Rules:</b> {html.escape('; '.join(_rules(ladder)))}"
+             f"<br><b>Jobs:</b> {html.escape(_jobs_line(ladder))}</p>",
+             _html_table(*ladder_table(ladder))]
+    images = [(label, m) for label, m in _kept_images(ladder) if m.image and m.folder]
+    if images:  # image paths relative to the sweep folder, where ladder.html lives
+        parts.append("<p>" + "".join(
+            f"<figure style='display:inline-block'><img src='{html.escape(str(m.image.relative_to(m.folder.parent)))}' "
+            f"width='128'><figcaption>{html.escape(label)}</figcaption></figure>" for label, m in images) + "</p>")
+    if ladder.preset:
+        parts.append(f"<p>Preset: <code>{html.escape(str(ladder.preset))}</code>: "
+                     f"<code>{html.escape(preset_command(ladder.preset))}</code></p>")
+    parts += ["<h2>Every row tried</h2>", _html_table(*trials_table(ladder))]
+    if ladder.second_pass:
+        parts += ["<h2>Second pass</h2>", _html_table(*second_pass_table(ladder))]
+    return "\n".join(parts) + "\n"
+
+
+def _kept_images(ladder: Ladder) -> List[tuple[str, Measured]]:
+    if ladder.baseline is None:
+        return []
+    out = [("baseline", ladder.baseline)]
+    out += [(f"+ {s.axis}={s.kept.choices[s.axis]}", s.kept) for s in ladder.steps if s.changed]
+    return out
+
+
+def write_outputs(ladder: Ladder, sweep_dir: Path) -> Dict[str, Path]:
+    from sdbuild.report import write_atomic
+
+    paths = {"json": sweep_dir / "ladder.json", "md": sweep_dir / "ladder.md", "html": sweep_dir / "ladder.html"}
+    write_atomic(paths["json"], json.dumps(to_json(ladder), indent=2, default=str))
+    write_atomic(paths["md"], render_markdown(ladder))
+    write_atomic(paths["html"], render_html(ladder))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The winner as a preset
+
+
+def spec_diff(wanted: Dict[str, Any], plain: Dict[str, Any]) -> Dict[str, Any]:
+    """The leaves of spec dict `wanted` that differ from `plain` (nested like the spec), leaving out
+    the keys that are not part of a recipe's identity (resume, cache_dir, isolate, preset...)."""
+    from sdbuild.spec import _NOT_IDENTITY  # how a run is stored or measured, not what it builds
+
+    out: Dict[str, Any] = {}
+    for key, value in wanted.items():
+        if key in _NOT_IDENTITY:
+            continue
+        other = plain.get(key)
+        if isinstance(value, dict) and isinstance(other, dict):
+            if (sub := spec_diff(value, other)):
+                out[key] = sub
+        elif value != other:
+            out[key] = value
+    return out
+
+
+def preset_command(path: Path) -> str:
+    """How to use a preset written outside conf/: add its parent's parent to Hydra's search path."""
+    if path.parent.name == "preset":
+        return f"python -m sdbuild hydra.searchpath=[file://{path.parent.parent.resolve()}] +preset={path.stem}"
+    return f"cp {path} conf/preset/ && python -m sdbuild +preset={path.stem}"
+
+
+def preset_yaml(name: str, choices: Dict[str, str], fields: Dict[str, Any], comment: str, path: Path) -> str:
+    from omegaconf import OmegaConf
+
+    lines = ["# @package _global_"]
+    lines += [f"# {line}" for line in _wrap(comment)]
+    lines += [f"#   {preset_command(path)}", "defaults:"]
+    lines += [f"  - override /{group}: {option}" for group, option in choices.items()]
+    body = OmegaConf.to_yaml(OmegaConf.create({**fields, "preset": name}))
+    return "\n".join(lines) + "\n\n" + body
+
+
+def _wrap(text: str, width: int = 98) -> List[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)
