@@ -11,7 +11,7 @@ from conftest import run_cli
 
 
 def test_default_run_records_an_honest_measurement(tmp_path):
-    out = run_cli(f"hydra.run.dir={tmp_path}", "run.repeats=3")
+    out = run_cli(f"hydra.run.dir={tmp_path}", "run.repeats=3", "run.steps=20")  # 3 runs: median != mean
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads((tmp_path / "result.json").read_text())
     assert row["status"] == "ok" and row["error"] is None
@@ -25,7 +25,7 @@ def test_default_run_records_an_honest_measurement(tmp_path):
     assert row["peak_memory_scope"] == "process"  # a single run: its own process
     assert row["machine_load"]["before"]["cpu_count"] and isinstance(row["machine_load"]["busy"], bool)
     assert row["warmup_s"] > 0 and row["peak_memory_mb"] > 0 and row["load_s"] > 0
-    assert row["spec"]["run"]["steps"] == 50 and row["choices"]["precision"] == "fp32"
+    assert row["spec"]["run"]["steps"] == 20 and row["spec"]["run"]["guidance_scale"] == 7.5 and row["choices"]["precision"] == "fp32"
     env = row["env"]
     assert env["torch"] and env["diffusers"] and env["device"] == "cpu"
     assert env["flags"]["cuda_matmul_allow_tf32"] is False
