@@ -146,3 +146,11 @@ def test_to_spec_drops_the_hydra_node():
     spec = to_spec(cfg)
     assert isinstance(spec, Spec) and spec.run.steps == 3
     assert to_spec(OmegaConf.create({"run": {"steps": 5}})).run.steps == 5  # a bare config too
+
+
+def test_spec_identity_does_not_depend_on_key_order():
+    from sdbuild.spec import spec_key, spec_to_dict
+
+    stored = spec_to_dict(sdbuild.compose(["precision=bf16"]))
+    reordered = {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v) for k, v in reversed(list(stored.items()))}
+    assert list(reordered) != list(stored) and spec_key(reordered) == spec_key(stored)

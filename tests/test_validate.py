@@ -213,15 +213,6 @@ def test_a_pipeline_folder_with_safetensors_is_accepted(tmp_path):
     assert accepted(["model=sd15", f"model.path={tmp_path}"]) == "cpu"
 
 
-def test_the_probe_describes_this_machine():
-    import torch
-
-    machine = Machine.probe()
-    assert machine.cuda == torch.cuda.is_available()
-    assert machine.device_name == ("cpu" if not machine.cuda else torch.cuda.get_device_name(0))
-    assert machine.packages <= {"xformers", "accelerate", "torchao"} and machine.diffusers_version[0].isdigit()
-
-
 def test_the_docs_tables_carry_every_rule():
     from sdbuild.capabilities import EXCLUSIONS, REQUIREMENTS, markdown_tables, requirement_needs
 
@@ -237,3 +228,105 @@ def test_the_docs_tables_carry_every_rule():
     assert requirement_needs(fp8) == "CUDA, compute capability >= 8.9"
     offload = [r for r in REQUIREMENTS if r.group == "memory" and r.package][0]
     assert requirement_needs(offload) == "CUDA, the `accelerate` package"
+
+
+OLD_DIFFUSERS = Machine(**{**CPU.__dict__, "diffusers_version": "0.34.1"})
+NO_COMPILER = Machine(**{**CPU.__dict__, "c_compiler": False})
+GPU_WITHOUT_PACKAGES = Machine(**{**A100.__dict__, "packages": frozenset()})
+
+
+@pytest.mark.parametrize("overrides,machine,message", [
+    (["precision=fp16"], CPU,
+     "precision=fp16 (precision.dtype or precision.vae_dtype = fp16): needs CUDA, but this machine has no CUDA GPU. "
+     "On CPU use precision=bf16 (or fp32); fp16 kernels there are missing or slower than fp32"),
+    (["precision=fp16", "run.device=cpu"], A100,
+     "precision=fp16 (precision.dtype or precision.vae_dtype = fp16): needs CUDA, but the run is on the CPU "
+     "(run.device=cpu). On CPU use precision=bf16 (or fp32); fp16 kernels there are missing or slower than fp32"),
+    (["precision=bf16"], OLD_GPU,
+     "precision=bf16 (precision.dtype or precision.vae_dtype = bf16): needs compute capability >= 8.0, but Tesla T4 "
+     "is 7.5. On pre-Ampere GPUs use precision=fp16"),
+    (["compile=regional"], OLD_DIFFUSERS,
+     "compile=regional (compile.regional=true): needs diffusers >= 0.35, but diffusers 0.34.1 is installed. "
+     "Use compile=inductor (whole-model compile)"),
+    (["compile=inductor"], NO_COMPILER,
+     "compile=inductor: needs a C++ compiler on CPU, but no C++ compiler was found (TorchInductor builds C++ kernels "
+     "on CPU). Install a C++ compiler (apt-get install g++) or use compile=none"),
+    (["attention=xformers"], GPU_WITHOUT_PACKAGES,
+     "attention=xformers: needs CUDA, the `xformers` package, but `xformers` is not installed. Use attention=sdpa "
+     "(PyTorch's fused attention, no extra package)"),
+    (["run.device=cuda"], CPU,
+     "run.device=cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False). Use run.device=auto or cpu"),
+    (["run.height=100"], CPU,
+     "run.height=100: must be a positive multiple of 8 (the VAE downsamples 8x). Use run.height=96"),
+    (["run.width=3"], CPU, "run.width=3: must be a positive multiple of 8 (the VAE downsamples 8x). Use run.width=8"),
+    (["run.guidance_scale=-1"], CPU,
+     "run.guidance_scale=-1.0: must be >= 0. Use 7.5 (typical) or 1.0 (no classifier-free guidance)"),
+    (["attention=sliced", "attention.slice_size=lots"], CPU,
+     "attention.slice_size=lots: must be auto, max or a number of heads. Use attention.slice_size=auto"),
+    (["model=sd15", "model.path="], CPU, "model=sd15: model.path is empty. Set model.path=/path/to/model_folder or a hub id"),
+    (["model=sd15", "model.path=/nonexistent/folder"], CPU,
+     "model.path=/nonexistent/folder: does not exist and is not a hub id (org/name). Give an existing local folder or "
+     "a hub id already in the Hugging Face cache"),
+    (["compile=trace", "model=tiny_sdxl"], CPU,
+     "compile=trace or export with model family sdxl: cannot be combined: SDXL's UNet takes added conditioning "
+     "(text_embeds, time_ids) that the 3-input graph does not carry. Use compile=inductor or compile=regional for SDXL"),
+])
+def test_the_whole_message(overrides, machine, message):
+    """What the user reads, word for word: the option as they wrote it, what is wrong, what to use."""
+    assert problems(overrides, machine) == message
+
+
+def test_the_whole_message_for_model_folders(tmp_path):
+    (tmp_path / "unet").mkdir()
+    assert problems(["model=sd15", f"model.path={tmp_path}"]) == (
+        f"model.path={tmp_path}: is not a diffusers pipeline folder (no model_index.json). Point it at the folder that "
+        "holds model_index.json, unet/, vae/, ...")
+    (tmp_path / "model_index.json").write_text("{}")
+    assert problems(["model=sd15", f"model.path={tmp_path}"]) == (
+        f"model.path={tmp_path}: holds no .safetensors weights (sdbuild loads only safetensors, never pickles). "
+        "Convert the weights with diffusers' save_pretrained(..., safe_serialization=True)")
+
+
+def test_several_problems_are_listed_one_a_line():
+    text = problems(["run.steps=0", "run.repeats=0"])
+    assert text == ("- run.steps=0: must be >= 1. Use run.steps=1 or more\n"
+                    "- run.repeats=0: must be >= 1. Use run.repeats=1 or more")
+
+
+def test_fixed_graph_rules_apply_to_trace_and_export_only():
+    assert accepted(["model=tiny_sdxl"]) == "cpu" and accepted(["model=tiny_sdxl", "compile=inductor"]) == "cpu"
+    assert "sdxl" in problems(["model=tiny_sdxl", "compile=export"])
+    assert "a target other than the UNet" in problems(["compile=trace", "compile.targets=[unet,vae_decoder]"])
+    assert accepted(["compile=inductor_all"]) == "cpu"
+    assert accepted(["attention=sliced"]) == "cpu" and accepted(["attention=sliced", "attention.slice_size=auto"]) == "cpu"
+
+
+def test_a_diffusers_version_equal_to_the_requirement_is_enough():
+    assert accepted(["compile=regional"], Machine(**{**CPU.__dict__, "diffusers_version": "0.35"})) == "cpu"
+
+
+def test_the_probe_finds_the_packages_and_tools_that_are_there():
+    import importlib.util
+    import shutil
+
+    import diffusers
+
+    import torch
+
+    machine = Machine.probe()
+    assert machine.cuda == torch.cuda.is_available()
+    if not machine.cuda:
+        assert machine.device_name == "cpu" and machine.capability is None
+    for package in ("xformers", "accelerate", "torchao"):
+        assert (package in machine.packages) == (importlib.util.find_spec(package) is not None), package
+    assert machine.diffusers_version == diffusers.__version__
+    assert machine.c_compiler is any(shutil.which(c) is not None for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.cuda
+def test_the_probe_on_a_gpu():
+    import torch
+
+    machine = Machine.probe()
+    assert machine.cuda and machine.capability == torch.cuda.get_device_capability(0)
+    assert machine.device_name == torch.cuda.get_device_name(0)
