@@ -71,7 +71,8 @@ def run_from_hydra(cfg: DictConfig) -> int:
     else:
         row = run_job(spec, out_dir, choices, list(hc.overrides.task), job=job, show_progress=sys.stderr.isatty(),
                       reuse_weights=multirun)
-    print(summary_line(row), flush=True)
+    if multirun or row["status"] == "ok":  # a single run's refusal is said once, on stderr, below
+        print(summary_line(row), flush=True)
     if not multirun:
         print(f"result: {out_dir / 'result.json'}", flush=True)
     if multirun or row["status"] == "ok":
