@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import string
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -14,8 +16,32 @@ from .spec import check_keys, register_configs
 register_configs()
 
 
+def main() -> None:
+    """The CLI. A bare `--help` is answered here, fast; everything else goes to Hydra."""
+    if len(sys.argv) == 2 and sys.argv[1] in ("--help", "-h"):
+        print(fast_help())
+        return
+    hydra_main()
+
+
+def group_listing(conf: Path) -> str:
+    """`group: option, option` for every group folder of `conf/`, in Hydra's own help format,
+    read from the file names alone (Hydra's listing composes each of the ~100 options)."""
+    groups = sorted(d for d in conf.iterdir() if d.is_dir() and d.name != "hydra")
+    return "".join(f"{d.name}: {', '.join(sorted(f.stem for f in d.glob('*.yaml')))}\n" for d in groups)
+
+
+def fast_help() -> str:
+    """sdbuild's help template (conf/hydra/help/sdbuild.yaml), rendered without composing."""
+    from omegaconf import OmegaConf
+
+    conf = Path(config_dir())
+    template = OmegaConf.load(conf / "hydra" / "help" / "sdbuild.yaml").template
+    return string.Template(template).substitute(APP_CONFIG_GROUPS=group_listing(conf))
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> dict | None:
+def hydra_main(cfg: DictConfig) -> dict | None:
     """Hydra's task function: returns the job's row (Hydra callbacks and launchers get it as
     `JobReturn.return_value`); a failed single run exits non-zero."""
     from hydra.core.hydra_config import HydraConfig

@@ -139,7 +139,8 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
         else:
             row = run_job(spec, out_dir, choices, overrides, job=job, show_progress=sys.stderr.isatty(),
                           reuse_weights=multirun, shared_process=multirun)
-    print(summary_line(row), flush=True)
+    if multirun or row["status"] == Status.ok.value:  # a single run's refusal is said once, on stderr, below
+        print(summary_line(row), flush=True)
     if not multirun:
         print(f"result: {out_dir / results.RESULT_FILE}", flush=True)
         if row["status"] != Status.ok.value:

@@ -244,3 +244,41 @@ def test_cli_runs_a_team_preset_on_a_team_model(tmp_path):
     assert row["choices"]["model"] == "team_tiny" and row["choices"]["attention"] == "sdpa"
     assert row["spec"]["run"]["steps"] == 4  # the command line still wins over the preset
     assert (tmp_path / "image.png").exists()
+
+
+# --help, one refusal, the package docstring ---------------------------------------------------------
+
+
+def help_text(*args) -> str:
+    out = run_cli(*args, "--help")
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_help_says_what_sdbuild_is_lists_groups_and_an_example():
+    text = help_text()
+    assert text.startswith("sdbuild: declarative, measured diffusion pipelines.")
+    assert "powered by Hydra" not in text
+    assert "precision: bf16, bf16_vae32, fp16, fp16_vae32, fp32, tf32" in text
+    assert "preset: cpu_best," in text and "hydra:" not in text
+    assert "python -m sdbuild --multirun precision=fp32,bf16 attention=classic,sdpa" in text
+
+
+def test_fast_help_is_what_hydra_renders_from_the_same_template():
+    """A bare --help skips Hydra's composition of every option; with an override Hydra renders
+    the same template itself. Both must say the same thing."""
+    assert help_text().strip() == help_text("run.steps=3").strip()
+
+
+def test_a_refusal_is_printed_once(tmp_path):
+    out = run_cli("precision=fp16", "run.device=cpu", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2
+    assert (out.stdout + out.stderr).count("needs CUDA") == 1, out.stdout + out.stderr
+
+
+def test_the_package_docstring_example_runs_on_cpu():
+    import ast
+
+    line = next(line for line in sdbuild.__doc__.splitlines() if "sdbuild.compose(" in line)
+    overrides = ast.literal_eval(re.search(r"compose\((\[.*?\])\)", line).group(1))
+    assert validate(sdbuild.compose(overrides), CPU) == "cpu"
