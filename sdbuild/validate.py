@@ -14,6 +14,7 @@ import shutil
 import sysconfig
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import FrozenSet, Optional, Tuple
 
 from .capabilities import EXCLUSIONS, REQUIREMENTS, Requirement, requirement_needs
