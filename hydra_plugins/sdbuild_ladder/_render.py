@@ -265,7 +265,7 @@ def _kept_images(ladder: Ladder) -> List[tuple[str, Measured]]:
 
 
 def write_outputs(ladder: Ladder, sweep_dir: Path) -> Dict[str, Path]:
-    from sdbuild.report import write_atomic
+    from sdbuild.results import write_atomic
 
     paths = {"json": sweep_dir / "ladder.json", "md": sweep_dir / "ladder.md", "html": sweep_dir / "ladder.html"}
     write_atomic(paths["json"], json.dumps(to_json(ladder), indent=2, default=str))

@@ -1,18 +1,20 @@
 """Where the ladder gets its rows: from a finished job, and from what a sweep folder already holds.
 
-`read_row` is the one place the tuner reads a row (switch it to sdbuild.results' reader when that
-lands); everything else goes through it.
+`read_row` is the one place the tuner reads a row; it validates through `sdbuild.results` (the
+row's owner), so a row that cannot be trusted is never used.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-RESULT = "result.json"
+from sdbuild import results
+from sdbuild.results import RESULT_FILE as RESULT
+from sdbuild.results import Status
+
 # Rows a resumed tuner reuses. A `failed` row is measured again: it may be the interruption itself.
-REUSABLE = ("ok", "broken", "unsupported")
+REUSABLE = (Status.ok.value, Status.broken.value, Status.unsupported.value)
 
 
 def read_row(job_return: Any = None, folder: Optional[Path] = None) -> Optional[Dict[str, Any]]:
@@ -31,10 +33,9 @@ def read_row(job_return: Any = None, folder: Optional[Path] = None) -> Optional[
     if folder is None:
         return None
     try:
-        row = json.loads((Path(folder) / RESULT).read_text())
-    except (OSError, ValueError):
+        return results.read_row(Path(folder) / RESULT)
+    except (OSError, results.RowError):
         return None
-    return row if isinstance(row, dict) and "status" in row else None
 
 
 def index_sweep_dir(sweep_dir: Path) -> Dict[str, Tuple[Dict[str, Any], Path]]:

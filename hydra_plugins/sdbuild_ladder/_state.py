@@ -48,7 +48,7 @@ class LadderState:
         return first
 
     def save(self, sweep_dir: Path) -> None:
-        from sdbuild.report import write_atomic
+        from sdbuild.results import write_atomic
 
         write_atomic(sweep_dir / STATE, json.dumps(asdict(self), indent=2))
 
