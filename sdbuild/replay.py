@@ -10,7 +10,6 @@ one and every environment fact that differs (versions, device, flags).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -21,13 +20,16 @@ _NOT_COMPARED = {"pid"}
 
 def load_row(path: str | Path) -> Dict[str, Any]:
     """The row recorded in a run folder (or a result.json given directly)."""
-    from .job import RESULT
+    from .results import RESULT_FILE, RowError, read_row
 
     path = Path(path)
-    result = path / RESULT if path.is_dir() else path
+    result = path / RESULT_FILE if path.is_dir() else path
     if not result.is_file():
-        raise SystemExit(f"sdbuild.replay: {result} does not exist: give a run folder that holds a {RESULT}")
-    row = json.loads(result.read_text())
+        raise SystemExit(f"sdbuild.replay: {result} does not exist: give a run folder that holds a {RESULT_FILE}")
+    try:
+        row = read_row(result)  # validated: a row that cannot be trusted is not replayed
+    except RowError as exc:
+        raise SystemExit(f"sdbuild.replay: {result} cannot be trusted ({exc}): nothing to replay") from None
     if not isinstance(row.get("spec"), dict):
         raise SystemExit(f"sdbuild.replay: {result} records no spec (status {row.get('status')!r}): nothing to replay")
     return row
