@@ -17,7 +17,8 @@ CPU=0; [ "${1:-}" = "--cpu" ] && CPU=1
 O=${OUT:-$(mktemp -d)}; S=$O/sweeps; mkdir -p "$O" "$S"
 PY=$(command -v python || command -v python3); BUDGET=${BUDGET:-510}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} SDBUILD_CACHE=${SDBUILD_CACHE:-$O/model-cache}
+# the random-weight model cache (GBs for sd15_arch) stays outside $OUT, which comes back to the caller
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} SDBUILD_CACHE=${SDBUILD_CACHE:-${TMPDIR:-/tmp}/sdbuild-model-cache}
 if [ $CPU = 1 ]; then
   # tiny model, 2 steps, 1 warmup + 1 timed call; CUDA-only rows come back `unsupported` at once
   ROWS="model=tiny run.steps=2 run.warmup=1 run.repeats=1 run.save_image=false"
