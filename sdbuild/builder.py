@@ -40,6 +40,7 @@ from .spec import (
     ModelFamily,
     Offload,
     Quant,
+    SchedulerKind,
     SdpaBackend,
     Spec,
     VaeKind,
@@ -195,7 +196,7 @@ def scheduler_from(spec: Spec, config: Any):
     import diffusers
 
     cls = getattr(diffusers, spec.scheduler.kind.value)
-    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if spec.scheduler.name == "dpmpp_2m" else {}
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if spec.scheduler.kind is SchedulerKind.dpmpp_2m else {}
     return cls.from_config(config, **extra)
 
 

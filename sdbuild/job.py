@@ -284,7 +284,7 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     counters_before = inductor_counters()
     pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
     m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
-                label=label, show_progress=show_progress, max_warmup=getattr(spec.run, "max_warmup", None))
+                label=label, show_progress=show_progress, max_warmup=spec.run.max_warmup)
     fields: Dict[str, Any] = dict(
         latency_s=results.latency_stats(m.runs_s), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
         load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb,

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .results import Status
+
 # Environment facts that are expected to change between any two runs.
 _NOT_COMPARED = {"pid"}
 
@@ -106,9 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(summary_line(new))
     print(compare(old, new))
     print(f"result: {Path(new['job']['output_dir']) / 'result.json'}")
-    if new["status"] == "ok":
+    if new["status"] == Status.ok.value:
         return 0
-    return 2 if new["status"] == "unsupported" else 1
+    return 2 if new["status"] == Status.unsupported.value else 1
 
 
 if __name__ == "__main__":

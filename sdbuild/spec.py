@@ -187,6 +187,7 @@ class RunSpec:
     seed: int = 0
     device: Device = Device.auto
     warmup: int = 1
+    max_warmup: int = 5  # warmup goes on while a call still compiles / records CUDA graphs, up to this many
     repeats: int = 3
     save_image: bool = True
 
