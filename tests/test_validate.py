@@ -82,7 +82,6 @@ def test_every_problem_is_reported_at_once():
     assert "precision=fp16" in text and "attention=xformers" in text and "run.steps=0" in text
 
 
-@pytest.mark.xfail(strict=True, reason="capability row added in branch wt-cuda")
 def test_quant_without_accelerate_is_refused_before_loading():
     """diffusers' torchao loading needs accelerate (low_cpu_mem_usage); without it, say so up front."""
     machine = Machine(**{**CPU.__dict__, "packages": frozenset({"torchao", "xformers"})})
