@@ -31,7 +31,7 @@ from .plot import render_plot
 from .render import (CSV_FILE, HTML_FILE, PLOT_FILE, REPORT_FILE, build_table, render_html, render_markdown,
                      summary_line, write_csv)
 
-__all__ = ["Group", "Sweep", "aggregate", "aggregate_sweep", "analyse", "fidelity", "find_result_files",
+__all__ = ["CSV_FILE", "HTML_FILE", "PLOT_FILE", "REPORT_FILE", "Group", "Sweep", "aggregate", "aggregate_sweep", "analyse", "fidelity", "find_result_files",
            "is_reference", "load", "load_rows", "main", "pareto_frontier", "summary_line", "write_outputs"]
 
 

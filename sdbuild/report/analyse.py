@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import results
 from ..results import COMPLETED, Status
-from ..spec import (AttentionProcessor, CompileMethod, Dtype, MemoryFormat, Offload, Quant, SchedulerKind,
+from ..spec import (AttentionProcessor, CompileMethod, Dtype, MemoryFormat, Offload, Quant,
                     VaeKind)
 from .load import existing_dir, load
 
