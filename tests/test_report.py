@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import needs_packages
 
 from sdbuild import report, results
+from sdbuild.fidelity import compare
 from sdbuild.report.analyse import BASELINE_NAME
 from sdbuild.spec import (AttentionProcessor, AttentionSpec, Dtype, ModelSpec, PrecisionSpec, RunSpec, Spec,
                           spec_to_dict)
@@ -157,12 +158,14 @@ def test_speedup_and_fidelity_against_fp32_classic(grid: Path):
 
 
 def test_fidelity_function():
+    """The report's fidelity figures come from sdbuild.fidelity (the one place they are computed)."""
     a = noise_image(3)
-    assert report.fidelity(a, a) == (math.inf, 0)
+    same = compare(a, a)
+    assert (same.psnr_db, same.max_abs_diff, same.ssim) == (math.inf, 0, 1.0)
     b = a.astype(np.int16)
     b[..., 0] = np.clip(b[..., 0] + 1, 0, 255)
-    psnr, diff = report.fidelity(b.astype(np.uint8), a)
-    assert diff == 1 and 50 < psnr < 60
+    moved = compare(b.astype(np.uint8), a)
+    assert moved.max_abs_diff == 1 and 50 < moved.psnr_db < 60 and moved.ssim < 1.0
 
 
 def test_slowest_row_is_baseline_without_reference(tmp_path: Path):

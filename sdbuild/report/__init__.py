@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import results
-from .analyse import Group, Sweep, analyse, fidelity, is_reference, pareto_frontier
+from .analyse import Group, Sweep, analyse, is_reference, pareto_frontier
 from .load import find_result_files, load, load_rows
 from .plot import render_plot
 from .render import (CSV_FILE, HTML_FILE, PLOT_FILE, REPORT_FILE, build_table, render_html, render_markdown,
                      summary_line, write_csv)
 
-__all__ = ["CSV_FILE", "HTML_FILE", "PLOT_FILE", "REPORT_FILE", "Group", "Sweep", "aggregate", "aggregate_sweep", "analyse", "fidelity", "find_result_files",
+__all__ = ["CSV_FILE", "HTML_FILE", "PLOT_FILE", "REPORT_FILE", "Group", "Sweep", "aggregate", "aggregate_sweep", "analyse", "find_result_files",
            "is_reference", "load", "load_rows", "main", "pareto_frontier", "summary_line", "write_outputs"]
 
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import results
+from ..fidelity import compare
 from ..results import COMPLETED, Status
 from ..spec import (AttentionProcessor, CompileMethod, Dtype, MemoryFormat, Offload, Quant,
                     VaeKind)
@@ -71,7 +72,7 @@ def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None) -> Sweep:
     """Load (unless `rows` are given), group, pick baselines and annotate every row in place.
 
     Adds to each row: ``label``, ``is_baseline``, ``baseline_job``, ``speedup``, ``speedup_noisy``,
-    ``psnr_db``, ``max_abs_diff``, ``broken`` (reason or None), ``noisy`` (reasons) and ``note``.
+    ``psnr_db``, ``ssim``, ``max_abs_diff``, ``broken`` (reason or None), ``noisy`` (reasons) and ``note``.
     """
     root = existing_dir(sweep_dir)
     if rows is None:
@@ -82,7 +83,7 @@ def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None) -> Sweep:
     rows = sweep.rows
     for row in rows:
         row.update(is_baseline=False, baseline_job=None, speedup=None, speedup_noisy=False, psnr_db=None,
-                   max_abs_diff=None, note=None)
+                   ssim=None, max_abs_diff=None, note=None)
         row["broken"] = results.image_problem(row, root / row["job"]) if row["status"] in COMPLETED_VALUES else None
         row["noisy"] = results.noise_reasons(row)
     labelled = [r for r in rows if r["status"] != Status.unreadable.value]
@@ -220,7 +221,8 @@ def _compare(group: Group, root: Path) -> None:
         elif pixels.shape != base_pixels.shape:
             row["note"] = f"image shape {pixels.shape} differs from baseline {base_pixels.shape}: no fidelity"
         else:
-            row["psnr_db"], row["max_abs_diff"] = fidelity(pixels, base_pixels)
+            measured = compare(pixels, base_pixels)  # sdbuild.fidelity: the one place fidelity is computed
+            row.update(psnr_db=measured.psnr_db, ssim=measured.ssim, max_abs_diff=int(measured.max_abs_diff))
 
 
 def try_load(row: dict, root: Path) -> Optional[np.ndarray]:
@@ -231,15 +233,6 @@ def try_load(row: dict, root: Path) -> Optional[np.ndarray]:
         return results.load_pixels(root / row["job"] / row["image"])
     except Exception:
         return None
-
-
-def fidelity(image: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
-    """PSNR in dB (255 peak, ``inf`` when identical) and max absolute difference, on uint8 pixels.
-    (The one place the report measures fidelity: route it through sdbuild.fidelity when that lands.)"""
-    diff = np.abs(image.astype(np.int16) - reference.astype(np.int16))
-    mse = float(np.mean(diff.astype(np.float64) ** 2))
-    psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-    return psnr, int(diff.max())
 
 
 def pareto_frontier(points) -> list[int]:

@@ -21,6 +21,8 @@ REPORT_FILE = "report.md"
 PLOT_FILE = "latency.png"
 HTML_FILE = "index.html"
 DASH = "—"
+# Written by the ladder tuner (hydra/sweeper=ladder) beside the rows; the report links them.
+LADDER_FILE, LADDER_HTML = "ladder.md", "ladder.html"
 NOISY_MARK = " (noisy)"
 SHARED_MEMORY_MARK = " (in-process)"
 
@@ -52,6 +54,14 @@ def _fmt_spread(row: dict) -> str:
         return DASH
     cv = "cv ?" if lat.get("cv") is None else f"cv {lat['cv']:.1%}"
     return f"{cv}, {fmt_seconds(lat['min'])}-{fmt_seconds(lat['max'])} over {len(lat['runs'])}"
+
+
+def _fmt_rate(v: Optional[float]) -> str:
+    return DASH if v is None else f"{v:.1f}"
+
+
+def _fmt_ssim(v: Optional[float]) -> str:
+    return DASH if v is None else f"{v:.4f}"
 
 
 def _fmt_psnr(v: Optional[float]) -> str:
@@ -105,10 +115,12 @@ def build_table(sweep: Sweep) -> Table:
     measures = [
         ("latency median (s)", lambda r: fmt_seconds(median(r))),
         ("spread", _fmt_spread),
+        ("steps/s", lambda r: _fmt_rate(r["steps_per_s"])),
         ("speed-up", fmt_speedup),
         ("peak memory (MB)", _fmt_memory),
         ("warmup (s)", lambda r: fmt_seconds(r["warmup_s"])),
         ("PSNR vs baseline (dB)", lambda r: _fmt_psnr(r["psnr_db"])),
+        ("SSIM", lambda r: _fmt_ssim(r["ssim"])),
         ("max abs diff (0-255)", lambda r: _fmt_int(r["max_abs_diff"])),
     ]
 
@@ -218,7 +230,7 @@ def csv_columns(sweep: Sweep) -> list[str]:
         *sweep.choice_columns, *_extra_keys(sweep), "preset", "status", "error",
         *(f"latency_{s}_s" if s != "cv" else "latency_cv" for s in LATENCY_STATS),
         "runs", "noisy", "machine_busy", "warmup_s", "build_s", "load_s", "peak_memory_mb", "peak_memory_scope",
-        "speedup", "speedup_noisy", "psnr_db", "max_abs_diff", "broken", "image", "job", "spec_key", "baseline",
+        "steps_per_s", "speedup", "speedup_noisy", "psnr_db", "ssim", "max_abs_diff", "broken", "image", "job", "spec_key", "baseline",
         "note", "reused_from", "overrides",
     ]
 
@@ -231,7 +243,7 @@ def _csv_record(row: dict, sweep: Sweep) -> dict:
     record.update({k: values.get(k) for k in _extra_keys(sweep)})
     record.update({(f"latency_{s}_s" if s != "cv" else "latency_cv"): latency.get(s) for s in LATENCY_STATS})
     for key in ("preset", "status", "error", "warmup_s", "build_s", "load_s", "peak_memory_mb", "peak_memory_scope",
-                "speedup", "psnr_db", "max_abs_diff", "broken", "image", "job", "spec_key", "note", "reused_from",
+                "steps_per_s", "speedup", "psnr_db", "ssim", "max_abs_diff", "broken", "image", "job", "spec_key", "note", "reused_from",
                 "overrides"):
         record[key] = row[key]
     record["runs"] = latency.get("runs")
@@ -278,6 +290,9 @@ def render_markdown(sweep: Sweep, table: Table) -> str:
     lines = [f"# Sweep report: {_md(sweep.path.name)}", ""]
     lines += [f"**{_md(title)}:** {_md(text)}  " for title, text in machine_lines(sweep)]
     lines += ["", f"**Rows:** {summary_line(sweep)}", ""]
+    if (sweep.path / LADDER_FILE).exists():  # a hydra/sweeper=ladder run: its ladder leads the page
+        lines += [f"**Ladder:** this sweep was walked by the ladder tuner: the kept steps, what each bought and "
+                  f"every option tried are in [{LADDER_FILE}]({LADDER_FILE}) ([html]({LADDER_HTML})).", ""]
     lines += _settings_lines(sweep) if sweep.groups else ["No completed or failed rows to compare."]
     lines += ["", METHOD, ""]
     if table.rows:
@@ -340,6 +355,9 @@ def render_html(sweep: Sweep, table: Table) -> str:
     ]
     parts += [f"<p><strong>{esc(name)}:</strong> {esc(text)}</p>" for name, text in machine_lines(sweep)]
     parts.append(f"<p>Rows: {esc(summary_line(sweep))}</p>")
+    if (sweep.path / LADDER_FILE).exists():
+        parts.append(f'<p><strong>Ladder:</strong> walked by the ladder tuner: <a href="{LADDER_HTML}">the ladder</a> '
+                     f'(kept steps, what each bought, every option tried).</p>')
     parts += [f"<p>Run: {esc(g.description)}<br><strong>Baseline:</strong> {esc(g.reason)}</p>" for g in sweep.groups]
     parts.append(f"<p>{esc(METHOD)}</p>")
     if table.rows:
