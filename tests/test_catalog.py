@@ -95,6 +95,7 @@ def test_export_compiles_the_unet_ahead_of_time(tmp_path, shared_pipeline):
     assert np.abs(run(spec, pipe) - eager).max() < 1e-3
 
 
+@pytest.mark.slow  # two cold/warm Inductor compiles in fresh processes: ~2 min on 2 cores (benchmarks/compile_cache.py times it)
 def test_compile_cache_makes_the_second_process_start_warm(tmp_path):
     cache = tmp_path / "cache"
     args = ["compile=inductor_cached", f"compile.cache_dir={cache}", "run.steps=2", "run.warmup=1", "run.repeats=1"]

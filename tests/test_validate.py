@@ -193,22 +193,28 @@ def test_values_at_their_lower_edge_are_accepted(overrides):
     (["run.steps=0"], "Use run.steps=1 or more"),
     (["run.guidance_scale=-0.5"], "run.guidance_scale=-0.5: must be >= 0"),
     (["attention=sliced", "attention.slice_size=lots"], "attention.slice_size=lots: must be auto, max or a number"),
-    (["model=sd15", "model.path="], "model.path is empty"),
+    (["model=sd15", "model.path="], "model.path: is empty"),
     (["model=sd15", "model.path=not a hub id"], "is not a hub id"),
 ])
 def test_bad_values_say_what_and_what_instead(overrides, needle):
     assert needle in problems(overrides)
 
 
-def test_a_hub_id_that_is_not_a_folder_is_left_to_the_loader():
-    assert accepted(["model=sd15", "model.path=org/some-model.v1"]) == "cpu"
-    assert accepted(["model=sd15"]) == "cpu"  # the default hub id
+def test_a_hub_id_outside_the_local_cache_is_refused_before_loading():
+    # sdbuild never downloads: a hub id must already be in the Hugging Face cache (test_specs.py
+    # loads one that is); otherwise the refusal says how to get it.
+    for hub_id in ("org/some-model.v1", "stable-diffusion-v1-5/stable-diffusion-v1-5"):  # the second: model=sd15's default
+        overrides = ["model=sd15"] + ([f"model.path={hub_id}"] if hub_id.startswith("org/") else [])
+        assert problems(overrides) == (
+            f"model.path={hub_id}: is a hub id that is not in the local Hugging Face cache, and sdbuild never "
+            f"downloads. Download it once yourself (`hf download {hub_id}`), or set model.path=/path/to/a/diffusers/folder")
 
 
 def test_a_pipeline_folder_with_safetensors_is_accepted(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    for component in ("unet", "vae", "text_encoder"):  # every component the pipeline loads
+        (tmp_path / component).mkdir()
+        (tmp_path / component / "model.safetensors").write_bytes(b"x")
     assert accepted(["model=sd15", f"model.path={tmp_path}"]) == "cpu"
 
 
@@ -222,7 +228,7 @@ def test_the_docs_tables_carry_every_rule():
         assert f"| `{excl.options}` | {excl.why} | {excl.instead} |" in table
     assert table.count("\n|---|---|---|") == 2
     every_need = [r for r in REQUIREMENTS if r.option == "compile=inductor"][0]
-    assert requirement_needs(every_need) == "a C++ compiler on CPU"
+    assert requirement_needs(every_need) == "a C++ compiler on CPU, on CUDA a C compiler and the Python headers (Triton)"
     fp8 = [r for r in REQUIREMENTS if r.option == "quant=fp8dq"][0]
     assert requirement_needs(fp8) == "CUDA, compute capability >= 8.9"
     offload = [r for r in REQUIREMENTS if r.group == "memory" and r.package][0]
@@ -248,24 +254,26 @@ GPU_WITHOUT_PACKAGES = Machine(**{**A100.__dict__, "packages": frozenset()})
      "compile=regional (compile.regional=true): needs diffusers >= 0.35, but diffusers 0.34.1 is installed. "
      "Use compile=inductor (whole-model compile)"),
     (["compile=inductor"], NO_COMPILER,
-     "compile=inductor: needs a C++ compiler on CPU, but no C++ compiler was found (TorchInductor builds C++ kernels "
-     "on CPU). Install a C++ compiler (apt-get install g++) or use compile=none"),
+     "compile=inductor: needs a C++ compiler on CPU, on CUDA a C compiler and the Python headers (Triton), but no C++ "
+     "compiler was found (TorchInductor builds C++ kernels on CPU). Install what is missing (apt-get install g++ "
+     "python3-dev) or use compile=none"),
     (["attention=xformers"], GPU_WITHOUT_PACKAGES,
      "attention=xformers: needs CUDA, the `xformers` package, but `xformers` is not installed. Use attention=sdpa "
      "(PyTorch's fused attention, no extra package)"),
     (["run.device=cuda"], CPU,
      "run.device=cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False). Use run.device=auto or cpu"),
     (["run.height=100"], CPU,
-     "run.height=100: must be a positive multiple of 8 (the VAE downsamples 8x). Use run.height=96"),
-    (["run.width=3"], CPU, "run.width=3: must be a positive multiple of 8 (the VAE downsamples 8x). Use run.width=8"),
+     "run.height=100: must be a positive multiple of 8 (the VAE downsamples 8x), at most 4096. Use run.height=96"),
+    (["run.width=3"], CPU,
+     "run.width=3: must be a positive multiple of 8 (the VAE downsamples 8x), at most 4096. Use run.width=8"),
     (["run.guidance_scale=-1"], CPU,
      "run.guidance_scale=-1.0: must be >= 0. Use 7.5 (typical) or 1.0 (no classifier-free guidance)"),
     (["attention=sliced", "attention.slice_size=lots"], CPU,
      "attention.slice_size=lots: must be auto, max or a number of heads. Use attention.slice_size=auto"),
-    (["model=sd15", "model.path="], CPU, "model=sd15: model.path is empty. Set model.path=/path/to/model_folder or a hub id"),
+    (["model=sd15", "model.path="], CPU, "model.path: is empty. Set model.path=/path/to/a/diffusers/folder"),
     (["model=sd15", "model.path=/nonexistent/folder"], CPU,
-     "model.path=/nonexistent/folder: does not exist and is not a hub id (org/name). Give an existing local folder or "
-     "a hub id already in the Hugging Face cache"),
+     "model.path=/nonexistent/folder: does not exist and is not a hub id (org/name). Set "
+     "model.path=/path/to/a/diffusers/folder"),
     (["compile=trace", "model=tiny_sdxl"], CPU,
      "compile=trace or export with model family sdxl: cannot be combined: SDXL's UNet takes added conditioning "
      "(text_embeds, time_ids) that the 3-input graph does not carry. Use compile=inductor or compile=regional for SDXL"),
@@ -278,12 +286,12 @@ def test_the_whole_message(overrides, machine, message):
 def test_the_whole_message_for_model_folders(tmp_path):
     (tmp_path / "unet").mkdir()
     assert problems(["model=sd15", f"model.path={tmp_path}"]) == (
-        f"model.path={tmp_path}: is not a diffusers pipeline folder (no model_index.json). Point it at the folder that "
-        "holds model_index.json, unet/, vae/, ...")
+        f"model.path={tmp_path}: is not a diffusers folder (no model_index.json in {tmp_path}). Point it at the folder "
+        "that holds model_index.json, unet/, vae/, text_encoder/")
     (tmp_path / "model_index.json").write_text("{}")
     assert problems(["model=sd15", f"model.path={tmp_path}"]) == (
-        f"model.path={tmp_path}: holds no .safetensors weights (sdbuild loads only safetensors, never pickles). "
-        "Convert the weights with diffusers' save_pretrained(..., safe_serialization=True)")
+        f"model.path={tmp_path}: holds no .safetensors weights in unet/, vae/, text_encoder/ (sdbuild loads only "
+        "safetensors, never pickles). Convert the weights with diffusers' save_pretrained(..., safe_serialization=True)")
 
 
 def test_several_problems_are_listed_one_a_line():
