@@ -36,15 +36,22 @@ def model_cache(tmp_path_factory):
     return Path(cache)
 
 
-def needs_packages(*packages: str):
-    """Mark a test that needs optional packages (extras): it skips, naming what is missing and the
-    install line, where they are absent, and `pytest -m extras` selects it (CI's second pass)."""
+def package_marks(*packages: str, install: str = 'pip install -e ".[xformers,offload,quant]"') -> list:
+    """The marks of a test (or a `pytest.param` case) that needs optional packages (extras): it
+    skips, naming what is missing and how to install it, where they are absent, and `pytest -m
+    extras` selects it (CI's second pass)."""
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    return [pytest.mark.extras,
+            pytest.mark.skipif(bool(missing), reason=f"needs the optional package(s) {', '.join(missing)}: {install}")]
+
+
+def needs_packages(*packages: str, **kwargs):
+    """Decorator form of `package_marks`."""
 
     def decorate(test):
-        test = pytest.mark.extras(test)
-        return pytest.mark.skipif(bool(missing), reason=f"needs the optional package(s) {', '.join(missing)}: "
-                                  f"pip install -e \".[xformers,offload,quant]\"")(test)
+        for mark in package_marks(*packages, **kwargs):
+            test = mark(test)
+        return test
 
     return decorate
 

@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProc
 import sdbuild
 from sdbuild.builder import GraphUNet
 
-from conftest import needs_packages, run_cli
+from conftest import needs_packages, package_marks, run_cli
 from helpers import built, compiled_with, first_attention, mode_config, run, unet_processors
 
 
@@ -115,7 +115,8 @@ def test_compile_cache_makes_the_second_process_start_warm(tmp_path):
 
 @pytest.mark.parametrize("overrides", [
     [], ["attention=sdpa_fused"], ["precision=bf16", "memory_format=channels_last"], ["vae=tiny"],
-    ["quant=int8wo"], ["memory=vae_slicing"], ["scheduler=dpmpp_2m"],
+    pytest.param(["quant=int8wo"], marks=package_marks("torchao", "accelerate")), ["memory=vae_slicing"],
+    ["scheduler=dpmpp_2m"],
 ], ids=lambda o: " ".join(o) or "default")
 def test_second_architecture_sdxl(overrides, shared_pipeline):
     from diffusers import StableDiffusionXLPipeline

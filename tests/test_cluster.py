@@ -7,7 +7,6 @@ since a plain `pytest` must not install packages or start daemons on a developer
 """
 
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -21,19 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, needs_packages, run_cli
 
 TINY = ["run.steps=3", "run.warmup=0", "run.repeats=1"]
 CLUSTER_SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 
-_missing = [name for name in ("submitit", "hydra_submitit_launcher")
-            if importlib.util.find_spec(name if name == "submitit" else f"hydra_plugins.{name}") is None]
-
-
-def needs_submitit(test):
-    """Hydra's submitit launcher plugin (the `slurm` extra); skips with the install line without it."""
-    test = pytest.mark.extras(test)
-    return pytest.mark.skipif(bool(_missing), reason=f"needs {', '.join(_missing)}: pip install -e \".[slurm]\"")(test)
+# Hydra's submitit launcher plugin (the `slurm` extra)
+needs_submitit = needs_packages("submitit", "hydra_plugins.hydra_submitit_launcher", install='pip install -e ".[slurm]"')
 
 
 def rows(sweep_dir):

@@ -1,19 +1,16 @@
 """The optional MLflow callback: each job of a sweep becomes one MLflow run holding its row."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, ROOT, run_cli
+from conftest import FAST, ROOT, needs_packages, run_cli
 
-missing = importlib.util.find_spec("mlflow") is None
-needs_mlflow = pytest.mark.skipif(missing, reason="needs the optional package mlflow: pip install -e \".[mlflow]\"")
+needs_mlflow = needs_packages("mlflow", install='pip install -e ".[mlflow]"')
 
 
-@pytest.mark.extras
 @needs_mlflow
 def test_each_job_is_an_mlflow_run_with_its_spec_metrics_and_image(tmp_path):
     env = {"PYTHONPATH": str(ROOT)}  # run from another folder (the default store is ./mlruns there), on this code
@@ -50,7 +47,6 @@ def test_each_job_is_an_mlflow_run_with_its_spec_metrics_and_image(tmp_path):
     assert "CUDA" in refused.data.tags["sdbuild.error"] and "latency_median_s" not in refused.data.metrics
 
 
-@pytest.mark.extras
 @needs_mlflow
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
     from sdbuild.mlflow_callback import tracking_uri
