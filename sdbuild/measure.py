@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import statistics
@@ -28,9 +27,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .spec import RunSpec
+
 log = logging.getLogger("sdbuild")
 
-DEFAULT_MAX_WARMUP = 5  # warmup calls at most, unless the caller says otherwise
+# Warmup calls at most, unless the caller says otherwise: the spec field `run.max_warmup` owns the number.
+DEFAULT_MAX_WARMUP = RunSpec.max_warmup
 
 
 @dataclass
