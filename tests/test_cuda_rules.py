@@ -306,27 +306,6 @@ def test_run_device_cuda_on_a_machine_without_cuda_is_refused_not_crashed():
     assert "run.device=cuda: this machine has no CUDA GPU" in refusal(cpu_only, "+preset=cuda_best", "run.device=cuda")
 
 
-# Section 2. The GPU proof runs its CPU mode end to end -------------------------------------------
-
-
-@pytest.mark.slow
-def test_gpu_proof_runs_in_cpu_mode(tmp_path):
-    """benchmarks/gpu/run.sh --cpu: every step of the GPU proof on the tiny model (CUDA-only rows
-    come back unsupported), a row for each requested configuration, the summary with steps/s."""
-    env = {**os.environ, "OUT": str(tmp_path)}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--cpu"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    summary = (tmp_path / "summary.txt").read_text().splitlines()
-    assert len(summary) == 5 + 1 + 5 + 2  # seed table, best recipe, SDPA kernels, compile rows
-    statuses = {line.split(" | ")[0]: line.split(" | ")[2] for line in summary}
-    assert statuses["seed/0"] == "ok" and "steps/s" in next(line for line in summary if line.startswith("seed/0"))
-    assert statuses["best/0"] == "unsupported"  # asked for on CUDA, refused here before any weights load
-    assert "failed" not in statuses.values()
-    assert "[ok] versions" in (tmp_path / "preflight.log").read_text()
-    assert (tmp_path / "sweeps/seed/report.md").exists()
-
-
 # 9. A CUDA error that poisons the process: the row says so, later jobs run in a fresh process -----
 
 

@@ -5,8 +5,10 @@ plain-text summary of the rows.
                                            # validation sees it), TF32 flags, event timing, peak
                                            # memory, SDPA kernels per head dim and dtype, xformers,
                                            # torch.compile (+CUDA graphs), jit.trace, torchao
-    python benchmarks/gpu/check.py summary SWEEPS     # one line per result.json, with steps/s and
-                                           # the speed-up over the fp32 seed row (no matplotlib)
+    python benchmarks/gpu/check.py model OVERRIDES... # build + save the random-weight model once
+    python benchmarks/gpu/check.py collect WORK OUT [STEP]  # rows.jsonl, summary.txt, errors.txt into
+                                           # OUT; STEP's rows printed one compact line each
+    python benchmarks/gpu/check.py limits OUT  # OUT within what the device tool returns (8 flat files)
 
 Every probe is guarded: a failure prints FAIL with its reason and the next probe runs. With
 --cpu (no GPU) only the machine-independent probes run, and the exit status is 0.
@@ -318,53 +320,228 @@ def preflight(cpu: bool = False) -> int:
     return 0
 
 
-def _is_seed_fp32(row: dict) -> bool:
-    choices = row.get("choices") or {}
-    return row.get("status") == "ok" and all(choices.get(k, v) == v for k, v in
-                                             (("precision", "fp32"), ("attention", "classic"), ("compile", "none"),
-                                              ("memory_format", "contiguous")))
+# --- what comes back from the GPU machine ---------------------------------------------------------
+# The device tool returns at most 8 files of at most 16 MiB, no more than 2 folders below $OUT. The
+# run keeps its working folder outside $OUT and copies exactly these files into $OUT after each step.
+OUT_FILES = ("summary.txt", "rows.jsonl", "errors.txt", "preflight.log", "steps.txt", "logs.tar.gz")
+OUT_MAX_FILES, OUT_MAX_BYTES, OUT_MAX_DEPTH = 8, 16 * 2**20, 2
 
 
-def summary(sweep_dir: str) -> int:
-    """One line per row: where, what, status, median/min/max, steps/s, speed-up over the fp32
-    seed row, warmup calls (steady or why not), peak memory, the attention that ran, notes, error."""
-    root = Path(sweep_dir)
-    paths = sorted(p for p in root.glob("**/result.json") if ".hydra" not in p.parts)
-    if not paths:
-        print(f"no result.json under {root}")
-        return 2
-    rows = [(path, json.loads(path.read_text())) for path in paths]
-    base = next((row["latency_s"]["median"] for _, row in rows if _is_seed_fp32(row)), None)
-    for path, row in rows:
-        what = row.get("preset") or " ".join(f"{k}={v}" for k, v in (row.get("choices") or {}).items()
-                                             if k in ("precision", "memory_format", "attention", "compile"))
-        lat = row.get("latency_s") or {}
-        text = ""
-        if lat:
-            sps = row.get("steps_per_s")
-            text = (f"median {lat['median']:.3f} s (min {lat['min']:.3f}, max {lat['max']:.3f}, n {len(lat['runs'])}), "
-                    f"{sps:.1f} steps/s, " if sps else f"median {lat['median']:.3f} s, ")
-            text += f"x{base / lat['median']:.2f} vs fp32, " if base else ""
-            steady = "steady" if row.get("steady") else f"NOT steady: {row.get('unsteady_reason')}"
-            text += (f"warmup {row['warmup_s']:.1f} s in {row.get('warmup_calls')} calls ({steady}), "
-                     f"load {row['load_s']:.1f} s, build {row['build_s']:.1f} s, peak {row['peak_memory_mb']:.0f} MB")
-            if row.get("peak_memory_reserved_mb"):
-                text += f" (reserved {row['peak_memory_reserved_mb']:.0f} MB)"
-        kernel = row.get("attention_kernel") or {}
-        if kernel.get("pinned_modules") or kernel.get("unpinned") or "xformers_op" in kernel:
-            text += f", attention {json.dumps(kernel, sort_keys=True)}"
-        notes = "; ".join(row.get("build_notes") or [])
-        text += f", notes: {notes}" if notes else ""
-        stats = row.get("image_stats") or {}
-        image = f", image mean {stats.get('mean', 0):.3f} std {stats.get('std', 0):.3f}" if stats else ""
-        error = " :: " + " ".join(str(row["error"]).split()) if row.get("error") else ""
-        fatal = " [fatal CUDA error]" if row.get("fatal_cuda_error") else ""
-        print(f"{path.parent.relative_to(root)} | {what} | {row['status']}{fatal} | {text}{image}{error}", flush=True)
+def out_problems(out: Path) -> list:
+    """Every way `out` breaks the limits of what the device tool returns (empty: it all comes back)."""
+    problems, files = [], []
+    for path in sorted(Path(out).rglob("*")):
+        rel = path.relative_to(out)
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            problems.append(f"{rel}: not a plain file or folder")
+        elif path.is_file():
+            files.append(rel)
+            if len(rel.parts) - 1 > OUT_MAX_DEPTH:
+                problems.append(f"{rel}: more than {OUT_MAX_DEPTH} folders below $OUT")
+            if path.stat().st_size > OUT_MAX_BYTES:
+                problems.append(f"{rel}: {path.stat().st_size} bytes, over {OUT_MAX_BYTES}")
+            if str(rel) not in OUT_FILES:
+                problems.append(f"{rel}: not one of {', '.join(OUT_FILES)}")
+    if len(files) > OUT_MAX_FILES:
+        problems.append(f"{len(files)} files, over {OUT_MAX_FILES}")
+    return problems
+
+
+def limits(out: str) -> int:
+    problems = out_problems(Path(out))
+    for problem in problems:
+        print(f"[FAIL] $OUT limits: {problem}")
+    if not problems:
+        names = sorted(p.name for p in Path(out).iterdir())
+        print(f"[ok] $OUT limits: {len(names)} files, flat, each under 16 MiB: {', '.join(names)}")
+    return 1 if problems else 0
+
+
+# --- the rows: collected after each step -----------------------------------------------------------
+def _spec(row: dict) -> dict:
+    return row.get("spec") or {}
+
+
+def _plain(spec: dict) -> bool:
+    """No lever beyond precision and attention: contiguous, eager, no quantization or offload."""
+    return (spec.get("memory_format", {}).get("format") == "contiguous"
+            and spec.get("compile", {}).get("method") == "none"
+            and spec.get("quant", {}).get("method") == "none"
+            and spec.get("memory", {}).get("offload") == "none")
+
+
+def is_fp32_baseline(row: dict) -> bool:
+    """diffusers' guide's first row: fp32 weights, no TF32, classic attention, nothing else (typed values)."""
+    spec = _spec(row)
+    precision, attention = spec.get("precision", {}), spec.get("attention", {})
+    return (row.get("status") == "ok" and _plain(spec) and precision.get("dtype") == "fp32"
+            and not precision.get("tf32") and attention.get("processor") == "classic")
+
+
+def is_half_sdpa(row: dict) -> bool:
+    """The target's second reference: half-precision weights (fp16 on a GPU; bf16 stands in on CPU) and
+    PyTorch SDPA left to pick its kernel, nothing else."""
+    spec = _spec(row)
+    attention = spec.get("attention", {})
+    return (row.get("status") == "ok" and _plain(spec) and spec.get("precision", {}).get("dtype") in ("fp16", "bf16")
+            and attention.get("processor") == "sdpa" and attention.get("sdpa_backend") == "auto"
+            and not attention.get("fuse_qkv") and not attention.get("slice_size"))
+
+
+# run.sh's measured steps, in the order it runs them
+STEP_ORDER = ("seed", "sdpa", "compile", "best")
+
+
+def read_rows(work: Path) -> list:
+    """(step, job folder, row) for every result.json under WORK/sweeps/STEP/, in run order."""
+    def order(path: Path):
+        step = path.parts[-3]
+        return (STEP_ORDER.index(step) if step in STEP_ORDER else len(STEP_ORDER), step, _num(path.parts[-2]))
+
+    out = []
+    for path in sorted((work / "sweeps").glob("*/*/result.json"), key=order):
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            row = {"status": "unreadable", "error": f"{path}: {exc}"}
+        out.append((path.parts[-3], path.parent, row))
+    return out
+
+
+def _num(text: str):
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
+def describe(row: dict) -> str:
+    """The row's levers in a few words, from the typed spec (the preset's name where it has one)."""
+    spec = _spec(row)
+    if not spec:
+        return "?"
+    p, m, a, c = (spec.get(k, {}) for k in ("precision", "memory_format", "attention", "compile"))
+    parts = [p.get("dtype", "?") + ("+tf32" if p.get("tf32") else "")]
+    if m.get("format") == "channels_last":
+        parts.append("channels-last")
+    att = a.get("processor", "?") + (f":{a['sdpa_backend']}" if a.get("sdpa_backend") not in (None, "auto") else "")
+    parts.append(att + ("+fused-qkv" if a.get("fuse_qkv") else ""))
+    if c.get("method") not in (None, "none"):
+        parts.append(c["method"] + (f":{c['mode']}" if c.get("mode") not in (None, "default") else "")
+                     + ("-regional" if c.get("regional") else ""))
+    label = " ".join(parts)
+    return f"{row['preset']} ({label})" if row.get("preset") else label
+
+
+def _attention_ran(row: dict) -> str:
+    kernel = row.get("attention_kernel") or {}
+    if not kernel:
+        return "-"
+    text = kernel.get("processor", "?")
+    if kernel.get("pinned_modules"):
+        text += f" pinned {kernel.get('requested')} on {'+'.join(kernel['pinned_modules'])}"
+    if kernel.get("unpinned"):
+        text += f", free on {'+'.join(kernel['unpinned'])}"
+    if "xformers_op" in kernel:
+        text += f", xformers kernels {'loaded' if kernel.get('xformers_kernels_loaded') else 'NOT loaded'}" \
+                f" op {kernel.get('xformers_op')}"
+    return text
+
+
+def _speedup(base, median) -> str:
+    return f"x{base / median:.2f}" if base and median else "-"
+
+
+def compact(step: str, row: dict, base) -> str:
+    """One short line: what, median, steps/s, speed-up over fp32, peak memory, attention that ran."""
+    what = describe(row)
+    if row.get("status") != "ok":
+        error = " ".join(str(row.get("error") or "").split())[:160]
+        return f"{step:8} {what} | {str(row.get('status')).upper()} | {error}"
+    med = (row.get("latency_s") or {}).get("median")
+    sps = row.get("steps_per_s")
+    return (f"{step:8} {what} | {med:.3f} s | {f'{sps:.1f} steps/s' if sps else '- steps/s'} | "
+            f"{_speedup(base, med)} vs fp32 | peak {row.get('peak_memory_mb', 0):.0f} MB | {_attention_ran(row)}")
+
+
+def full_line(step: str, folder: Path, row: dict, base) -> str:
+    """The summary's line: the compact one plus spread, warmup, load/build times and notes."""
+    text = compact(step, row, base)
+    lat = row.get("latency_s") or {}
+    if lat:
+        steady = "steady" if row.get("steady") else f"NOT steady: {row.get('unsteady_reason')}"
+        text += (f" | min {lat['min']:.3f} max {lat['max']:.3f} n {len(lat.get('runs', []))}"
+                 f" | warmup {row.get('warmup_s', 0):.1f} s in {row.get('warmup_calls')} calls ({steady})"
+                 f" | load {row.get('load_s', 0):.1f} s build {row.get('build_s', 0):.1f} s")
+        if row.get("peak_memory_reserved_mb"):
+            text += f" | reserved {row['peak_memory_reserved_mb']:.0f} MB"
+    notes = "; ".join(row.get("build_notes") or [])
+    fatal = " [fatal CUDA error]" if row.get("fatal_cuda_error") else ""
+    return f"{folder.parent.name}/{folder.name} | {text}{fatal}" + (f" | notes: {notes}" if notes else "")
+
+
+def targets(rows: list) -> list:
+    """The proof's verdict against the issue's targets: the fastest ok row, its speed-up over fp32
+    and over half precision + SDPA, and its denoising steps/s."""
+    ok = [row for _, _, row in rows if row.get("status") == "ok" and row.get("latency_s")]
+    if not ok:
+        return ["targets: no ok row"]
+    base = next((r["latency_s"]["median"] for r in ok if is_fp32_baseline(r)), None)
+    half = next((r["latency_s"]["median"] for r in ok if is_half_sdpa(r)), None)
+    best = min(ok, key=lambda r: r["latency_s"]["median"])
+    med, sps = best["latency_s"]["median"], best.get("steps_per_s")
+    return [f"fastest: {describe(best)}: {med:.3f} s, {f'{sps:.1f}' if sps else '-'} steps/s",
+            f"targets: {_speedup(base, med)} over fp32 (goal x6), {_speedup(half, med)} over half+SDPA (goal x1.5), "
+            f"{f'{sps:.1f}' if sps else '-'} steps/s (goal 125 on an H100/H200 at 512x512)"]
+
+
+def collect(work: str, out: str, step: str = "") -> int:
+    """Write OUT/rows.jsonl (every row, whole), OUT/summary.txt (a line per row, then the targets) and
+    OUT/errors.txt (each non-ok row's error and its traceback's last lines); print STEP's rows compactly."""
+    work_dir, out_dir = Path(work), Path(out)
+    rows = read_rows(work_dir)
+    base = next((r["latency_s"]["median"] for _, _, r in rows if is_fp32_baseline(r)), None)
+    with open(out_dir / "rows.jsonl", "w") as f:
+        for name, folder, row in rows:
+            f.write(json.dumps({"step": name, "job": folder.name, **row}) + "\n")
+    summary = [full_line(name, folder, row, base) for name, folder, row in rows] + targets(rows)
+    (out_dir / "summary.txt").write_text("\n".join(summary) + "\n")
+    errors = []
+    for name, folder, row in rows:
+        if row.get("status") != "ok":
+            log = folder / "error.log"
+            tail = log.read_text(errors="replace").splitlines()[-12:] if log.exists() else []
+            errors.append(f"== {name}/{folder.name} {describe(row)}: {row.get('status')}\n{row.get('error')}\n"
+                          + "".join(f"    {line}\n" for line in tail))
+    (out_dir / "errors.txt").write_text("\n".join(errors) or "no failed or unsupported row\n")
+    for name, _, row in rows:
+        if name == step:
+            print(compact(name, row, base), flush=True)
+    if step and not any(name == step for name, _, _ in rows):
+        print(f"{step:8} no row (the step wrote no result.json)", flush=True)
+    return 0
+
+
+def model(overrides: list) -> int:
+    """Build and save the random-weight model of OVERRIDES into the model cache, once: its own step, so
+    the seconds it takes (random init + safetensors save) are never charged to a timed sweep."""
+    import sdbuild
+    from sdbuild.models import ensure_model, model_folder
+
+    spec = sdbuild.compose(overrides)
+    start = time.perf_counter()
+    cached = (Path(model_folder(spec.model, spec.cache_dir)) / "model_index.json").exists()
+    folder = Path(ensure_model(spec.model, spec.cache_dir))
+    size = sum(p.stat().st_size for p in folder.rglob("*.safetensors")) / 2**30
+    how = "already cached" if cached else "built and saved"
+    print(f"[ok] model {spec.model.name}: {how} in {time.perf_counter() - start:.1f} s, {size:.2f} GiB "
+          f"of safetensors in {folder}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    command = sys.argv[1] if len(sys.argv) > 1 else "preflight"
-    if command == "summary":
-        sys.exit(summary(sys.argv[2]))
-    sys.exit(preflight(cpu="--cpu" in sys.argv[2:]))
+    command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("preflight", [])
+    if command == "collect":
+        sys.exit(collect(*args))
+    if command == "limits":
+        sys.exit(limits(args[0]))
+    if command == "model":
+        sys.exit(model(args))
+    sys.exit(preflight(cpu="--cpu" in args))

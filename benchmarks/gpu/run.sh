@@ -1,65 +1,175 @@
 #!/usr/bin/env bash
 # sdbuild's GPU proof: one call on a fresh lent GPU machine (torch preinstalled, no network).
 #
-#   bash benchmarks/gpu/run.sh          # GPU: SD 1.5 architecture, 512x512, 50 DDIM steps (<= 9 min)
-#   bash benchmarks/gpu/run.sh --cpu    # the same steps on the tiny model on CPU (what CI runs)
+#   bash benchmarks/gpu/run.sh          # GPU: SD 1.5 architecture, 512x512, 50 DDIM steps
+#   bash benchmarks/gpu/run.sh --cpu    # every step on CPU stand-ins: tiny model, bf16 for fp16,
+#                                       # SDPA for xFormers (what CI runs, and rehearse.sh)
 #
-# Steps, each under its own time limit inside one overall budget (BUDGET seconds, default 510):
-#   1. install the carried wheels offline (.gpu/wheels, see fetch_wheels.sh), only on the GPU
-#   2. preflight (check.py): versions, toolchain, TF32 flags, event timing, SDPA kernel matrix,
-#      xformers, torchao, trace, torch.compile
-#   3. the seed table (5 rows), 4. the catalog's best CUDA recipe, 5. the SDPA kernels,
-#   6. the compile rows; 7. report.md per sweep and summary.txt (one line per row, steps/s)
-# Everything lands under $OUT (default: a new temporary folder): logs, sweeps, report, summary.
+# The device tool runs it as:  run(command="bash benchmarks/gpu/run.sh", carry=[".gpu"], timeout_s=540)
+# (.gpu/wheels from fetch_wheels.sh). BUDGET (default 500 s on a GPU) is the whole run; the call's
+# timeout should be BUDGET + ~40 s. To rerun only some steps: STEPS="compile best" bash ... .
+#
+# Steps, in the order that gets the figures that matter back first:
+#   install    the carried wheels, offline, --no-deps (never touching the image's torch); then an
+#              import smoke check that stops the run at once if sdbuild, hydra or diffusers fail
+#   preflight  check.py: versions, toolchain, TF32 flags, event timing, SDPA kernel matrix, xformers,
+#              torchao, jit.trace, torch.compile
+#   model      the random-weight model built and saved once, not charged to a timed row
+#   seed       diffusers' speed-up guide's table: fp32 -> fp16 -> +channels-last -> +trace -> +xFormers
+#   sdpa       fp16 with each SDPA kernel pinned, and fused QKV
+#   compile    fp16 + SDPA + channels-last, UNet compiled: inductor default, then reduce-overhead
+#   best       cuda_best_quick (cuda_best without max-autotune), only if time is left
+# Each step's limit comes from the time still left: at most its cap, and never eating the minimum
+# of the steps after it. A step that cannot get its minimum is skipped (and says so).
+#
+# What comes back: the device tool returns at most 8 files, flat. The working folder (sweeps, logs)
+# stays outside $OUT; after every step these files are (re)written into $OUT, and nothing else:
+#   summary.txt (a line per row, then the targets), rows.jsonl (every row, whole), errors.txt (each
+#   non-ok row's error and traceback tail), preflight.log, steps.txt, logs.tar.gz (the rest, < 16 MiB).
+# Each step's rows are printed as soon as it ends, so a run killed at its limit still shows them.
 set -u
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd); ROOT=$(cd "$HERE/../.." && pwd); cd "$ROOT"
 CPU=0; [ "${1:-}" = "--cpu" ] && CPU=1
-O=${OUT:-$(mktemp -d)}; S=$O/sweeps; mkdir -p "$O" "$S"
-PY=$(command -v python || command -v python3); BUDGET=${BUDGET:-510}
+O=${OUT:-$(mktemp -d)}; mkdir -p "$O"
+WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/sdbuild-gpu-proof.XXXXXX")}; S=$WORK/sweeps; mkdir -p "$S"
+STEPS=${STEPS:-install preflight model seed sdpa compile best}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# the random-weight model cache (GBs for sd15_arch) stays outside $OUT, which comes back to the caller
+# the random-weight model cache (3.4 GB for sd15_arch) stays outside $OUT, which comes back to the caller
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} SDBUILD_CACHE=${SDBUILD_CACHE:-${TMPDIR:-/tmp}/sdbuild-model-cache}
+: >"$WORK/steps.txt"
+say() { echo "$*" | tee -a "$WORK/steps.txt"; }
+
+# The interpreter that imports torch (and, on a GPU, sees CUDA); not whatever `python` is first.
+pick_python() {
+  local want='import torch'
+  [ $CPU = 0 ] && want='import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
+  for c in ${PYTHON:-} /opt/torch/.venv/bin/python3 python3 python; do
+    [ $CPU = 1 ] && [ "$c" = /opt/torch/.venv/bin/python3 ] && [ -z "${PYTHON:-}" ] && continue
+    command -v "$c" >/dev/null 2>&1 && "$c" -c "$want" >/dev/null 2>&1 && { command -v "$c"; return 0; }
+  done
+  return 1
+}
+if ! PY=$(pick_python); then
+  say "== STOP: no python3 here imports torch$([ $CPU = 0 ] && echo ' and sees a CUDA GPU') (tried \${PYTHON}, /opt/torch/.venv/bin/python3, python3, python)"
+  cp "$WORK/steps.txt" "$O/"; exit 2
+fi
+say "== python: $PY ($("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'))"
+
 if [ $CPU = 1 ]; then
-  # tiny model, 2 steps, 1 warmup + 1 timed call; CUDA-only rows come back `unsupported` at once
-  ROWS="model=tiny run.steps=2 run.warmup=1 run.repeats=1 run.save_image=false"
-  FORCE_CUDA="run.device=cuda"  # the best recipe would compile for minutes on CPU: checked, not run
+  BUDGET=${BUDGET:-900}
+  ROWS="model=tiny run.steps=2 run.warmup=1 run.repeats=2 run.save_image=false"
+  SEED="+experiment=seed_table_cpu"; HALF=bf16
+  SDPA_ATTN=sdpa,sdpa_math,sdpa_fused; COMPILE=inductor,regional; BEST="+preset=cuda_best_quick compile.mode=default"
+  #          install preflight model seed sdpa compile best   (seconds: cap / minimum)
+  CAPS=(     60      60        60    240  120  300     240)
+  FLOORS=(   10      10        10    60   30   90      60)
 else
+  BUDGET=${BUDGET:-500}
   ROWS="model=sd15_arch run.height=512 run.width=512 run.steps=50 scheduler=ddim run.warmup=1 run.repeats=3"
-  FORCE_CUDA=""
+  SEED="+experiment=seed_table"; HALF=fp16
+  SDPA_ATTN=sdpa,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_fused; COMPILE=inductor,inductor_reduce_overhead
+  BEST="+preset=cuda_best_quick"
+  CAPS=(     60      90        120   150  90   240     600)
+  FLOORS=(   10      20        30    60   30   90      60)
+fi
+ORDER=(install preflight model seed sdpa compile best)
+RESERVE=20  # for the last collect, the tarball and the limits check
+# the compile rows and the best recipe share one Inductor cache: the second compile reuses the
+# first one's Triton kernels (its warmup_s says so), the steady-state medians are unaffected
+CACHE="compile.cache_dir=$WORK/compile_cache"
+
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+
+limit_for() {  # limit_for INDEX: min(cap, time left - reserve - the minimums of the wanted steps after it)
+  local i=$1 later=0 j
+  for ((j = i + 1; j < ${#ORDER[@]}; j++)); do wanted "${ORDER[j]}" && later=$((later + FLOORS[j])); done
+  local left=$((BUDGET - SECONDS - RESERVE - later)) cap=${CAPS[i]}
+  ((left < cap)) && cap=$left
+  echo "$cap"
+}
+
+copy_back() {  # the six files, rewritten after every step; never more, never deeper
+  "$PY" "$HERE/check.py" collect "$WORK" "$O" "${1:-}" 2>>"$WORK/collect.log" || say "   (collect failed: see collect.log)"
+  cp "$WORK/steps.txt" "$O/steps.txt"
+  [ -f "$WORK/preflight.log" ] && cp "$WORK/preflight.log" "$O/preflight.log"
+  # the rest (every log, report, result.json, image), without the compile cache; images go first
+  # if the tarball would not fit in 16 MiB
+  tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude=compile_cache . 2>/dev/null
+  if [ "$(stat -c %s "$O/logs.tar.gz")" -gt $((15 * 2**20)) ]; then
+    tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude=compile_cache --exclude='*.png' . 2>/dev/null
+  fi
+}
+
+run_step() {  # run_step NAME COMMAND...: under its limit, output to WORK/NAME.log
+  local name=$1 i s rc; shift
+  for i in "${!ORDER[@]}"; do [ "${ORDER[i]}" = "$name" ] && break; done
+  s=$(limit_for "$i")
+  if ((s < FLOORS[i])); then say "== SKIP $name: ${s}s left for it, it needs ${FLOORS[i]}s"; return 1; fi
+  say "== [${SECONDS}s] $name (limit ${s}s of ${BUDGET}s)"
+  timeout -k 5 "$s" "$@" >"$WORK/$name.log" 2>&1; rc=$?
+  ((rc == 124 || rc == 137)) && say "   $name stopped at its ${s}s limit: rows it finished are kept"
+  say "== $name rc=$rc at ${SECONDS}s"
+  return $rc
+}
+
+sweep() {  # sweep NAME OVERRIDES...: one sdbuild multirun into WORK/sweeps/NAME, its rows printed at once
+  local name=$1; shift
+  wanted "$name" || return 0
+  run_step "$name" "$PY" -m sdbuild --multirun "$@" $ROWS "hydra.sweep.dir=$S/$name"
+  [ -f "$WORK/$name.log" ] && tail -n 2 "$WORK/$name.log" | sed "s/^/   /"
+  copy_back "$name"
+}
+
+# --- install ------------------------------------------------------------------------------------
+W=$ROOT/.gpu/wheels
+if wanted install; then
+  if "$PY" -c 'import diffusers, hydra, omegaconf' >/dev/null 2>&1; then
+    say "== install: diffusers, hydra-core and omegaconf already import: nothing installed"
+  elif [ -d "$W" ]; then
+    # exactly the carried wheels, with no dependency resolution: nothing reaches for the network and
+    # the image's torch stays (xformers' wheel pins the torch it was built for; whether its kernels
+    # load on this torch is what its rows record). importlib_metadata is not needed on Python >= 3.10.
+    WHEELS=()
+    for name in diffusers hydra_core omegaconf antlr4_python3_runtime torchao xformers; do
+      f=$(ls "$W"/"$name"-*.whl 2>/dev/null | head -n 1)
+      [ -n "$f" ] && WHEELS+=("$f") || say "   no $name wheel in $W"
+    done
+    run_step install "$PY" -m pip install --no-index --no-deps --no-cache-dir "${WHEELS[@]}"
+    tail -n 2 "$WORK/install.log" | sed 's/^/   /'
+  else
+    say "== install: no $W (run benchmarks/gpu/fetch_wheels.sh here and carry .gpu)"
+  fi
+fi
+if ! err=$("$PY" -c 'import sdbuild, sdbuild.builder, hydra, omegaconf, diffusers' 2>&1); then
+  say "== STOP: the import smoke check failed, no sweep can run: $(echo "$err" | tail -n 1)"
+  copy_back; exit 3
+fi
+say "== imports ok: sdbuild, hydra $("$PY" -c 'import hydra; print(hydra.__version__)'), diffusers $("$PY" -c 'import diffusers; print(diffusers.__version__)')"
+
+# --- preflight, model -----------------------------------------------------------------------------
+[ $CPU = 0 ] && { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/== device: /' | tee -a "$WORK/steps.txt"; }
+if wanted preflight; then
+  run_step preflight "$PY" "$HERE/check.py" preflight $([ $CPU = 1 ] && echo --cpu)
+  cat "$WORK/preflight.log"
+  copy_back
+fi
+if wanted model; then
+  run_step model "$PY" "$HERE/check.py" model $ROWS
+  tail -n 1 "$WORK/model.log" | sed 's/^/   /'
+  copy_back
 fi
 
-step() {  # step SECONDS NAME COMMAND...: run under min(SECONDS, budget left), log to $O/NAME.log
-  local s=$1 name=$2 left=$((BUDGET - SECONDS)); shift 2; ((s > left)) && s=$left
-  if ((s < 10)); then echo "== SKIP $name (budget spent)" | tee -a "$O/steps.txt"; return 1; fi
-  echo "== [${SECONDS}s] $name (limit ${s}s)" | tee -a "$O/steps.txt"
-  timeout -k 5 "$s" "$@" >"$O/$name.log" 2>&1; local rc=$?
-  tail -n 3 "$O/$name.log"; echo "== $name rc=$rc at ${SECONDS}s" | tee -a "$O/steps.txt"; return $rc
-}
-sweep() {  # sweep SECONDS NAME OVERRIDES...: one sdbuild multirun into $S/NAME
-  local s=$1 name=$2; shift 2
-  step "$s" "$name" "$PY" -m sdbuild --multirun "$@" $ROWS "hydra.sweep.dir=$S/$name"
-}
+# --- the measured steps ---------------------------------------------------------------------------
+sweep seed "$SEED"
+sweep sdpa precision=$HALF attention=$SDPA_ATTN
+sweep compile precision=$HALF attention=sdpa memory_format=channels_last compile=$COMPILE "$CACHE"
+sweep best $BEST "$CACHE"
 
-[ $CPU = 0 ] && { nvidia-smi -L 2>&1 | tee "$O/device.txt"; }
-if [ $CPU = 0 ] && [ -d "$ROOT/.gpu/wheels" ]; then
-  W=$ROOT/.gpu/wheels
-  echo "torch==$($PY -c 'import torch; print(torch.__version__)')" >"$O/constraints.txt"
-  # xformers apart and without dependencies: its wheel pins the torch it was built for, and the
-  # torch of the image must stay (whether its kernels load is what the row records)
-  step 90 install "$PY" -m pip install --no-index --find-links "$W" -c "$O/constraints.txt" \
-    diffusers hydra-core omegaconf antlr4-python3-runtime importlib_metadata zipp torchao
-  step 30 install_xformers "$PY" -m pip install --no-deps --no-index --find-links "$W" xformers
-fi
-step 75 preflight "$PY" "$HERE/check.py" preflight $([ $CPU = 1 ] && echo --cpu)
-cat "$O/preflight.log"
-sweep 200 seed +experiment=seed_table
-sweep 150 best +preset=cuda_best $FORCE_CUDA
-sweep 70 sdpa precision=fp16 attention=sdpa,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_fused
-sweep 150 compile precision=fp16 attention=sdpa memory_format=channels_last \
-  compile=inductor,inductor_reduce_overhead
-BUDGET=$((BUDGET + 30))
-for name in seed best sdpa compile; do
-  [ -d "$S/$name" ] && "$PY" -m sdbuild.report "$S/$name" >>"$O/report.log" 2>&1
+# a report for every sweep that was stopped before it wrote its own (it goes into logs.tar.gz)
+for d in "$S"/*/; do
+  [ -f "$d/report.md" ] || timeout 30 "$PY" -m sdbuild.report "$d" >>"$WORK/report.log" 2>&1
 done
-"$PY" "$HERE/check.py" summary "$S" | tee "$O/summary.txt"
-echo "== done in ${SECONDS}s: $O"
+say "== done in ${SECONDS}s (budget ${BUDGET}s); working folder $WORK"
+copy_back
+echo "== summary"; cat "$O/summary.txt"
+"$PY" "$HERE/check.py" limits "$O"

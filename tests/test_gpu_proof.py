@@ -1,0 +1,79 @@
+"""benchmarks/gpu/run.sh, the one call a lent GPU gets: its CPU mode runs every step on stand-ins, and
+what it leaves in $OUT is exactly what the device tool brings back (at most 8 flat files, 16 MiB each)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+RUN_SH = ROOT / "benchmarks/gpu/run.sh"
+spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks/gpu/check.py")
+check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(check)
+
+
+def test_out_limits_are_those_of_the_device_tool(tmp_path):
+    for name in check.OUT_FILES:
+        (tmp_path / name).write_text("x")
+    assert check.out_problems(tmp_path) == []
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "c" / "result.json").write_text("{}")  # three folders down: never returns
+    (tmp_path / "stray.log").write_text("x")
+    with open(tmp_path / "summary.txt", "wb") as f:  # over 16 MiB (sparse: costs no disk)
+        f.truncate(check.OUT_MAX_BYTES + 1)
+    problems = check.out_problems(tmp_path)
+    assert any("more than 2 folders" in p for p in problems)
+    assert any(p.startswith("stray.log: not one of") for p in problems)
+    assert any(p.startswith("summary.txt:") and "over" in p for p in problems)
+    assert any("over 8" in p for p in problems) is False  # 8 files: still allowed
+    (tmp_path / "more.txt").write_text("x")
+    assert any(p == "9 files, over 8" for p in check.out_problems(tmp_path))
+
+
+def _run(tmp_path, *args, **env):
+    out, work = tmp_path / "out", tmp_path / "work"
+    done = subprocess.run(["bash", str(RUN_SH), "--cpu", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(out), "WORK": str(work), **env}, timeout=1500)
+    return done, out
+
+
+@pytest.mark.slow
+def test_gpu_proof_runs_every_step_in_cpu_mode(tmp_path):
+    """Every step of the GPU run on CPU stand-ins (tiny model, bf16 for fp16, SDPA for xFormers), each
+    measured; each step's rows printed as it ends; $OUT holds the six files and nothing else."""
+    done, out = _run(tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert check.out_problems(out) == [] and sorted(p.name for p in out.iterdir()) == sorted(check.OUT_FILES)
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    counts = {step: sum(r["step"] == step for r in rows) for step in check.STEP_ORDER}
+    assert counts == {"seed": 5, "sdpa": 3, "compile": 2, "best": 1}, counts
+    assert [r for r in rows if r["status"] != "ok"] == []
+    assert all(r["steps_per_s"] > 0 for r in rows)
+    # each step's rows are in the output right after that step ends, before the next one starts
+    text = done.stdout
+    for step, nxt in zip(check.STEP_ORDER, check.STEP_ORDER[1:] + ("== done",)):
+        ended = text.index(f"== {step} rc=0")
+        nxt_at = text.index(f"] {nxt} (limit" if nxt != "== done" else nxt, ended)
+        assert text[ended:nxt_at].count(f"\n{step:8} ") == counts[step], text[ended:nxt_at]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert len(summary) == len(rows) + 2 and summary[-1].startswith("targets: x")
+    assert "x1.00 vs fp32" in summary[0]  # the seed table's first row is the baseline
+    assert "[ok] versions" in (out / "preflight.log").read_text()
+    assert "no failed or unsupported row" in (out / "errors.txt").read_text()
+    assert "[ok] $OUT limits" in text
+
+
+@pytest.mark.slow
+def test_a_step_without_time_left_is_skipped_and_said(tmp_path):
+    """Limits come from the time left: with too little budget the measured step is skipped with its
+    reason, and $OUT still holds the files (no row, so the targets line says so)."""
+    done, out = _run(tmp_path, STEPS="preflight seed", BUDGET="40")
+    assert done.returncode == 0, done.stdout[-3000:]
+    steps = (out / "steps.txt").read_text()
+    assert "== SKIP seed:" in steps and "it needs 60s" in steps
+    assert check.out_problems(out) == []
+    assert (out / "summary.txt").read_text().strip() == "targets: no ok row"
