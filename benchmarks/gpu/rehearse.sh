@@ -25,14 +25,18 @@ for c in python3.12 "$(pyenv root 2>/dev/null || echo ~/.pyenv)"/versions/3.12.*
 done
 [ -n "$PY312" ] || { echo "rehearse: no python3.12 here (pyenv install 3.12)"; exit 2; }
 [ "${REHEARSE_FRESH:-0}" = 1 ] && rm -rf "$V"
+# What the image holds of what sdbuild, diffusers and hydra import (device/KINDS.md lists the whole
+# image): diffusers checks requests, filelock and regex at import, so they belong to the stand-in.
+IMAGE=(torch==2.11.0 transformers==5.17.0 accelerate==1.15.0 huggingface_hub==1.33.0 safetensors==0.8.0
+       numpy pillow matplotlib tqdm pyyaml requests filelock regex packaging psutil)
 if [ ! -f "$V/.stand-in-ready" ]; then
   echo "== building the stand-in venv in $V ($("$PY312" --version); downloads torch 2.11.0 + CUDA wheels once)"
   rm -rf "$V"; "$PY312" -m venv "$V"
-  # the machine's pip constraints cap torch for its own CPU wheels: the stand-in asks the registry
-  PIP_CONSTRAINT="" "$V/bin/pip" install -q torch==2.11.0 transformers==5.17.0 accelerate==1.15.0 \
-    huggingface_hub==1.33.0 safetensors==0.8.0 numpy pillow matplotlib tqdm pyyaml 2>&1 | grep -v "is ignored: it is neither"
-  touch "$V/.stand-in-ready"
 fi
+# the machine's pip constraints cap torch for its own CPU wheels: the stand-in asks the registry
+# (a no-op once everything is there)
+PIP_CONSTRAINT="" "$V/bin/pip" install -q "${IMAGE[@]}" 2>&1 | grep -v "is ignored: it is neither" || true
+touch "$V/.stand-in-ready"
 "$V/bin/python" -c 'import torch; print("== stand-in: python", __import__("sys").version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
 if "$V/bin/python" -c 'import diffusers' 2>/dev/null || "$V/bin/python" -c 'import hydra' 2>/dev/null; then
   echo "== removing diffusers/hydra/omegaconf/torchao/xformers left by an earlier rehearsal (the image has none)"

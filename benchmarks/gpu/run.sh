@@ -140,7 +140,12 @@ if wanted install; then
     say "== install: no $W (run benchmarks/gpu/fetch_wheels.sh here and carry .gpu)"
   fi
 fi
-if ! err=$("$PY" -c 'import sdbuild, sdbuild.builder, hydra, omegaconf, diffusers' 2>&1); then
+SMOKE='
+try:
+    import sdbuild, sdbuild.builder, hydra, omegaconf, diffusers
+except Exception as exc:  # one line: the exception, not the hint pip prints after it
+    raise SystemExit(f"{type(exc).__name__}: {" ".join(str(exc).split())}")'
+if ! err=$("$PY" -c "$SMOKE" 2>&1); then
   say "== STOP: the import smoke check failed, no sweep can run: $(echo "$err" | tail -n 1)"
   copy_back; exit 3
 fi
