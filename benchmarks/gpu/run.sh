@@ -10,7 +10,7 @@
 # timeout should be BUDGET + ~40 s. To rerun only some steps: STEPS="compile best" bash ... .
 #
 # Steps, in the order that gets the figures that matter back first:
-#   install    the carried wheels, offline, --no-deps (never touching the image's torch); then an
+#   install    the carried wheels, offline, --no-deps, into WORK/site (the image untouched); then an
 #              import smoke check that stops the run at once if sdbuild, hydra or diffusers fail
 #   preflight  check.py: versions, toolchain, TF32 flags, event timing, SDPA kernel matrix, xformers,
 #              torchao, jit.trace, torch.compile
@@ -35,7 +35,9 @@ WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/sdbuild-gpu-proof.XXXXXX")}; S=$WORK/s
 STEPS=${STEPS:-install preflight model seed sdpa compile best}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # the random-weight model cache (3.4 GB for sd15_arch) stays outside $OUT, which comes back to the caller
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} SDBUILD_CACHE=${SDBUILD_CACHE:-${TMPDIR:-/tmp}/sdbuild-model-cache}
+# the carried wheels go into WORK/site (on PYTHONPATH), never into the image's own environment
+SITE=$WORK/site; mkdir -p "$SITE"
+export PYTHONPATH=$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH} SDBUILD_CACHE=${SDBUILD_CACHE:-${TMPDIR:-/tmp}/sdbuild-model-cache}
 : >"$WORK/steps.txt"
 say() { echo "$*" | tee -a "$WORK/steps.txt"; }
 
@@ -94,9 +96,9 @@ copy_back() {  # the six files, rewritten after every step; never more, never de
   [ -f "$WORK/preflight.log" ] && cp "$WORK/preflight.log" "$O/preflight.log"
   # the rest (every log, report, result.json, image), without the compile cache; images go first
   # if the tarball would not fit in 16 MiB
-  tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude=compile_cache . 2>/dev/null
+  tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude=./compile_cache --exclude=./site . 2>/dev/null
   if [ "$(stat -c %s "$O/logs.tar.gz")" -gt $((15 * 2**20)) ]; then
-    tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude=compile_cache --exclude='*.png' . 2>/dev/null
+    tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude=./compile_cache --exclude=./site --exclude='*.png' . 2>/dev/null
   fi
 }
 
@@ -134,7 +136,7 @@ if wanted install; then
       f=$(ls "$W"/"$name"-*.whl 2>/dev/null | head -n 1)
       [ -n "$f" ] && WHEELS+=("$f") || say "   no $name wheel in $W"
     done
-    run_step install "$PY" -m pip install --no-index --no-deps --no-cache-dir "${WHEELS[@]}"
+    run_step install "$PY" -m pip install --no-index --no-deps --no-cache-dir --no-compile --target "$SITE" "${WHEELS[@]}"
     tail -n 2 "$WORK/install.log" | sed 's/^/   /'
   else
     say "== install: no $W (run benchmarks/gpu/fetch_wheels.sh here and carry .gpu)"
