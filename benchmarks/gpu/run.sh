@@ -58,12 +58,12 @@ fi
 say "== python: $PY ($("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'))"
 
 if [ $CPU = 1 ]; then
-  BUDGET=${BUDGET:-900}
+  BUDGET=${BUDGET:-1200}
   ROWS="model=tiny run.steps=2 run.warmup=1 run.repeats=2 run.save_image=false"
   SEED="+experiment=seed_table_cpu"; HALF=bf16
   SDPA_ATTN=sdpa,sdpa_math,sdpa_fused; COMPILE=inductor,regional; BEST="+preset=cuda_best_quick compile.mode=default"
   #          install preflight model seed sdpa compile best   (seconds: cap / minimum)
-  CAPS=(     60      60        60    240  120  300     240)
+  CAPS=(     60      60        60    240  180  360     300)
   FLOORS=(   10      10        10    60   30   90      60)
 else
   BUDGET=${BUDGET:-500}
