@@ -146,7 +146,8 @@ SMOKE='
 try:
     import sdbuild, sdbuild.builder, hydra, omegaconf, diffusers
 except Exception as exc:  # one line: the exception, not the hint pip prints after it
-    raise SystemExit(f"{type(exc).__name__}: {" ".join(str(exc).split())}")'
+    words = " ".join(str(exc).split())
+    raise SystemExit(type(exc).__name__ + ": " + words)'
 if ! err=$("$PY" -c "$SMOKE" 2>&1); then
   say "== STOP: the import smoke check failed, no sweep can run: $(echo "$err" | tail -n 1)"
   copy_back; exit 3
