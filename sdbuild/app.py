@@ -146,5 +146,6 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
             print(f"result: {out_dir / results.RESULT_FILE}", flush=True)
         else:  # the refusal first, then where its row is: no `result:` line that reads like success
             print(f"sdbuild: {row['status']}:\n{row['error']}\n"
-                  f"(its {row['status']} row is recorded in {out_dir / results.RESULT_FILE})", file=sys.stderr, flush=True)
+                  f"(its {row['status']} row is recorded in {out_dir / results.RESULT_FILE})",
+                  file=sys.stderr, flush=True)
     return row

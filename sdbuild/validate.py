@@ -148,15 +148,20 @@ def _check_values(spec: Spec) -> list[str]:
 def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
     """Raise `SpecError` listing every problem with `spec` on this machine; return the device."""
     problems = _check_values(spec)
-    machine = machine or Machine.probe()
-    if spec.run.device is Device.cuda and not machine.cuda:
-        problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
-    device = resolve_device(spec, machine)
-    for req in REQUIREMENTS:
-        if req.applies(spec) and (missing := _unmet(req, device, machine)):
-            chosen = f"{req.group}={getattr(spec, req.group).name}"
-            option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
-            problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))
+    applicable = [req for req in REQUIREMENTS if req.applies(spec)]
+    device = "unknown"
+    # A spec already refused, with no rule that asks the machine, is refused without probing it (on a
+    # machine with a GPU the probe imports torch, seconds).
+    if not problems or applicable or spec.run.device is Device.cuda:
+        machine = machine or Machine.probe()
+        if spec.run.device is Device.cuda and not machine.cuda:
+            problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
+        device = resolve_device(spec, machine)
+        for req in applicable:
+            if missing := _unmet(req, device, machine):
+                chosen = f"{req.group}={getattr(spec, req.group).name}"
+                option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
+                problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))
     for excl in EXCLUSIONS:
         if excl.applies(spec):
             problems.append(problem(excl.options, f"cannot be combined: {excl.why}", excl.instead))

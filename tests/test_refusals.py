@@ -89,6 +89,26 @@ def test_plain_overrides_that_hydra_knows_are_left_to_hydra(tmp_path):
     assert heavy == []
 
 
+def test_a_spec_refused_on_its_values_does_not_probe_the_machine(monkeypatch):
+    """Where no rule asks the machine, a refusal on values needs no probe (which imports torch where a GPU
+    may be); where one does, the machine is probed and its problems are listed too."""
+    from sdbuild.errors import SpecError
+    from sdbuild.validate import validate
+
+    from helpers import composed
+
+    def probe():
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(Machine, "probe", staticmethod(probe))
+    with pytest.raises(SpecError, match="run.height=4100"):
+        validate(composed("run.height=4100"))
+    with pytest.raises(AssertionError, match="probed"):
+        validate(composed("run.height=4100", "precision=fp16"))  # fp16 needs CUDA: ask the machine
+    with pytest.raises(AssertionError, match="probed"):
+        validate(composed())  # nothing wrong: the device is needed
+
+
 def test_no_cuda_says_why_without_torch():
     assert "CPU-only build" in no_cuda("2.13.0+cpu", {}, ())
     assert "CUDA_VISIBLE_DEVICES" in no_cuda("2.13.0", {"CUDA_VISIBLE_DEVICES": ""}, ("/",))

@@ -649,7 +649,8 @@ def test_index_html_in_a_real_browser(grid: Path):
             first = page.eval_on_selector("h1", "h => h.nextElementSibling.id")  # the line right under the title
             fastest = page.locator("#fastest").inner_text()
             banner = page.locator("#random-weights")
-            banner_shown = banner.is_visible() and banner.bounding_box()["y"] < page.locator("table").bounding_box()["y"]
+            table_top = page.locator("table").bounding_box()["y"]
+            banner_shown = banner.is_visible() and banner.bounding_box()["y"] < table_top
             banner_text = banner.inner_text()
             images = page.eval_on_selector_all(
                 "img", "imgs => imgs.map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
