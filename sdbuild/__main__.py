@@ -59,12 +59,11 @@ def plain_typos(argv: list[str]) -> list[str]:
             continue
         node = typed
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node.setdefault(leaf, None)
+        for part in parents:  # `model=sd15 model.pth=/x`: the group's choice and a field under it
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node.setdefault(leaf, None)
     return unknown_keys(typed)
 
 

@@ -71,14 +71,15 @@ def test_a_refusal_comes_before_torch_is_imported(tmp_path, args, message, row):
         assert stderr.index(message) < stderr.index(f"row is recorded in {result}")
 
 
-@pytest.mark.parametrize("typo,nearest", [
+@pytest.mark.parametrize("args,nearest", [
     ("precison=fp16", "Did you mean precision?"),
     ("run.stepz=3", "Did you mean run.steps?"),
     ("attention.fuse_qvk=true", "Did you mean attention.fuse_qkv?"),
+    ("model=sd15 model.pth=/x", "Did you mean model.path?"),  # a field under the group just chosen
 ])
-def test_a_plain_typo_gets_the_nearest_key_and_exit_2(tmp_path, typo, nearest):
-    code, _, stdout, stderr = refuse(tmp_path, typo)
-    assert code == 2 and nearest in stderr and "+" + typo not in stderr, stderr  # not Hydra's "use +key"
+def test_a_plain_typo_gets_the_nearest_key_and_exit_2(tmp_path, args, nearest):
+    code, _, stdout, stderr = refuse(tmp_path, *args.split())
+    assert code == 2 and nearest in stderr and "use +" not in stderr, stderr  # not Hydra's "use +key=value"
 
 
 def test_plain_overrides_that_hydra_knows_are_left_to_hydra(tmp_path):
