@@ -3,6 +3,9 @@
 Every problem is collected (not just the first) and raised as one `SpecError`, each line naming
 the option, what is wrong and what to use instead. Machine-dependent rules come from
 `capabilities.py`; the checks on values (sizes, counts, paths) live here.
+
+Nothing here imports torch or diffusers unless a GPU may be there (`Machine.probe`, `no_cuda`): a
+refusal is answered before the heavy imports, in about a second. Keep new checks that way.
 """
 
 from __future__ import annotations

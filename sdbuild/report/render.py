@@ -198,7 +198,7 @@ RANDOM_WEIGHTS = ("so images are noise by design: compare them pixel to pixel, n
 
 def random_weights_banner(sweep: Sweep) -> Optional[str]:
     """A warning when rows ran a model with random weights (tiny, *_arch), else None."""
-    models = sorted({(r["spec"] or {}).get("model", {}).get("name") or r["choices"].get("model") or "?"
+    models = sorted({((r["spec"] or {}).get("model") or {}).get("name") or r["choices"].get("model") or "?"
                      for r in sweep.readable if random_weights(r)})
     if not models:
         return None
