@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from .config import config_dir
 from .errors import SpecError
-from .spec import check_keys, register_configs
+from .spec import GROUPS, check_keys, register_configs
 
 register_configs()
 
@@ -21,7 +21,50 @@ def main() -> None:
     if len(sys.argv) == 2 and sys.argv[1] in ("--help", "-h"):
         print(fast_help())
         return
+    if problems := plain_typos(sys.argv[1:]):
+        print(f"sdbuild: refused:\n{SpecError(problems)}", file=sys.stderr)
+        sys.exit(2)
     hydra_main()
+
+
+def plain_typos(argv: list[str]) -> list[str]:
+    """The plain `key=value` overrides (no `+`) whose key is neither a spec field nor a config
+    group, each named with the nearest valid key, as `+key=value` is refused after composition.
+    Hydra would refuse them too, but with "To append to your config use +key=value", which sends
+    a typo the wrong way. Read with Hydra's own argument and override parsers, before composing;
+    anything they cannot parse is left to Hydra's message."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    from .spec import unknown_keys
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(argv)
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except (SystemExit, Exception):
+        return []
+    if args.shell_completion:
+        return []
+    groups = {d.name for d in Path(config_dir()).iterdir() if d.is_dir()}
+    typed: dict = {}
+    for override in overrides:
+        key = override.key_or_group
+        if (override.type is not OverrideType.CHANGE or override.package is not None or "/" in key
+                or key.split(".")[0] in groups - set(GROUPS) or key.split(".")[0] == "hydra"):
+            continue
+        node = typed
+        *parents, leaf = key.split(".")
+        for part in parents:  # `model=sd15 model.pth=/x`: the group's choice and a field under it
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node.setdefault(leaf, None)
+    return unknown_keys(typed)
 
 
 def group_listing(conf: Path) -> str:

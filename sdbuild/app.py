@@ -142,7 +142,10 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
     if multirun or row["status"] == Status.ok.value:  # a single run's refusal is said once, on stderr, below
         print(summary_line(row), flush=True)
     if not multirun:
-        print(f"result: {out_dir / results.RESULT_FILE}", flush=True)
-        if row["status"] != Status.ok.value:
-            print(f"sdbuild: {row['status']}:\n{row['error']}", file=sys.stderr)
+        if row["status"] == Status.ok.value:
+            print(f"result: {out_dir / results.RESULT_FILE}", flush=True)
+        else:  # the refusal first, then where its row is: no `result:` line that reads like success
+            print(f"sdbuild: {row['status']}:\n{row['error']}\n"
+                  f"(its {row['status']} row is recorded in {out_dir / results.RESULT_FILE})",
+                  file=sys.stderr, flush=True)
     return row

@@ -53,12 +53,13 @@ def plan(spec: Spec, device: str) -> list[str]:
 
 
 def show(spec: Spec) -> str:
-    """The resolved spec (YAML) and the build plan. Raises `SpecError` where validation refuses it."""
+    """The build plan, what was asked for, then the resolved spec (YAML) it was read from. Raises
+    `SpecError` where validation refuses it."""
     from omegaconf import OmegaConf
 
     from .validate import validate
 
     device = validate(spec)
     resolved = OmegaConf.to_yaml(OmegaConf.create(spec_to_dict(spec)))
-    return "resolved spec:\n" + resolved + "would build (dry run: no weights loaded):\n" + "\n".join(
-        "  " + line for line in plan(spec, device))
+    return ("would build (dry run: no weights loaded):\n" + "\n".join("  " + line for line in plan(spec, device))
+            + "\n\nresolved spec (Hydra's `--cfg job` prints the composed config alone):\n" + resolved.rstrip("\n"))

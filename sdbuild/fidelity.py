@@ -17,6 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+# The fidelity bound: an image at least this close to the baseline's (PSNR, dB) counts as the same
+# picture. Lossless levers (fp32 SDPA, channels-last, tracing, export) pass it; lossy ones (bf16: ~45 dB
+# on the tiny model, a tiny VAE, fewer steps, quantization) do not. The tuner's default bound, and the
+# report's "fastest within the fidelity bound".
+FIDELITY_BOUND_DB = 50.0
+
 SSIM_SIGMA = 1.5
 SSIM_WINDOW = 11  # 2 * int(3.5 * sigma + 0.5) + 1, as scikit-image truncates its Gaussian
 SSIM_K1, SSIM_K2 = 0.01, 0.03

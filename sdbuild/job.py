@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import time
 import traceback
 from importlib import metadata
@@ -66,6 +67,8 @@ def environment(device: Optional[str]) -> Dict[str, Any]:
         "cpu": cpu_name(),
         "pid": os.getpid(),
     }
+    if "torch" not in sys.modules:  # refused before anything loaded: torch was never needed, nor imported
+        return env
     try:
         import torch
 
@@ -100,6 +103,8 @@ def save_image(images, path: Path) -> Dict[str, Any]:
 def release_memory() -> None:
     """Drop what a finished job left behind, so the next job in this process starts clean."""
     gc.collect()
+    if "torch" not in sys.modules:  # nothing was built
+        return
     try:
         import torch
 

@@ -10,6 +10,7 @@ one and every environment fact that differs (versions, device, flags).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -90,11 +91,20 @@ def replay(run_dir: str | Path, out_dir: Optional[str | Path] = None) -> Dict[st
                        job={"replay_of": str(Path(run_dir).resolve())})
 
 
+def show_progress() -> None:
+    """Say what the run is doing as `python -m sdbuild` does: Hydra's log format on stderr, so loading,
+    warmup and run k of N show (a bar on a terminal, a line per call otherwise). A process that has set
+    up logging already (a test, a caller) keeps its own."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdbuild.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run folder holding result.json (outputs/runs/<time>, or a sweep's job folder)")
     parser.add_argument("--out", help="where to write the new run (default: a new outputs/runs/<time>)")
     args = parser.parse_args(argv)
+    show_progress()
 
     from .app import summary_line
     from .errors import SpecError

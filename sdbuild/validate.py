@@ -3,6 +3,9 @@
 Every problem is collected (not just the first) and raised as one `SpecError`, each line naming
 the option, what is wrong and what to use instead. Machine-dependent rules come from
 `capabilities.py`; the checks on values (sizes, counts, paths) live here.
+
+Nothing here imports torch or diffusers unless a GPU may be there (`Machine.probe`, `no_cuda`): a
+refusal is answered before the heavy imports, in about a second. Keep new checks that way.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sysconfig
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import FrozenSet, Optional, Tuple
+from typing import FrozenSet, Mapping, Optional, Sequence, Tuple
 
 from .capabilities import EXCLUSIONS, REQUIREMENTS, Requirement, requirement_needs
 from .errors import SpecError, problem
@@ -43,13 +46,19 @@ class Machine:
 
     @classmethod
     def probe(cls) -> "Machine":
-        import torch
+        """This machine's facts. torch is imported only where a GPU may be there (see `no_cuda`):
+        on a machine without one, every rule is checked in the time of a few file lookups."""
+        cuda, device_name, capability = False, "cpu", None
+        if no_cuda() is None:
+            import torch
 
-        cuda = torch.cuda.is_available()
+            cuda = torch.cuda.is_available()
+            if cuda:
+                device_name, capability = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
         return cls(
             cuda=cuda,
-            device_name=torch.cuda.get_device_name(0) if cuda else "cpu",
-            capability=torch.cuda.get_device_capability(0) if cuda else None,
+            device_name=device_name,
+            capability=capability,
             packages=frozenset(p for p in OPTIONAL_PACKAGES if importlib.util.find_spec(p) is not None),
             diffusers_version=metadata.version("diffusers"),
             c_compiler=any(shutil.which(c) for c in ("g++", "c++", "clang++")),
@@ -57,6 +66,31 @@ class Machine:
             python_headers=Path(sysconfig.get_paths()["include"], "Python.h").exists(),
             cuda_toolkit=cuda and _cuda_home() is not None,
         )
+
+
+# Device files of a GPU torch.cuda could use: NVIDIA's driver (also inside a container), WSL2's
+# GPU bridge, AMD's ROCm (a ROCm torch answers through torch.cuda too).
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/dxg", "/dev/kfd")
+
+
+def no_cuda(torch_version: Optional[str] = None, environ: Optional[Mapping[str, str]] = None,
+            device_files: Sequence[str] = GPU_DEVICE_FILES) -> Optional[str]:
+    """Why `torch.cuda.is_available()` is certainly False here, found without importing torch
+    (which takes seconds): a CPU-only torch build, no visible device, no GPU driver. None where
+    a GPU may be there: then only torch can say. (Arguments: this machine's facts by default.)"""
+    if torch_version is None:
+        try:
+            torch_version = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            torch_version = ""
+    environ = os.environ if environ is None else environ
+    if torch_version.endswith("+cpu"):
+        return f"torch {torch_version} is a CPU-only build"
+    if environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return "CUDA_VISIBLE_DEVICES hides every GPU"
+    if not any(os.path.exists(path) for path in device_files):
+        return "no GPU driver is loaded (no " + ", ".join(device_files) + ")"
+    return None
 
 
 def _cuda_home() -> Optional[str]:
@@ -117,15 +151,20 @@ def _check_values(spec: Spec) -> list[str]:
 def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
     """Raise `SpecError` listing every problem with `spec` on this machine; return the device."""
     problems = _check_values(spec)
-    machine = machine or Machine.probe()
-    if spec.run.device is Device.cuda and not machine.cuda:
-        problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
-    device = resolve_device(spec, machine)
-    for req in REQUIREMENTS:
-        if req.applies(spec) and (missing := _unmet(req, device, machine)):
-            chosen = f"{req.group}={getattr(spec, req.group).name}"
-            option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
-            problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))
+    applicable = [req for req in REQUIREMENTS if req.applies(spec)]
+    device = "unknown"
+    # A spec already refused, with no rule that asks the machine, is refused without probing it (on a
+    # machine with a GPU the probe imports torch, seconds).
+    if not problems or applicable or spec.run.device is Device.cuda:
+        machine = machine or Machine.probe()
+        if spec.run.device is Device.cuda and not machine.cuda:
+            problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
+        device = resolve_device(spec, machine)
+        for req in applicable:
+            if missing := _unmet(req, device, machine):
+                chosen = f"{req.group}={getattr(spec, req.group).name}"
+                option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
+                problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))
     for excl in EXCLUSIONS:
         if excl.applies(spec):
             problems.append(problem(excl.options, f"cannot be combined: {excl.why}", excl.instead))

@@ -1,4 +1,4 @@
-"""The Python API works as the README shows, any number of times per process, and `sdbuild.run`
+"""The Python API works as docs/sweeps-and-reports.md shows, any number of times per process, and `sdbuild.run`
 returns the very row the CLI writes for the same spec."""
 
 import json

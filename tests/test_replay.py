@@ -2,6 +2,8 @@
 what changed; `dry_run=true` validates and shows the plan without loading weights."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,16 @@ def test_replay_refuses_a_recorded_spec_with_unknown_keys(recorded, tmp_path, mo
     assert not (tmp_path / "outputs").exists()
 
 
+def test_replay_shows_progress_like_a_run(recorded, tmp_path):
+    """Loading, warmup and each timed run are said as they happen (a line each when not on a terminal)."""
+    out = subprocess.run([sys.executable, "-m", "sdbuild.replay", str(recorded), "--out", str(tmp_path / "new")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    said = [line.split(" - ", 1)[1] for line in out.stderr.splitlines() if "][sdbuild][INFO] - " in line]
+    assert said and said[0].startswith("loading and building") and said[-1].startswith("run 1/1: "), said  # FAST: 1 run
+    assert "median" in out.stdout and (tmp_path / "new" / "result.json").exists()
+
+
 def test_replay_of_a_folder_without_a_result(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         replay.main([str(tmp_path)])
@@ -92,7 +104,8 @@ def test_dry_run_shows_the_plan_and_loads_nothing(tmp_path):
     out = run_cli("dry_run=true", "precision=bf16", "attention=sdpa_fused", "compile=inductor", f"cache_dir={cache}",
                   f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stderr
-    assert "resolved spec:" in out.stdout and "name: sdpa_fused" in out.stdout
+    assert out.stdout.startswith("would build (dry run: no weights loaded):\n  device: cpu")  # the plan first
+    assert out.stdout.index("7. compile:") < out.stdout.index("resolved spec") < out.stdout.index("name: sdpa_fused")
     assert "weights in bfloat16" in out.stdout and "AttnProcessor2_0, fused QKV" in out.stdout
     assert "torch.compile of unet" in out.stdout and "built from code with random weights on first use" in out.stdout
     assert not (tmp_path / "run" / "result.json").exists()

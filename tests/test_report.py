@@ -566,6 +566,56 @@ def test_sweeps_side_by_side_matched_by_spec(tmp_path: Path):
         assert len(list(csv.DictReader(f))) == 3
 
 
+# --- the first lines: the fastest rows, and a banner for random weights -----------------------------
+
+FASTEST = "**Fastest:** precision=fp16, attention=sdpa (job 3), median 0.5000 s, x4.00 over the baseline; "
+WITHIN = ("fastest within the fidelity bound (PSNR >= 50 dB against the baseline's image): "
+          "precision=fp16, attention=classic (job 2), median 1.0000 s, x2.00 over the baseline.")
+
+
+def test_the_report_opens_with_the_fastest_row_and_the_fastest_within_the_bound(grid: Path):
+    """Job 3 is the fastest (its image is another picture); job 2 the fastest at >= 50 dB (52.9 dB)."""
+    report.aggregate(grid)
+    md = (grid / "report.md").read_text().splitlines()
+    assert md[2] == FASTEST + WITHIN  # the first line under the title
+    html = (grid / "index.html").read_text()
+    assert html.index('<p id="fastest"><strong>Fastest:</strong> precision=fp16, attention=sdpa (job 3)') \
+        < html.index("<table>")
+
+
+def test_the_fastest_within_the_bound_can_be_the_fastest_or_none(tmp_path: Path):
+    base = noise_image(1)
+    write_job(tmp_path, "0", median=2.0, pixels=base)
+    write_job(tmp_path, "1", attention="sdpa", median=1.0, pixels=base)  # identical image
+    write_job(tmp_path, "2", precision="fp16", median=1.5, pixels=noise_image(5))
+    report.aggregate(tmp_path)
+    line = (tmp_path / "report.md").read_text().splitlines()[2]
+    assert line.startswith("**Fastest:** precision=fp32, attention=sdpa (job 1), median 1.0000 s, x2.00")
+    assert line.endswith(", also the fastest within the fidelity bound (PSNR >= 50 dB against the baseline's image).")
+    other = tmp_path / "lossy"
+    folder = write_job(other, "0", median=2.0)
+    data = json.loads((folder / "result.json").read_text())
+    data["image"], data["spec"]["run"]["save_image"] = None, False  # a baseline without an image: no fidelity
+    (folder / "result.json").write_text(json.dumps(data))
+    write_job(other, "1", precision="fp16", median=1.0, pixels=noise_image(5))
+    report.aggregate(other)
+    assert "; no row is within the fidelity bound" in (other / "report.md").read_text().splitlines()[2]
+
+
+def test_a_banner_says_when_images_are_noise_by_design(grid: Path, tmp_path: Path):
+    report.aggregate(grid)  # model=tiny: random weights
+    banner = "model=tiny has random weights, so images are noise by design: compare them pixel to pixel, not by eye"
+    assert f"> **Random weights:** {banner}" in (grid / "report.md").read_text()
+    assert 'id="random-weights"' in (grid / "index.html").read_text()
+    real = tmp_path / "real"
+    spec = make_spec()
+    spec["model"].update(name="sd15", source="pretrained", path="/models/sd15")
+    write_job(real, "0", median=2.0, spec=spec)
+    report.aggregate(real)
+    assert "Random weights" not in (real / "report.md").read_text()
+    assert 'id="random-weights"' not in (real / "index.html").read_text()
+
+
 # --- the HTML page in a real browser -------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -576,7 +626,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 @needs_packages("playwright")
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs a Chromium browser: apt-get install chromium")
 def test_index_html_in_a_real_browser(grid: Path):
-    """Every row is in the table, every image and the plot load, and the console shows no error."""
+    """Every row is in the table, every image and the plot load, the fastest row is the first line and the
+    random-weights banner shows above the table, and the console shows no error."""
     from playwright.sync_api import sync_playwright
 
     write_plan(grid, [[f"precision={p}", f"attention={a}"] for p in ("fp32", "fp16") for a in ("classic", "sdpa")]
@@ -595,11 +646,19 @@ def test_index_html_in_a_real_browser(grid: Path):
                 img.scroll_into_view_if_needed()
             page.wait_for_load_state("networkidle")
             jobs = page.eval_on_selector_all("table tr td:first-child", "cells => cells.map(c => c.textContent)")
+            first = page.eval_on_selector("h1", "h => h.nextElementSibling.id")  # the line right under the title
+            fastest = page.locator("#fastest").inner_text()
+            banner = page.locator("#random-weights")
+            table_top = page.locator("table").bounding_box()["y"]
+            banner_shown = banner.is_visible() and banner.bounding_box()["y"] < table_top
+            banner_text = banner.inner_text()
             images = page.eval_on_selector_all(
                 "img", "imgs => imgs.map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
         finally:
             browser.close()
     assert jobs == ["0", "1", "2", "3", "4"]
+    assert first == "fastest" and fastest == (FASTEST + WITHIN).replace("**", "")
+    assert banner_shown and "images are noise by design: compare them pixel to pixel, not by eye" in banner_text
     assert sorted(src for src, _ in images) == ["0/image.png", "1/image.png", "2/image.png", "3/image.png",
                                                 "latency.png"]
     assert all(loaded for _, loaded in images), images

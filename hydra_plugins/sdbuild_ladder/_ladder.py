@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from sdbuild.fidelity import FIDELITY_BOUND_DB
+
 # The walk order when `order` is not given: precision first (it decides every later kernel's
 # dtype), then the eager levers, then compilation last (it compiles whatever the earlier steps
 # built, and it is the dearest to measure). Swept keys not named here follow in command-line order.
@@ -48,7 +50,7 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class Bounds:
-    psnr_db: Optional[float] = 50.0
+    psnr_db: Optional[float] = FIDELITY_BOUND_DB
     ssim: Optional[float] = None
     memory_mb: Optional[float] = None
     noise: NoiseRule = NoiseRule.spread

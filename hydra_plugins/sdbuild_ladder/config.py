@@ -10,6 +10,8 @@ from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from sdbuild.fidelity import FIDELITY_BOUND_DB
+
 # Not `from __future__ import annotations` here: Hydra's plugin scanner executes this module before
 # it is in sys.modules, where dataclasses cannot resolve string annotations.
 from ._ladder import NoiseRule
@@ -33,7 +35,7 @@ class LadderConf:
     # passes the lossless levers (fp32 SDPA, channels-last, tracing, export give identical or
     # near-identical pixels) and stops lossy ones (bf16: ~45 dB on the tiny model, a tiny VAE,
     # fewer steps, quantization) until the user consents with a lower figure (or null: no bound).
-    psnr_db: Optional[float] = 50.0
+    psnr_db: Optional[float] = FIDELITY_BOUND_DB
     # Optional SSIM bound (0..1) beside PSNR, e.g. 0.98; null: reported, not enforced.
     ssim: Optional[float] = None
     # Optional peak memory budget (MB, the row's peak_memory_mb): options above it are not kept.

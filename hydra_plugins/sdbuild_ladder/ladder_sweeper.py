@@ -29,6 +29,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from sdbuild.fidelity import FIDELITY_BOUND_DB
+
 from ._ladder import DEFAULT_ORDER, Bounds, Measured, NoiseRule, Step, Trial, Verdict, choose, measure_fidelity
 from ._rows import index_sweep_dir, read_row
 from ._state import LadderState
@@ -40,7 +42,8 @@ class LadderError(CompactHydraException):
 
 class LadderSweeper(Sweeper):
     def __init__(self, params: Optional[Dict[str, str]] = None, order: Optional[Sequence[str]] = None,
-                 start: Optional[Dict[str, str]] = None, psnr_db: Optional[float] = 50.0, ssim: Optional[float] = None,
+                 start: Optional[Dict[str, str]] = None, psnr_db: Optional[float] = FIDELITY_BOUND_DB,
+                 ssim: Optional[float] = None,
                  memory_mb: Optional[float] = None, noise: NoiseRule = NoiseRule.spread, min_gain: float = 0.0,
                  second_pass: bool = True, preset_path: Optional[str] = None) -> None:
         super().__init__()

@@ -12,9 +12,9 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import results
-from ..fidelity import compare
+from ..fidelity import FIDELITY_BOUND_DB, compare
 from ..results import COMPLETED, Status
-from ..spec import (AttentionProcessor, CompileMethod, Dtype, MemoryFormat, Offload, Quant,
+from ..spec import (AttentionProcessor, CompileMethod, Dtype, MemoryFormat, ModelSource, Offload, Quant,
                     VaeKind)
 from .load import existing_dir, load
 
@@ -182,6 +182,22 @@ def is_reference(row: dict) -> bool:
         and _enum(Quant, q.get("method")) is Quant.none
         and _enum(VaeKind, v.get("kind")) is VaeKind.full
     )
+
+
+def random_weights(row: dict) -> bool:
+    """Whether a row's model has random weights (`model.source` tiny or arch): its images are noise
+    by design, to be compared pixel to pixel with the baseline's, not judged by eye."""
+    source = ((row["spec"] or {}).get("model") or {}).get("source")
+    return _enum(ModelSource, source) in (ModelSource.tiny, ModelSource.arch)
+
+
+def fastest(group: Group, bound_db: float = FIDELITY_BOUND_DB) -> tuple[Optional[dict], Optional[dict]]:
+    """The fastest usable row of a group (lowest median), and the fastest whose image is within the
+    fidelity bound of the baseline's (PSNR >= `bound_db`; the baseline itself is); None where there is none."""
+    ok = [r for r in group.rows if usable(r)]
+    faithful = [r for r in ok if r["psnr_db"] is not None and r["psnr_db"] >= bound_db]
+    by_median = lambda r: r["latency_s"]["median"]  # noqa: E731
+    return (min(ok, key=by_median) if ok else None), (min(faithful, key=by_median) if faithful else None)
 
 
 def _choose_baseline(group: Group) -> None:

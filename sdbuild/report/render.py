@@ -14,7 +14,8 @@ from urllib.parse import quote
 
 from .. import results
 from ..results import LATENCY_STATS, MEMORY_SCOPES, MemoryScope, MIN_RUNS, NOISY_CV, Status
-from .analyse import COMPLETED_VALUES, Sweep, usable
+from ..fidelity import FIDELITY_BOUND_DB
+from .analyse import COMPLETED_VALUES, Sweep, fastest, random_weights, usable
 
 CSV_FILE = "results.csv"
 REPORT_FILE = "report.md"
@@ -167,6 +168,44 @@ def summary_line(sweep: Sweep) -> str:
     )
 
 
+def _row_said(row: dict) -> str:
+    speedup = f", {fmt_speedup(row)} over the baseline" if row["speedup"] is not None else ""
+    return f"{row['label']} (job {row['job']}), median {fmt_seconds(median(row))} s{speedup}"
+
+
+def fastest_line(sweep: Sweep) -> str:
+    """The report's first line: the fastest `ok` row, and the fastest within the fidelity bound, per
+    comparison group (rows of different workloads are never compared)."""
+    bound = f"within the fidelity bound (PSNR >= {FIDELITY_BOUND_DB:g} dB against the baseline's image)"
+    parts = []
+    for group in sweep.groups:
+        top, faithful = fastest(group)
+        where = f"{group.description}: " if len(sweep.groups) > 1 else ""
+        if top is None:
+            parts.append(f"{where}no ok row with a valid image")
+        elif faithful is top:
+            parts.append(f"{where}{_row_said(top)}, also the fastest {bound}")
+        elif faithful is None:
+            parts.append(f"{where}{_row_said(top)}; no row is {bound}")
+        else:
+            parts.append(f"{where}{_row_said(top)}; fastest {bound}: {_row_said(faithful)}")
+    return ". ".join(parts) + "." if parts else "no rows to compare."
+
+
+RANDOM_WEIGHTS = ("so images are noise by design: compare them pixel to pixel, not by eye (the PSNR, SSIM "
+                  "and max abs diff columns compare each image with the baseline's)")
+
+
+def random_weights_banner(sweep: Sweep) -> Optional[str]:
+    """A warning when rows ran a model with random weights (tiny, *_arch), else None."""
+    models = sorted({((r["spec"] or {}).get("model") or {}).get("name") or r["choices"].get("model") or "?"
+                     for r in sweep.readable if random_weights(r)})
+    if not models:
+        return None
+    names = ", ".join(f"model={m}" for m in models)
+    return f"{names} {'has' if len(models) == 1 else 'have'} random weights, {RANDOM_WEIGHTS}."
+
+
 def problem_lines(sweep: Sweep) -> list[str]:
     """One line per failed / unsupported / unreadable / missing / broken row, with its reason."""
     lines = []
@@ -287,7 +326,9 @@ def _settings_lines(sweep: Sweep) -> list[str]:
 
 def render_markdown(sweep: Sweep, table: Table) -> str:
     """The whole report.md text."""
-    lines = [f"# Sweep report: {_md(sweep.path.name)}", ""]
+    lines = [f"# Sweep report: {_md(sweep.path.name)}", "", f"**Fastest:** {_md(fastest_line(sweep))}", ""]
+    if banner := random_weights_banner(sweep):
+        lines += [f"> **Random weights:** {_md(banner)}", ""]
     lines += [f"**{_md(title)}:** {_md(text)}  " for title, text in machine_lines(sweep)]
     lines += ["", f"**Rows:** {summary_line(sweep)}", ""]
     if (sweep.path / LADDER_FILE).exists():  # a hydra/sweeper=ladder run: its ladder leads the page
@@ -323,6 +364,7 @@ tr.problem { background: #fff0f0; }
 tr.noisy { background: #fffbe6; }
 td.image img { max-width: 256px; min-width: 96px; image-rendering: pixelated; display: block; }
 img.plot { max-width: 100%; }
+div.banner { background: #fff3cd; border: 1px solid #e0c060; padding: 8px 12px; margin: 1em 0; }
 """
 NUM_TD = '<td class="num">'
 
@@ -352,7 +394,11 @@ def render_html(sweep: Sweep, table: Table) -> str:
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{esc(title)}</title><style>{HTML_STYLE}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
+        f'<p id="fastest"><strong>Fastest:</strong> {esc(fastest_line(sweep))}</p>',
     ]
+    if banner := random_weights_banner(sweep):
+        parts.append(f'<div id="random-weights" class="banner" role="note"><strong>Random weights:</strong> '
+                     f"{esc(banner)}</div>")
     parts += [f"<p><strong>{esc(name)}:</strong> {esc(text)}</p>" for name, text in machine_lines(sweep)]
     parts.append(f"<p>Rows: {esc(summary_line(sweep))}</p>")
     if (sweep.path / LADDER_FILE).exists():
