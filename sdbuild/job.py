@@ -290,15 +290,20 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
                 label=label, show_progress=show_progress, max_warmup=spec.run.max_warmup,
                 interval_target=spec.run.interval_target, max_measure_s=spec.run.max_measure_s,
                 batch_size=spec.run.batch_size)
+    fields = measured_fields(spec, m, info, out_dir, compile_cache_stats(spec, counters_before))
+    fields["measurement"] = results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
+                                                       calls=len(m.runs_s), stop=m.stop_reason, threads=threads)
+    return fields
+
+
+def measured_fields(spec: Spec, m: Any, info: Any, out_dir: Path, compile_cache: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The row's fields from a Measurement and a BuildInfo (and the image, saved into out_dir)."""
     fields: Dict[str, Any] = dict(
         latency_s=results.latency_stats(m.runs_s), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
-        load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb,
-        compile_cache=compile_cache_stats(spec, counters_before),
+        load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb, compile_cache=compile_cache,
         warmup_calls=m.warmup_calls, steady=m.steady, unsteady_reason=m.unsteady_reason,
         warmup_peak_memory_mb=m.warmup_peak_memory_mb, peak_memory_reserved_mb=m.peak_memory_reserved_mb,
         steps_per_s=m.steps_per_s(), attention_kernel=info.attention_kernel, build_notes=info.notes,
-        measurement=results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
-                                               calls=len(m.runs_s), stop=m.stop_reason, threads=threads),
         energy=m.energy(),
     )
     if spec.run.save_image and m.images is not None:

@@ -230,6 +230,9 @@ class GroupMeasurement:
     rounds: int
     stop_reason: str
     interleaved: bool
+    # catch_errors=True: candidate index -> (the exception, its traceback) for a candidate whose call
+    # raised; it left the rotation there, the others went on
+    failures: Dict[int, tuple] = field(default_factory=dict)
 
 
 def measure(pipe, make_kwargs: Callable[[], dict], device: str, warmup: int, repeats: Optional[int],
@@ -247,19 +250,21 @@ MIN_AUTO_CALLS = 3  # run.repeats=auto never stops before this many timed calls
 MAX_AUTO_CALLS = 10_000
 
 
-def auto_done(measurements: Sequence[Measurement], reference: int, target: float) -> Optional[str]:
+def auto_done(measurements: Sequence[Measurement], reference: int, target: float,
+              skip: frozenset | set = frozenset()) -> Optional[str]:
     """Why `run.repeats=auto` may stop now (None: not yet): every candidate's paired speed-up on the
-    reference (a single pipeline: its median latency) has a 95 % interval within +-target."""
+    reference (a single pipeline, or a group whose reference failed: each median latency) has a
+    95 % interval within +-target. Candidates in `skip` (failed) are left out."""
     from .stats import median_interval, paired_speedup
 
-    runs = [m.runs_s for m in measurements]
-    if len(runs[0]) < MIN_AUTO_CALLS:
+    runs = {i: m.runs_s for i, m in enumerate(measurements) if i not in skip}
+    if not runs or min(len(r) for r in runs.values()) < MIN_AUTO_CALLS:
         return None
-    if len(runs) == 1:
-        widths = [median_interval(runs[0]).relative_half_width()]
-        what = "the median latency's"
+    if len(runs) == 1 or reference not in runs:
+        widths = [median_interval(r).relative_half_width() for r in runs.values()]
+        what = "the median latency's" if len(runs) == 1 else "every median latency's"
     else:
-        widths = [paired_speedup(runs[reference], r).relative_half_width() for i, r in enumerate(runs) if i != reference]
+        widths = [paired_speedup(runs[reference], r).relative_half_width() for i, r in runs.items() if i != reference]
         what = "every paired speed-up's"
     worst = max(widths)
     return f"{what} 95% interval within +-{worst:.1%} (target +-{target:.0%})" if worst <= target else None
@@ -268,15 +273,19 @@ def auto_done(measurements: Sequence[Measurement], reference: int, target: float
 def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, repeats: Optional[int],
                   show_progress: bool = True, max_warmup: Optional[int] = None, reference: int = 0,
                   interval_target: float = RunSpec.interval_target, max_measure_s: float = RunSpec.max_measure_s,
-                  interleave: bool = True) -> GroupMeasurement:
+                  interleave: bool = True, catch_errors: bool = False) -> GroupMeasurement:
     """Warm up each candidate until steady, then time their calls round-robin (A B C, B C A, C A B,
     ...: the order rotates so no candidate always runs first), so load that drifts during the
     measurement hits every candidate alike and call i of each can be paired.
 
     `repeats`: timed calls per candidate; None (`run.repeats=auto`): at least MIN_AUTO_CALLS, then
     on until `auto_done` or until the timed calls took `max_measure_s`. `interleave=False` times
-    each candidate's calls one after another instead (what separate jobs do)."""
+    each candidate's calls one after another instead (what separate jobs do). `catch_errors`: a
+    candidate whose call raises leaves the group (see GroupMeasurement.failures); the others go on."""
+    import traceback
+
     results = [Measurement() for _ in candidates]
+    failures: Dict[int, tuple] = {}
     cap = max(warmup, DEFAULT_MAX_WARMUP if max_warmup is None else max_warmup)
     total = (warmup + (repeats or MIN_AUTO_CALLS)) * len(candidates)
     desc = candidates[0].label if len(candidates) == 1 else f"{len(candidates)} candidates, interleaved"
@@ -301,7 +310,19 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
         joules = None if joules_before is None or joules_after is None else joules_after - joules_before
         return seconds, out, clock.steps_per_s(), work, joules
 
-    for c, result in zip(candidates, results):
+    def guarded(i: int, action: Callable[[], None]) -> None:
+        if i in failures:
+            return
+        try:
+            action()
+        except Exception as exc:
+            if not catch_errors:
+                raise
+            failures[i] = (exc, traceback.format_exc())
+            log.warning("%s failed and leaves the group: %s: %s", candidates[i].label or f"candidate {i}",
+                        type(exc).__name__, exc)
+
+    def warm(c: Candidate, result: Measurement) -> None:
         with _Peak(device) as warm_peak:
             work = None
             while len(result.warmup_s) < warmup or (work and len(result.warmup_s) < cap):
@@ -314,6 +335,9 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
         if work:
             result.steady, result.unsteady_reason = False, (f"warmup call {len(result.warmup_s)} (the last, cap "
                                                             f"{cap}) still did compile work: {work}")
+
+    for i, (c, result) in enumerate(zip(candidates, results)):
+        guarded(i, lambda: warm(c, result))
 
     def timed(i: int, index: int) -> None:
         c, result = candidates[i], results[i]
@@ -337,14 +361,14 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
     if not interleave:  # each candidate's calls in a row: the drift between them is not shared
         for i in order:
             for index in range(repeats or MIN_AUTO_CALLS):
-                timed(i, index)
+                guarded(i, lambda: timed(i, index))
         rounds, stop = repeats or MIN_AUTO_CALLS, "sequential"
     while interleave:
         if repeats is not None and rounds >= repeats:
             stop = f"{repeats} timed calls{each} (run.repeats={repeats})"
             break
         if repeats is None:
-            if (done := auto_done(results, reference, interval_target)):
+            if (done := auto_done(results, reference, interval_target, skip=set(failures))):
                 stop = f"run.repeats=auto: {done} after {rounds} calls{each}"
                 break
             if rounds >= MIN_AUTO_CALLS and time.perf_counter() - began >= max_measure_s:
@@ -358,14 +382,17 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
                 bar.total += len(candidates)
         rotation = rounds % len(order)
         for i in order[rotation:] + order[:rotation]:
-            timed(i, rounds)
+            guarded(i, lambda: timed(i, rounds))
         rounds += 1
+        if len(failures) == len(candidates):
+            stop = "every candidate failed"
+            break
     bar.close()
     for c, result in zip(candidates, results):
         result.stop_reason = stop
         result.energy_source, result.energy_reason = meter.source, meter.reason
         result.batch_size = c.batch_size
-    return GroupMeasurement(results, rounds, stop, interleave and len(candidates) > 1)
+    return GroupMeasurement(results, rounds, stop, interleave and len(candidates) > 1, failures)
 
 
 # ---------------------------------------------------------------------------------------------
