@@ -378,7 +378,12 @@ def busy_summary(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
     if busy:
         parts.append(f"{len(busy)} of {len(done)} rows measured on a busy machine (other processes running)")
     if noisy:
-        why = sorted({reason for r in noisy for reason in noise_reasons(r) if not reason.startswith("machine busy")})
+        reasons = [reason for r in noisy for reason in noise_reasons(r) if not reason.startswith("machine busy")]
+        cvs = [r["latency_s"]["cv"] for r in noisy if (r["latency_s"] or {}).get("cv") is not None
+               and r["latency_s"]["cv"] > NOISY_CV]
+        why = sorted({reason for reason in reasons if not reason.startswith("spread cv")})
+        if cvs:
+            why.append(f"spread cv up to {max(cvs):.0%} > {NOISY_CV:.0%}")
         parts.append(f"{len(noisy)} of {len(done)} rows noisy" + (f" ({'; '.join(why)})" if why else ""))
     return ", ".join(parts)
 
