@@ -235,8 +235,6 @@ def _paired_trial(m: Measured, incumbent: Measured, bounds: Bounds) -> Trial:
                      "with it): not distinguishable from noise")
     if paired.high is not None and paired.high < 1.0:
         return Trial(m, Verdict.slower, f"paired speed-up {describe(paired)}: slower beyond noise")
-    if paired.median < 1.0:
-        return Trial(m, Verdict.slower, f"paired speed-up {describe(paired)}")
     bound = f"lower bound {paired.low:.3f} <= {1 + bounds.min_gain:g}" if paired.low is not None else "no interval"
     return Trial(m, Verdict.within_noise, f"paired speed-up {describe(paired)}, {bound}: not distinguishable "
                  f"from noise at {paired.n} calls")
