@@ -95,9 +95,9 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
     def candidate(i: int) -> Candidate:
         spec, (pipe, info, threads) = members[i].spec, built[i]
 
-        def prepare() -> None:
+        def prepare() -> None:  # the threads recorded are those of its timed calls
             set_numeric_flags(spec)
-            apply_threads(thread_count(spec.run))
+            threads.update(apply_threads(thread_count(spec.run)))
 
         label = " ".join(f"{k}={v}" for k, v in results.parse_overrides(members[i].overrides).items())
         return Candidate(pipe, lambda: call_kwargs(spec, pipe, devices[i]), label or f"member {i}", prepare,

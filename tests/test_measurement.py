@@ -277,3 +277,21 @@ def test_interleaved_ladder_pairs_its_rows_and_falls_back_to_pairs_past_max_held
     assert ladder["winner"]["choices"]["attention"] == "classic"
     md = (tmp_path / "ladder.md").read_text()
     assert md.count("not distinguishable from noise at 3 calls") == 2
+
+
+def test_interleaved_grid_sweep_pairs_every_row_with_the_first_and_reports_it(tmp_path):
+    """`hydra/sweeper=interleaved` over run.threads=1,2: one group, each row with its own thread
+    count (set again before each of its calls), the second paired on the first, in report and csv."""
+    proc = run_cli("--multirun", "hydra/sweeper=interleaved", "run.steps=2", "run.warmup=1", "run.repeats=6",
+                   "run.threads=1,2", f"hydra.sweep.dir={tmp_path}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads((tmp_path / str(n) / "result.json").read_text()) for n in (0, 1)]
+    assert [r["measurement"]["threads"]["torch_threads"] for r in rows] == [1, 2]
+    assert [r["measurement"]["mode"] for r in rows] == ["interleaved"] * 2
+    assert rows[0]["measurement"]["group"] == rows[1]["measurement"]["group"]
+    assert rows[0]["paired"] is None and rows[1]["paired"]["reference"] == rows[0]["spec_key"]
+    assert rows[1]["paired"]["n"] == 6 and rows[1]["paired"]["low"] is not None
+    report = (tmp_path / "report.md").read_text()
+    assert "paired speed-up (95% interval)" in report and "6 pairs) on job 0" in report
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert "paired_speedup" in csv_text.splitlines()[0] and "energy_j_per_image" in csv_text.splitlines()[0]

@@ -59,3 +59,18 @@ class LadderConf:
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="ladder", node=LadderConf, provider="sdbuild")
+
+
+@dataclass
+class InterleavedConf:
+    """`hydra/sweeper=interleaved`: the basic sweeper's grid, measured as one interleaved group."""
+
+    _target_: str = "hydra_plugins.sdbuild_ladder.interleaved_sweeper.InterleavedSweeper"
+    # Axes from a config file, as the basic sweeper's `params`; the command line's swept overrides too.
+    params: Optional[Dict[str, str]] = None
+    # Hold at most this many pipelines at once (null: the whole grid); the rest are alternated with
+    # the first combination (the reference) one pair at a time.
+    max_held: Optional[int] = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="interleaved", node=InterleavedConf, provider="sdbuild")
