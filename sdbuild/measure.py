@@ -11,6 +11,13 @@
 - Peak memory of the timed runs only (reset after warmup; the warmup peak, with compile work and
   autotuning, is recorded apart): CUDA peak allocated and reserved on GPU; on CPU the peak
   resident set size of this process (the kernel's own high-water mark, reset before the calls).
+- Several candidates (`measure_group`): each warmed up, then their timed calls alternated
+  round-robin, so call i of each saw the same load and can be paired (sdbuild.stats); one
+  candidate is the same loop with no one to alternate with.
+- `run.repeats=auto` (repeats=None): at least 3 timed calls, then on until the 95 % interval of
+  the median (in a group: of every paired speed-up) is within +-interval_target, or max_measure_s.
+- Energy per timed call where a counter is readable (`EnergyMeter`: NVML on GPU, RAPL on CPU),
+  and `run.threads` (`apply_threads`).
 """
 
 from __future__ import annotations

@@ -228,7 +228,8 @@ def second_pass_table(ladder: Ladder) -> tuple[List[str], List[List[str]]]:
     reference = next((t.m for t in ladder.second_pass if t.verdict.value == "current"), None)
     rows = []
     for t in ladder.second_pass:
-        dropped = ", ".join(f"{k}={v}" for k, v in _dropped_axes(t.m, ladder).items())
+        dropped = ", ".join(f"{k}={v}" for k, v in _dropped_axes(t.m, ladder).items()) or \
+            "none (the winner, measured again as the drops' reference)"
         paired = t.m.paired_on(reference) if reference is not None else None
         if paired is not None:  # the winner's paired gain from the lever is the inverse of the drop's speed-up
             gain = f"x{1 / paired.median:.2f}" + (f" ({1 / paired.high:.2f}–{1 / paired.low:.2f}, {paired.n} pairs)"

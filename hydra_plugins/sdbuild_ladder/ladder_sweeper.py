@@ -272,8 +272,8 @@ class LadderSweeper(Sweeper):
                 dropped = [{**winner.choices, k: start[k]} for k in levers]
                 reference = winner
                 if self.interleave:  # the winner measured again, alternated with each drop
-                    measured = self._measure_interleaved([dict(winner.choices)] + dropped)
-                    reference, drops = measured[0], measured[1:]
+                    drops = self._measure_interleaved([dict(winner.choices)] + dropped)
+                    reference = drops[0]  # listed in the second pass as `current`, the drops' reference
                 else:
                     drops = self._measure(dropped)
                 best, second = choose(reference, drops, self.bounds, Verdict.current)
