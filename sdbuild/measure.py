@@ -357,10 +357,10 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
         if work and result.steady:
             result.steady, result.unsteady_reason = False, f"timed run {index + 1} did compile work: {work}"
         result.images = out.images
-        for name in ("peak_mb", "reserved_mb"):
-            value, field_name = getattr(peak, name), {"peak_mb": "peak_memory_mb", "reserved_mb": "peak_memory_reserved_mb"}[name]
-            if value is not None:
-                setattr(result, field_name, max(value, getattr(result, field_name) or 0.0))
+        if peak.peak_mb is not None:  # the highest of its timed calls
+            result.peak_memory_mb = max(peak.peak_mb, result.peak_memory_mb or 0.0)
+        if peak.reserved_mb is not None:
+            result.peak_memory_reserved_mb = max(peak.reserved_mb, result.peak_memory_reserved_mb or 0.0)
 
     began, rounds, stop = time.perf_counter(), 0, ""
     each = " each" if len(candidates) > 1 else ""

@@ -295,3 +295,14 @@ def test_interleaved_grid_sweep_pairs_every_row_with_the_first_and_reports_it(tm
     assert "paired speed-up (95% interval)" in report and "6 pairs) on job 0" in report
     csv_text = (tmp_path / "results.csv").read_text()
     assert "paired_speedup" in csv_text.splitlines()[0] and "energy_j_per_image" in csv_text.splitlines()[0]
+
+
+def test_new_run_fields_at_their_defaults_keep_older_rows_spec_keys():
+    from sdbuild.spec import spec_key, spec_to_dict
+
+    new = spec_to_dict(sdbuild.compose(["run.steps=2"]))
+    old = json.loads(json.dumps(new))
+    for name in ("threads", "interval_target", "max_measure_s"):  # a row written before these fields existed
+        del old["run"][name]
+    assert spec_key(new) == spec_key(old)
+    assert spec_key(spec_to_dict(sdbuild.compose(["run.steps=2", "run.threads=1"]))) != spec_key(new)
