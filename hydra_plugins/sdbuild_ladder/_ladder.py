@@ -21,7 +21,9 @@ from sdbuild.stats import Interval, describe, distinguishable, interval_from_dic
 # The walk order when `order` is not given: precision first (it decides every later kernel's
 # dtype), then the eager levers, then compilation last (it compiles whatever the earlier steps
 # built, and it is the dearest to measure). Swept keys not named here follow in command-line order.
-DEFAULT_ORDER = ("precision", "quant", "memory_format", "attention", "memory", "vae", "scheduler", "compile")
+# run.threads (a CPU lever) goes first: the thread count changes every later step's timings.
+DEFAULT_ORDER = ("run.threads", "precision", "quant", "memory_format", "attention", "memory", "vae", "scheduler",
+                 "compile")
 
 
 class NoiseRule(enum.Enum):

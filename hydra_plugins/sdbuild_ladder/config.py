@@ -22,8 +22,8 @@ class LadderConf:
     # command line's swept overrides are axes too. The first value of each axis is its baseline.
     params: Optional[Dict[str, str]] = None
     # Axis keys in the order the ladder walks them (each must be swept); unnamed axes follow.
-    # Default: _ladder.DEFAULT_ORDER (precision, quant, memory_format, attention, memory, vae,
-    # scheduler, compile), then the command line's order.
+    # Default: _ladder.DEFAULT_ORDER (run.threads, precision, quant, memory_format, attention, memory,
+    # vae, scheduler, compile), then the command line's order.
     order: Optional[List[str]] = None
     # Start option per axis (`+hydra.sweeper.start.precision=bf16`: the `+` adds a key to the
     # dict); default: the axis' first value.
