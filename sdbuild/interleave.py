@@ -93,7 +93,7 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
         built[i] = (pipe, info, threads)
 
     def candidate(i: int) -> Candidate:
-        spec, (pipe, info, threads) = members[i].spec, built[i]
+        spec, (pipe, _, threads) = members[i].spec, built[i]
 
         def prepare() -> None:  # the threads recorded are those of its timed calls
             set_numeric_flags(spec)
@@ -118,7 +118,7 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
             if pos in group.failures:
                 fail(i, *group.failures[pos])
                 continue
-            m, (pipe, info, threads) = group.measurements[pos], built[i]
+            m, (_, info, threads) = group.measurements[pos], built[i]
             fields = measured_fields(members[i].spec, m, info, members[i].out_dir, None)
             fields["measurement"] = results.measurement_record(
                 mode=mode, repeats=run.repeats, calls=len(m.runs_s), stop=group.stop_reason, threads=threads,

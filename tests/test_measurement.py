@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import sdbuild
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from hydra_plugins.sdbuild_ladder._ladder import Bounds, Measured, NoiseRule, Verdict, choose
 from sdbuild.measure import Candidate, EnergyMeter, measure, measure_group
 from sdbuild.stats import distinguishable, median_interval, min_samples, paired_speedup
@@ -217,7 +215,7 @@ def test_rapl_counters_are_read_and_their_wrap_handled(tmp_path):
 
 
 def _ladder(busy: bool, interleaved: bool):
-    from hydra_plugins.sdbuild_ladder._ladder import Step, Trial
+    from hydra_plugins.sdbuild_ladder._ladder import Step
     from hydra_plugins.sdbuild_ladder._render import Ladder
 
     ref = [1.0, 1.1, 0.9, 1.2, 1.0, 1.05, 0.95, 1.0]
@@ -293,6 +291,8 @@ def test_interleaved_grid_sweep_pairs_every_row_with_the_first_and_reports_it(tm
     assert rows[1]["paired"]["n"] == 6 and rows[1]["paired"]["low"] is not None
     report = (tmp_path / "report.md").read_text()
     assert "paired speed-up (95% interval)" in report and "6 pairs) on job 0" in report
+    page = (tmp_path / "index.html").read_text()
+    assert "paired speed-up (95% interval)</th>" in page and "6 pairs) on job 0" in page
     csv_text = (tmp_path / "results.csv").read_text()
     assert "paired_speedup" in csv_text.splitlines()[0] and "energy_j_per_image" in csv_text.splitlines()[0]
 
