@@ -306,3 +306,11 @@ def test_new_run_fields_at_their_defaults_keep_older_rows_spec_keys():
         del old["run"][name]
     assert spec_key(new) == spec_key(old)
     assert spec_key(spec_to_dict(sdbuild.compose(["run.steps=2", "run.threads=1"]))) != spec_key(new)
+
+
+def test_paired_noise_rule_without_interleaving_is_refused_before_any_job(tmp_path):
+    out = run_cli("--multirun", "hydra/sweeper=ladder", "hydra.sweeper.noise=paired", "run.steps=2",
+                  "attention=classic,sdpa", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "hydra.sweeper.noise=paired needs paired calls: add hydra.sweeper.interleave=true" in out.stderr
+    assert not list(tmp_path.glob("*/result.json"))

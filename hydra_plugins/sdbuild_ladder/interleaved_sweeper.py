@@ -33,6 +33,7 @@ class InterleavedSweeper(LadderSweeper):
         self.sweep_dir = Path(self.config.hydra.sweep.dir)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
+        self._check_measurement_settings()
         self.axes, self.fixed = self._axes(arguments)
         if not self.axes:
             raise LadderError("hydra/sweeper=interleaved: nothing is swept; give at least one key=a,b")

@@ -52,12 +52,6 @@ class LadderSweeper(Sweeper):
         noise = NoiseRule(noise) if isinstance(noise, str) else noise
         if noise is None:  # paired intervals where the calls are paired, else the spread rule
             noise = NoiseRule.paired if interleave else NoiseRule.spread
-        if noise == NoiseRule.paired and not interleave:
-            raise LadderError("hydra.sweeper.noise=paired needs paired calls: add hydra.sweeper.interleave=true "
-                              "(each step's options measured alternately in one process), or use noise=spread")
-        if max_held is not None and max_held < 2:
-            raise LadderError(f"hydra.sweeper.max_held={max_held}: an interleaved step holds at least 2 pipelines "
-                              f"(the current recipe and one option); use 2 or more, or null for no limit")
         self.interleave, self.max_held = interleave, max_held
         self.bounds = Bounds(psnr_db=psnr_db, ssim=ssim, memory_mb=memory_mb, noise=noise, min_gain=min_gain)
         self.second_pass = second_pass
@@ -72,6 +66,14 @@ class LadderSweeper(Sweeper):
         self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def _check_measurement_settings(self) -> None:
+        if self.bounds.noise == NoiseRule.paired and not self.interleave:
+            raise LadderError("hydra.sweeper.noise=paired needs paired calls: add hydra.sweeper.interleave=true "
+                              "(each step's options measured alternately in one process), or use noise=spread")
+        if self.max_held is not None and self.max_held < 2:
+            raise LadderError(f"hydra.sweeper.max_held={self.max_held}: an interleaved step holds at least 2 "
+                              f"pipelines (the current recipe and one option); use 2 or more, or null for no limit")
 
     # -----------------------------------------------------------------------------------------
     # Axes, order, start
@@ -215,6 +217,7 @@ class LadderSweeper(Sweeper):
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
 
+        self._check_measurement_settings()
         self.axes, self.fixed = self._axes(arguments)
         order, start = self._walk_order(self.axes), self._start(self.axes)
         for key in order:  # a misspelt option fails here, before any job runs
