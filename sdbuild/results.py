@@ -120,12 +120,6 @@ def measurement_record(mode: MeasureMode, repeats: Any, calls: int, stop: str, t
     return {"mode": mode.value, "repeats": repeats, "calls": calls, "stop": stop, "threads": threads, **group}
 
 
-def is_interleaved(row: Dict[str, Any]) -> bool:
-    """Whether the row's calls were alternated with others (interleaved or pairs): comparable in pairs."""
-    mode = (row.get("measurement") or {}).get("mode")
-    return mode in (MeasureMode.interleaved.value, MeasureMode.pairs.value)
-
-
 class MemoryScope(str, enum.Enum):
     """peak_memory_scope: what peak_memory_mb measured."""
 

@@ -3,8 +3,9 @@
 A step compares every option of one axis, each on top of the recipe kept so far (the
 incumbent). An option is kept when it ran (`ok`), its image is within the fidelity bound against
 the baseline's, its peak memory is within the budget, and it is faster than the incumbent by
-more than the noise (see `NoiseRule`); among several such options the lowest median wins.
-Otherwise the incumbent stays: on a tie within noise the current, simpler recipe is kept.
+more than the noise (see `NoiseRule`); among several such options the lowest median wins (under
+the paired rule, the largest paired speed-up). Otherwise the incumbent stays: on a tie within
+noise the current, simpler recipe is kept.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from sdbuild.results import is_busy_row, is_interleaved
+from sdbuild.results import is_busy_row
 from sdbuild.stats import Interval, describe, distinguishable, interval_from_dict
 
 # The walk order when `order` is not given: precision first (it decides every later kernel's
@@ -107,10 +108,6 @@ class Measured:
     @property
     def busy(self) -> bool:
         return bool(self.row) and is_busy_row(self.row)
-
-    @property
-    def interleaved(self) -> bool:
-        return bool(self.row) and is_interleaved(self.row)
 
     @property
     def peak_memory_mb(self) -> Optional[float]:
