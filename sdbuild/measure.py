@@ -459,7 +459,7 @@ class EnergyMeter:
         try:
             import pynvml
         except ImportError:
-            self.reason = "GPU energy needs nvidia-ml-py (pip install nvidia-ml-py)"
+            self.reason = "GPU energy needs nvidia-ml-py (pip install -e \".[energy]\" or pip install nvidia-ml-py)"
             return
         try:
             pynvml.nvmlInit()
