@@ -128,13 +128,19 @@ def set_global_switches(spec: Spec) -> None:
     # Compiler caches first: TorchDynamo and Inductor are imported by what follows (and read their
     # environment once, at import); where they are already imported, their config is set directly.
     set_inductor_caches(spec.compile.cache_dir)
+    set_numeric_flags(spec)
+    torch.compiler.reset()  # drop dynamo caches and compiled graphs of earlier builds
+
+
+def set_numeric_flags(spec: Spec) -> None:
+    """The spec's TF32 and cuDNN flags alone: what must be set again before each call when several
+    built pipelines take turns in one process (sdbuild.interleave), without dropping compiled graphs."""
     tf32 = spec.precision.tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = False
-    torch.compiler.reset()  # drop dynamo caches and compiled graphs of earlier builds
 
 
 _INDUCTOR_ENV_AT_START = {name: os.environ.get(name) for name in

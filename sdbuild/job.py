@@ -80,6 +80,7 @@ def environment(device: Optional[str]) -> Dict[str, Any]:
             cuda=torch.version.cuda,
             compute_capability=".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
             torch_threads=torch.get_num_threads(),
+            torch_interop_threads=torch.get_num_interop_threads(),
             flags=global_switches(),
         )
     except Exception as exc:  # the row must still be written
@@ -279,24 +280,36 @@ def compile_cache_stats(spec: Spec, before: Dict[str, int]) -> Optional[Dict[str
 def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool,
                        reuse_weights: bool) -> Dict[str, Any]:
     from .builder import build_pipeline
-    from .measure import measure
+    from .measure import apply_threads, measure
     from .run_inputs import call_kwargs
+    from .spec import repeat_count, thread_count
 
     log.info("loading and building %s on %s", label or "pipeline", device)
     if spec.compile.method is CompileMethod.inductor and spec.run.warmup == 0:
         log.warning("compile=%s with run.warmup=0: torch.compile compiles on the first call, so the timed "
                     "runs include compile time. Use run.warmup=1 or more for steady-state latency.", spec.compile.name)
+    threads = apply_threads(thread_count(spec.run))  # before the build: tracing and compiling use them too
     counters_before = inductor_counters()
     pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
-    m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
-                label=label, show_progress=show_progress, max_warmup=spec.run.max_warmup)
+    m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, repeat_count(spec.run),
+                label=label, show_progress=show_progress, max_warmup=spec.run.max_warmup,
+                interval_target=spec.run.interval_target, max_measure_s=spec.run.max_measure_s,
+                batch_size=spec.run.batch_size)
+    fields = measured_fields(spec, m, info, out_dir, compile_cache_stats(spec, counters_before))
+    fields["measurement"] = results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
+                                                       calls=len(m.runs_s), stop=m.stop_reason, threads=threads)
+    return fields
+
+
+def measured_fields(spec: Spec, m: Any, info: Any, out_dir: Path, compile_cache: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The row's fields from a Measurement and a BuildInfo (and the image, saved into out_dir)."""
     fields: Dict[str, Any] = dict(
         latency_s=results.latency_stats(m.runs_s), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,
-        load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb,
-        compile_cache=compile_cache_stats(spec, counters_before),
+        load_s=info.load_s, build_s=info.build_s, peak_memory_mb=m.peak_memory_mb, compile_cache=compile_cache,
         warmup_calls=m.warmup_calls, steady=m.steady, unsteady_reason=m.unsteady_reason,
         warmup_peak_memory_mb=m.warmup_peak_memory_mb, peak_memory_reserved_mb=m.peak_memory_reserved_mb,
         steps_per_s=m.steps_per_s(), attention_kernel=info.attention_kernel, build_notes=info.notes,
+        energy=m.energy(),
     )
     if spec.run.save_image and m.images is not None:
         fields["image_stats"] = save_image(m.images, out_dir / IMAGE_FILE)

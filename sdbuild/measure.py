@@ -11,6 +11,13 @@
 - Peak memory of the timed runs only (reset after warmup; the warmup peak, with compile work and
   autotuning, is recorded apart): CUDA peak allocated and reserved on GPU; on CPU the peak
   resident set size of this process (the kernel's own high-water mark, reset before the calls).
+- Several candidates (`measure_group`): each warmed up, then their timed calls alternated
+  round-robin, so call i of each saw the same load and can be paired (sdbuild.stats); one
+  candidate is the same loop with no one to alternate with.
+- `run.repeats=auto` (repeats=None): at least 3 timed calls, then on until the 95 % interval of
+  the median (in a group: of every paired speed-up) is within +-interval_target, or max_measure_s.
+- Energy per timed call where a counter is readable (`EnergyMeter`: NVML on GPU, RAPL on CPU),
+  and `run.threads` (`apply_threads`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +53,11 @@ class Measurement:
     steady: bool = True
     unsteady_reason: Optional[str] = None
     images: Optional[np.ndarray] = None  # float [0, 1], (batch, H, W, 3), from the last timed run
+    stop_reason: str = ""  # why the timed calls stopped (a fixed count, or run.repeats=auto's rule)
+    energy_j: List[Optional[float]] = field(default_factory=list)  # per timed run, where measurable
+    energy_source: Optional[str] = None
+    energy_reason: Optional[str] = None  # why there is no energy figure
+    batch_size: int = 1
 
     @property
     def warmup_calls(self) -> int:
@@ -54,6 +66,16 @@ class Measurement:
     def steps_per_s(self) -> Optional[float]:
         """Median denoising steps per second over the timed runs (None: fewer than 2 steps)."""
         return statistics.median(self.run_steps_per_s) if self.run_steps_per_s else None
+
+    def energy(self) -> Dict[str, Any]:
+        """The row's `energy` field: joules per image over the timed calls, with its source, or
+        null with the reason."""
+        joules = [j for j in self.energy_j if j is not None]
+        if not self.energy_j or len(joules) < len(self.energy_j):
+            return {"joules_per_image": None, "source": self.energy_source,
+                    "reason": self.energy_reason or "the energy counter did not answer for every timed call"}
+        return {"joules_per_image": sum(joules) / (len(joules) * self.batch_size), "source": self.energy_source,
+                "reason": None, "calls": len(joules)}
 
     def latency(self) -> dict:
         runs = sorted(self.runs_s)
@@ -195,49 +217,282 @@ class _Peak:
             self.peak_mb = self.cpu.peak_mb
 
 
-def measure(pipe, make_kwargs: Callable[[], dict], device: str, warmup: int, repeats: int,
-            label: str = "", show_progress: bool = True, max_warmup: Optional[int] = None) -> Measurement:
-    """Warm up until steady (at least `warmup` calls, at most `max_warmup`), then time `repeats`
-    full pipeline calls."""
-    result = Measurement()
-    cap = max(warmup, DEFAULT_MAX_WARMUP if max_warmup is None else max_warmup)
-    bar = tqdm(total=warmup + repeats, desc=label or "measure", unit="call", disable=not show_progress, leave=False)
+@dataclass
+class Candidate:
+    """One pipeline to time: how to call it, and what to set before each of its calls (the
+    process-wide switches and thread count of its spec, when several pipelines share a process)."""
 
-    def call(kind: str, index: int, count: int):
-        kwargs = make_kwargs()
+    pipe: Any
+    make_kwargs: Callable[[], dict]
+    label: str = ""
+    prepare: Optional[Callable[[], None]] = None
+    batch_size: int = 1
+
+
+@dataclass
+class GroupMeasurement:
+    """What `measure_group` measured: one Measurement per candidate, timed calls paired by index."""
+
+    measurements: List[Measurement]
+    rounds: int
+    stop_reason: str
+    interleaved: bool
+    # catch_errors=True: candidate index -> (the exception, its traceback) for a candidate whose call
+    # raised; it left the rotation there, the others went on
+    failures: Dict[int, tuple] = field(default_factory=dict)
+
+
+def measure(pipe, make_kwargs: Callable[[], dict], device: str, warmup: int, repeats: Optional[int],
+            label: str = "", show_progress: bool = True, max_warmup: Optional[int] = None,
+            interval_target: float = RunSpec.interval_target, max_measure_s: float = RunSpec.max_measure_s,
+            batch_size: int = 1) -> Measurement:
+    """Warm up until steady (at least `warmup` calls, at most `max_warmup`), then time `repeats`
+    full pipeline calls (None: `run.repeats=auto`, see `measure_group`)."""
+    return measure_group([Candidate(pipe, make_kwargs, label, batch_size=batch_size)], device, warmup, repeats,
+                         show_progress=show_progress, max_warmup=max_warmup, interval_target=interval_target,
+                         max_measure_s=max_measure_s).measurements[0]
+
+
+MIN_AUTO_CALLS = 3  # run.repeats=auto never stops before this many timed calls
+MAX_AUTO_CALLS = 10_000
+
+
+def auto_done(measurements: Sequence[Measurement], reference: int, target: float,
+              skip: frozenset | set = frozenset()) -> Optional[str]:
+    """Why `run.repeats=auto` may stop now (None: not yet): every candidate's paired speed-up on the
+    reference (a single pipeline, or a group whose reference failed: each median latency) has a
+    95 % interval within +-target. Candidates in `skip` (failed) are left out."""
+    from .stats import median_interval, paired_speedup
+
+    runs = {i: m.runs_s for i, m in enumerate(measurements) if i not in skip}
+    if not runs or min(len(r) for r in runs.values()) < MIN_AUTO_CALLS:
+        return None
+    if len(runs) == 1 or reference not in runs:
+        widths = [median_interval(r).relative_half_width() for r in runs.values()]
+        what = "the median latency's" if len(runs) == 1 else "every median latency's"
+    else:
+        widths = [paired_speedup(runs[reference], r).relative_half_width() for i, r in runs.items() if i != reference]
+        what = "every paired speed-up's"
+    worst = max(widths)
+    return f"{what} 95% interval within +-{worst:.1%} (target +-{target:.0%})" if worst <= target else None
+
+
+def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, repeats: Optional[int],
+                  show_progress: bool = True, max_warmup: Optional[int] = None, reference: int = 0,
+                  interval_target: float = RunSpec.interval_target, max_measure_s: float = RunSpec.max_measure_s,
+                  interleave: bool = True, catch_errors: bool = False) -> GroupMeasurement:
+    """Warm up each candidate until steady, then time their calls round-robin (A B C, B C A, C A B,
+    ...: the order rotates so no candidate always runs first), so load that drifts during the
+    measurement hits every candidate alike and call i of each can be paired.
+
+    `repeats`: timed calls per candidate; None (`run.repeats=auto`): at least MIN_AUTO_CALLS, then
+    on until `auto_done` or until the timed calls took `max_measure_s`. `interleave=False` times
+    each candidate's calls one after another instead (what separate jobs do). `catch_errors`: a
+    candidate whose call raises leaves the group (see GroupMeasurement.failures); the others go on."""
+    import traceback
+
+    results = [Measurement() for _ in candidates]
+    failures: Dict[int, tuple] = {}
+    cap = max(warmup, DEFAULT_MAX_WARMUP if max_warmup is None else max_warmup)
+    total = (warmup + (repeats or MIN_AUTO_CALLS)) * len(candidates)
+    desc = candidates[0].label if len(candidates) == 1 else f"{len(candidates)} candidates, interleaved"
+    bar = tqdm(total=total, desc=desc or "measure", unit="call", disable=not show_progress, leave=False)
+    meter = EnergyMeter(device)
+
+    def call(c: Candidate, kind: str, index: int, count: Optional[int]):
+        if c.prepare is not None:
+            c.prepare()
+        kwargs = c.make_kwargs()
         clock = kwargs["callback_on_step_end"] = StepClock(device)
         before = compile_work()
-        seconds, out = timed_call(lambda: pipe(**kwargs), device)
+        joules_before = meter.read()
+        seconds, out = timed_call(lambda: c.pipe(**kwargs), device)
+        joules_after = meter.read()
         work = work_done(before, compile_work())
         bar.update(1)
         bar.set_postfix_str(f"{kind} {seconds:.3f}s" + (f" ({work})" if work else ""))
         if not show_progress:  # no bar (a log file, a sweep in the background): one line per call
-            log.info("%s %d/%d: %.3f s%s", kind, index + 1, count, seconds, f" ({work})" if work else "")
-        return seconds, out, clock.steps_per_s(), work
+            log.info("%s%s %d/%s: %.3f s%s", f"{c.label}: " if c.label and len(candidates) > 1 else "", kind,
+                     index + 1, count or "auto", seconds, f" ({work})" if work else "")
+        joules = None if joules_before is None or joules_after is None else joules_after - joules_before
+        return seconds, out, clock.steps_per_s(), work, joules
 
-    with _Peak(device) as warm_peak:
-        work = None
-        while len(result.warmup_s) < warmup or (work and len(result.warmup_s) < cap):
-            if len(result.warmup_s) >= warmup:  # one more, beyond what was asked
-                bar.total += 1
-                bar.refresh()
-            seconds, _, _, work = call("warmup", len(result.warmup_s), max(warmup, len(result.warmup_s) + 1))
-            result.warmup_s.append(seconds)
-    result.warmup_peak_memory_mb = warm_peak.peak_mb if result.warmup_s else None
-    if work:
-        result.steady, result.unsteady_reason = False, f"warmup call {len(result.warmup_s)} (the last, cap {cap}) still did compile work: {work}"
-    with _Peak(device) as run_peak:
-        for index in range(repeats):
-            seconds, out, steps_per_s, work = call("run", index, repeats)
-            result.runs_s.append(seconds)
-            if steps_per_s is not None:
-                result.run_steps_per_s.append(steps_per_s)
-            if work and result.steady:
-                result.steady, result.unsteady_reason = False, f"timed run {index + 1} did compile work: {work}"
-            result.images = out.images
+    def guarded(i: int, action: Callable[[], None]) -> None:
+        if i in failures:
+            return
+        try:
+            action()
+        except Exception as exc:
+            if not catch_errors:
+                raise
+            failures[i] = (exc, traceback.format_exc())
+            log.warning("%s failed and leaves the group: %s: %s", candidates[i].label or f"candidate {i}",
+                        type(exc).__name__, exc)
+
+    def warm(c: Candidate, result: Measurement) -> None:
+        with _Peak(device) as warm_peak:
+            work = None
+            while len(result.warmup_s) < warmup or (work and len(result.warmup_s) < cap):
+                if len(result.warmup_s) >= warmup:  # one more, beyond what was asked
+                    bar.total += 1
+                    bar.refresh()
+                seconds, _, _, work, _ = call(c, "warmup", len(result.warmup_s), max(warmup, len(result.warmup_s) + 1))
+                result.warmup_s.append(seconds)
+        result.warmup_peak_memory_mb = warm_peak.peak_mb if result.warmup_s else None
+        if work:
+            result.steady, result.unsteady_reason = False, (f"warmup call {len(result.warmup_s)} (the last, cap "
+                                                            f"{cap}) still did compile work: {work}")
+
+    for i, (c, result) in enumerate(zip(candidates, results)):
+        guarded(i, lambda: warm(c, result))
+
+    def timed(i: int, index: int) -> None:
+        c, result = candidates[i], results[i]
+        with _Peak(device) as peak:
+            seconds, out, steps_per_s, work, joules = call(c, "run", index, repeats)
+        result.runs_s.append(seconds)
+        result.energy_j.append(joules)
+        if steps_per_s is not None:
+            result.run_steps_per_s.append(steps_per_s)
+        if work and result.steady:
+            result.steady, result.unsteady_reason = False, f"timed run {index + 1} did compile work: {work}"
+        result.images = out.images
+        if peak.peak_mb is not None:  # the highest of its timed calls
+            result.peak_memory_mb = max(peak.peak_mb, result.peak_memory_mb or 0.0)
+        if peak.reserved_mb is not None:
+            result.peak_memory_reserved_mb = max(peak.reserved_mb, result.peak_memory_reserved_mb or 0.0)
+
+    began, rounds, stop = time.perf_counter(), 0, ""
+    each = " each" if len(candidates) > 1 else ""
+    order = list(range(len(candidates)))
+    if not interleave:  # each candidate's calls in a row: the drift between them is not shared
+        for i in order:
+            for index in range(repeats or MIN_AUTO_CALLS):
+                guarded(i, lambda: timed(i, index))
+        rounds, stop = repeats or MIN_AUTO_CALLS, "sequential"
+    while interleave:
+        if repeats is not None and rounds >= repeats:
+            stop = f"{repeats} timed calls{each} (run.repeats={repeats})"
+            break
+        if repeats is None:
+            if (done := auto_done(results, reference, interval_target, skip=set(failures))):
+                stop = f"run.repeats=auto: {done} after {rounds} calls{each}"
+                break
+            if rounds >= MIN_AUTO_CALLS and time.perf_counter() - began >= max_measure_s:
+                stop = (f"run.repeats=auto: stopped by run.max_measure_s={max_measure_s:g} after {rounds} calls"
+                        f"{each}, before the interval reached +-{interval_target:.0%}")
+                break
+            if rounds >= MAX_AUTO_CALLS:
+                stop = f"run.repeats=auto: stopped at {MAX_AUTO_CALLS} calls{each}"
+                break
+            if rounds >= MIN_AUTO_CALLS:
+                bar.total += len(candidates)
+        rotation = rounds % len(order)
+        for i in order[rotation:] + order[:rotation]:
+            guarded(i, lambda: timed(i, rounds))
+        rounds += 1
+        if len(failures) == len(candidates):
+            stop = "every candidate failed"
+            break
     bar.close()
-    result.peak_memory_mb, result.peak_memory_reserved_mb = run_peak.peak_mb, run_peak.reserved_mb
-    return result
+    for c, result in zip(candidates, results):
+        result.stop_reason = stop
+        result.energy_source, result.energy_reason = meter.source, meter.reason
+        result.batch_size = c.batch_size
+    return GroupMeasurement(results, rounds, stop, interleave and len(candidates) > 1, failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads
+
+
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # what torch picked for this machine, before any job set it
+
+
+def apply_threads(threads: Optional[int]) -> Dict[str, Any]:
+    """`run.threads`: torch's intra-op threads for this job (None: torch's own default), and the
+    inter-op threads too where torch still allows it (only before its first parallel work)."""
+    torch.set_num_threads(threads or _TORCH_DEFAULT_THREADS)
+    interop = None
+    if threads is not None:
+        try:
+            torch.set_num_interop_threads(threads)
+            interop = "set"
+        except RuntimeError:  # "cannot set number of interop threads after parallel work has started"
+            interop = "already started; left as it was"
+    return {"torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "interop_set": interop}
+
+
+# ---------------------------------------------------------------------------------------------
+# Energy
+
+
+RAPL_ROOT = Path("/sys/class/powercap")
+
+
+class EnergyMeter:
+    """A cumulative energy counter in joules, where the machine has one it lets us read: on GPU the
+    board's counter through NVML (nvidia-ml-py), on CPU the RAPL package counters (all packages
+    summed; they count the whole package, other processes included). `source` names it; when there
+    is none, `read()` is None and `reason` says why."""
+
+    def __init__(self, device: str, rapl_root: Path = RAPL_ROOT) -> None:
+        self.source: Optional[str] = None
+        self.reason: Optional[str] = None
+        self._read: Optional[Callable[[], float]] = None
+        if device == "cuda":
+            self._nvml()
+        else:
+            self._rapl(Path(rapl_root))
+
+    def read(self) -> Optional[float]:
+        if self._read is None:
+            return None
+        try:
+            return self._read()
+        except Exception as exc:  # a counter that stops answering: no figure, and why
+            self._read, self.source, self.reason = None, None, f"energy counter failed: {type(exc).__name__}: {exc}"
+            return None
+
+    def _nvml(self) -> None:
+        try:
+            import pynvml
+        except ImportError:
+            self.reason = "GPU energy needs nvidia-ml-py (pip install -e \".[energy]\" or pip install nvidia-ml-py)"
+            return
+        try:
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+        except Exception as exc:  # NVMLError_NotSupported on boards without the counter, no driver, ...
+            self.reason = f"NVML energy counter unavailable: {exc}"
+            return
+        self._read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0  # mJ
+        self.source = "nvml: GPU board energy counter"
+
+    def _rapl(self, root: Path) -> None:
+        zones = sorted(p for p in root.glob("intel-rapl:*") if p.name.count(":") == 1) if root.is_dir() else []
+        if not zones:
+            self.reason = f"no RAPL package counters in {root} (not an x86 Linux host, or hidden in this container/VM)"
+            return
+        try:
+            ranges = [int((z / "max_energy_range_uj").read_text()) for z in zones]
+            last = [int((z / "energy_uj").read_text()) for z in zones]
+        except (OSError, ValueError) as exc:
+            self.reason = f"RAPL counters in {root} are not readable ({exc}); reading them usually needs root"
+            return
+        total = [0]
+
+        def read() -> float:  # the counters wrap at max_energy_range_uj
+            for i, zone in enumerate(zones):
+                now = int((zone / "energy_uj").read_text())
+                total[0] += (now - last[i]) % (ranges[i] + 1)
+                last[i] = now
+            return total[0] / 1e6
+
+        self._read = read
+        self.source = f"rapl: CPU package energy ({len(zones)} package{'s' if len(zones) > 1 else ''}, whole package)"
 
 
 def fatal_cuda_error(exc: BaseException) -> bool:

@@ -93,9 +93,32 @@ FIELDS: Dict[str, tuple] = {
     "attention_kernel": (dict,),
     "build_notes": (list,),
     "fatal_cuda_error": (bool,),
+    # How the timed calls were taken (measurement_record): mode (MeasureMode), run.repeats asked,
+    # calls made and why they stopped, threads; for an interleaved group its id, members, position
+    # and the reference's spec_key, and the fallback taken when memory could not hold the group.
+    "measurement": (dict,),
+    # The speed-up on the group's reference from paired calls (sdbuild.stats): {median, low, high,
+    # n, confidence, method, reference, reference_job}; only rows measured interleaved have one.
+    "paired": (dict,),
+    # {joules_per_image, source, reason}: energy over the timed calls, or null with the reason.
+    "energy": (dict,),
 }
 NUMERIC_FIELDS = ("warmup_s", "load_s", "build_s", "peak_memory_mb", "warmup_peak_memory_mb",
                   "peak_memory_reserved_mb", "steps_per_s")
+
+class MeasureMode(str, enum.Enum):
+    """measurement.mode: how a row's timed calls were taken, and so what it may be compared with."""
+
+    single = "single"  # one pipeline in its job: comparable with other rows only as far as the load held still
+    interleaved = "interleaved"  # round-robin with the other members of its group, in one process: paired
+    pairs = "pairs"  # memory could not hold the whole group: alternated with the reference alone, in its own batch
+
+
+def measurement_record(mode: MeasureMode, repeats: Any, calls: int, stop: str, threads: Optional[Dict[str, Any]] = None,
+                       **group: Any) -> Dict[str, Any]:
+    """The row's `measurement` field (group: group id, members, position, reference, fallback)."""
+    return {"mode": mode.value, "repeats": repeats, "calls": calls, "stop": stop, "threads": threads, **group}
+
 
 class MemoryScope(str, enum.Enum):
     """peak_memory_scope: what peak_memory_mb measured."""
@@ -333,6 +356,32 @@ def load_record(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, Any]
     return {"before": before, "after": after, "busy": is_busy(before) or is_busy(after)}
 
 
+def is_busy_row(row: Dict[str, Any]) -> bool:
+    """Whether the machine was busy around the row's job."""
+    return bool((row.get("machine_load") or {}).get("busy"))
+
+
+def busy_summary(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
+    """`3 of 5 rows measured on a busy machine, 1 noisy (...)`, or None when every row looks sound."""
+    done = [r for r in rows if r and is_completed(r)]
+    busy = [r for r in done if is_busy_row(r)]
+    noisy = [r for r in done if noise_reasons(r)]
+    if not busy and not noisy:
+        return None
+    parts = []
+    if busy:
+        parts.append(f"{len(busy)} of {len(done)} rows measured on a busy machine (other processes running)")
+    if noisy:
+        reasons = [reason for r in noisy for reason in noise_reasons(r) if not reason.startswith("machine busy")]
+        cvs = [r["latency_s"]["cv"] for r in noisy if (r["latency_s"] or {}).get("cv") is not None
+               and r["latency_s"]["cv"] > NOISY_CV]
+        why = sorted({reason for reason in reasons if not reason.startswith("spread cv")})
+        if cvs:
+            why.append(f"spread cv up to {max(cvs):.0%} > {NOISY_CV:.0%}")
+        parts.append(f"{len(noisy)} of {len(done)} rows noisy" + (f" ({'; '.join(why)})" if why else ""))
+    return ", ".join(parts)
+
+
 def noise_reasons(row: Dict[str, Any]) -> List[str]:
     """Why a completed row's timings are unreliable (empty when they look sound)."""
     lat = row.get("latency_s")
@@ -344,7 +393,7 @@ def noise_reasons(row: Dict[str, Any]) -> List[str]:
         reasons.append(f"{len(runs)} timed run{'s' if len(runs) != 1 else ''} (< {MIN_RUNS})")
     if lat.get("cv") is not None and lat["cv"] > NOISY_CV:
         reasons.append(f"spread cv {lat['cv']:.0%} > {NOISY_CV:.0%}")
-    if (row.get("machine_load") or {}).get("busy"):
+    if is_busy_row(row):
         reasons.append("machine busy (other processes running)")
     return reasons
 

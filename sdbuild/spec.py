@@ -188,7 +188,14 @@ class RunSpec:
     device: Device = Device.auto
     warmup: int = 1
     max_warmup: int = 5  # warmup goes on while a call still compiles / records CUDA graphs, up to this many
-    repeats: int = 3
+    # Timed calls: a number, or `auto`: at least 3, then on until the 95 % interval of the median
+    # (of the paired speed-ups, when candidates are interleaved) is within +-interval_target, or
+    # until max_measure_s of timed calls (sdbuild.measure).
+    repeats: Any = 3
+    interval_target: float = 0.03
+    max_measure_s: float = 120.0
+    # torch.set_num_threads for the job: `auto` (torch's own default for this machine) or a number.
+    threads: Any = "auto"
     save_image: bool = True
 
 
@@ -323,9 +330,56 @@ def value_problems(spec: Spec) -> list[str]:
     for option, value in (("cache_dir", spec.cache_dir), ("compile.cache_dir", spec.compile.cache_dir)):
         if value is not None and (why := _unwritable(value)):
             problems.append(problem(f"{option}={value}", why, f"Set {option} to a folder you can write, or leave it unset"))
+    problems += measurement_problems(run)
     if spec.resume is not None and not os.path.isdir(os.path.expanduser(spec.resume)):
         problems.append(problem(f"resume={spec.resume}", "is not a folder", "Point resume at an earlier sweep's folder "
                                 "(outputs/multirun/<time>)"))
+    return problems
+
+
+AUTO = "auto"
+
+
+def _count(value: Any) -> Optional[int]:
+    """A whole number given as an int (or its digits), else None; bools are not counts."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def repeat_count(run: RunSpec) -> Optional[int]:
+    """`run.repeats` as a number of timed calls; None for `auto` (call until the interval is narrow)."""
+    return None if run.repeats == AUTO else _count(run.repeats)
+
+
+def thread_count(run: RunSpec) -> Optional[int]:
+    """`run.threads` as a number of torch threads; None for `auto` (torch's own default)."""
+    return None if run.threads == AUTO else _count(run.threads)
+
+
+def measurement_problems(run: RunSpec) -> list[str]:
+    """run.repeats, run.threads, run.interval_target and run.max_measure_s, each named when wrong."""
+    from .errors import problem
+
+    problems = []
+    for name, why, instead in (("repeats", "must be auto or a whole number >= 1",
+                                "Use run.repeats=auto (call until the interval is narrow) or run.repeats=3"),
+                               ("threads", "must be auto or a whole number >= 1",
+                                "Use run.threads=auto (torch's default) or run.threads=1")):
+        value = getattr(run, name)
+        if value != AUTO and not ((_count(value) or 0) >= 1):
+            problems.append(problem(f"run.{name}={value}", why, instead))
+    if not 0 < run.interval_target < 1:
+        problems.append(problem(f"run.interval_target={run.interval_target}", "must be a fraction between 0 and 1 "
+                                "(the half-width of the 95 % interval, relative to the median)",
+                                "Use run.interval_target=0.03 (+-3 %)"))
+    if not run.max_measure_s > 0:
+        problems.append(problem(f"run.max_measure_s={run.max_measure_s}", "must be > 0 seconds",
+                                "Use run.max_measure_s=120"))
     return problems
 
 
@@ -347,6 +401,11 @@ def _unwritable(path: str) -> Optional[str]:
 # Fields that say how a run is measured or where it is stored, not what pipeline is built:
 # left out of the identity used to match rows when a sweep is resumed.
 _NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir", "isolate", "dry_run"}
+# run fields added after rows were first written, with their defaults: left out of the identity at
+# their default, so a row measured before they existed still matches the same spec on resume.
+_UNSET = object()
+_LATER_RUN_FIELDS = {"threads": RunSpec.threads, "interval_target": RunSpec.interval_target,
+                     "max_measure_s": RunSpec.max_measure_s}
 
 
 def spec_key(spec_dict: dict) -> str:
@@ -355,5 +414,7 @@ def spec_key(spec_dict: dict) -> str:
     import json
 
     ident = {k: v for k, v in spec_dict.items() if k not in _NOT_IDENTITY}
+    if isinstance(ident.get("run"), dict):  # fields added later count only when set: older rows keep their keys
+        ident["run"] = {k: v for k, v in ident["run"].items() if _LATER_RUN_FIELDS.get(k, _UNSET) != v}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

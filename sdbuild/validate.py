@@ -136,7 +136,7 @@ def _unmet(req: Requirement, device: str, machine: Machine) -> Optional[str]:
 
 def _check_values(spec: Spec) -> list[str]:
     run, problems = spec.run, value_problems(spec)  # sizes and paths: spec-level rules (spec.py)
-    for name, low in (("steps", 1), ("batch_size", 1), ("repeats", 1), ("warmup", 0), ("max_warmup", 1)):
+    for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("max_warmup", 1)):
         value = getattr(run, name)
         if value < low:
             problems.append(problem(f"run.{name}={value}", f"must be >= {low}", f"Use run.{name}={low} or more"))

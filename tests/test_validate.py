@@ -296,8 +296,22 @@ def test_the_whole_message_for_model_folders(tmp_path):
 
 def test_several_problems_are_listed_one_a_line():
     text = problems(["run.steps=0", "run.repeats=0"])
-    assert text == ("- run.steps=0: must be >= 1. Use run.steps=1 or more\n"
-                    "- run.repeats=0: must be >= 1. Use run.repeats=1 or more")
+    assert text == ("- run.repeats=0: must be auto or a whole number >= 1. Use run.repeats=auto (call until the "
+                    "interval is narrow) or run.repeats=3\n"
+                    "- run.steps=0: must be >= 1. Use run.steps=1 or more")
+
+
+def test_measurement_options_are_checked_before_any_weights_load():
+    text = problems(["run.repeats=many", "run.threads=0", "run.interval_target=3", "run.max_measure_s=0"])
+    assert text == (
+        "- run.repeats=many: must be auto or a whole number >= 1. Use run.repeats=auto (call until the interval is "
+        "narrow) or run.repeats=3\n"
+        "- run.threads=0: must be auto or a whole number >= 1. Use run.threads=auto (torch's default) or "
+        "run.threads=1\n"
+        "- run.interval_target=3.0: must be a fraction between 0 and 1 (the half-width of the 95 % interval, "
+        "relative to the median). Use run.interval_target=0.03 (+-3 %)\n"
+        "- run.max_measure_s=0.0: must be > 0 seconds. Use run.max_measure_s=120")
+    assert validate(composed("run.repeats=auto", "run.threads=2"), CPU) == "cpu"  # both accepted
 
 
 def test_fixed_graph_rules_apply_to_trace_and_export_only():

@@ -3,8 +3,9 @@
 A step compares every option of one axis, each on top of the recipe kept so far (the
 incumbent). An option is kept when it ran (`ok`), its image is within the fidelity bound against
 the baseline's, its peak memory is within the budget, and it is faster than the incumbent by
-more than the noise (see `NoiseRule`); among several such options the lowest median wins.
-Otherwise the incumbent stays: on a tie within noise the current, simpler recipe is kept.
+more than the noise (see `NoiseRule`); among several such options the lowest median wins (under
+the paired rule, the largest paired speed-up). Otherwise the incumbent stays: on a tie within
+noise the current, simpler recipe is kept.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from sdbuild.fidelity import FIDELITY_BOUND_DB
+from sdbuild.results import is_busy_row
+from sdbuild.stats import Interval, describe, distinguishable, interval_from_dict
 
 # The walk order when `order` is not given: precision first (it decides every later kernel's
 # dtype), then the eager levers, then compilation last (it compiles whatever the earlier steps
 # built, and it is the dearest to measure). Swept keys not named here follow in command-line order.
-DEFAULT_ORDER = ("precision", "quant", "memory_format", "attention", "memory", "vae", "scheduler", "compile")
+# run.threads (a CPU lever) goes first: the thread count changes every later step's timings.
+DEFAULT_ORDER = ("run.threads", "precision", "quant", "memory_format", "attention", "memory", "vae", "scheduler",
+                 "compile")
 
 
 class NoiseRule(enum.Enum):
@@ -31,6 +36,9 @@ class NoiseRule(enum.Enum):
     spread = "spread"
     # Its median is lower (for quiet machines, or when every row is a single run).
     median = "median"
+    # Measured interleaved with the current recipe (hydra.sweeper.interleave=true): the 95 %
+    # interval of its paired speed-up (sdbuild.stats) lies above 1 + min_gain. The default there.
+    paired = "paired"
 
 
 class Verdict(enum.Enum):
@@ -89,6 +97,19 @@ class Measured:
     def median(self) -> Optional[float]:
         return self.latency("median")
 
+    def paired_on(self, incumbent: "Measured") -> Optional[Interval]:
+        """The speed-up on `incumbent` from calls alternated with it in one group, or None."""
+        paired = (self.row or {}).get("paired") or {}
+        mine, theirs = ((x.row or {}).get("measurement") or {} for x in (self, incumbent))
+        if paired.get("reference") != incumbent.spec_key or mine.get("group") is None \
+                or mine.get("group") != theirs.get("group"):
+            return None
+        return interval_from_dict(paired)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.row) and is_busy_row(self.row)
+
     @property
     def peak_memory_mb(self) -> Optional[float]:
         value = (self.row or {}).get("peak_memory_mb")
@@ -146,6 +167,8 @@ def rejection(m: Measured, bounds: Bounds) -> Optional[tuple[Verdict, str]]:
 
 def beats(candidate: Measured, incumbent: Measured, bounds: Bounds) -> bool:
     """Is `candidate` faster than `incumbent` by more than the noise (and by min_gain)?"""
+    if bounds.noise == NoiseRule.paired:
+        return distinguishable(candidate.paired_on(incumbent), bounds.min_gain)
     c, i = candidate.median, incumbent.median
     if c is None or i is None or not c < i * (1 - bounds.min_gain):
         return False
@@ -178,6 +201,8 @@ def choose(incumbent: Measured, options: Sequence[Measured], bounds: Bounds,
         elif beats(m, incumbent, bounds):
             winners.append(Trial(m, Verdict.kept))
             trials.append(winners[-1])
+        elif bounds.noise == NoiseRule.paired:
+            trials.append(_paired_trial(m, incumbent, bounds))
         elif m.median < incumbent.median:
             trials.append(Trial(m, Verdict.within_noise, f"median {m.median:.4f} s < {incumbent.median:.4f} s, "
                                 f"but not beyond the noise ({_noise_text(m, incumbent, bounds)})"))
@@ -185,13 +210,34 @@ def choose(incumbent: Measured, options: Sequence[Measured], bounds: Bounds,
             trials.append(Trial(m, Verdict.slower, f"median {m.median:.4f} s >= {incumbent.median:.4f} s"))
     if not winners:
         return incumbent, trials
-    best = min(winners, key=lambda t: t.m.median)
+    if bounds.noise == NoiseRule.paired:  # the largest paired speed-up (all paired on the same incumbent)
+        best = max(winners, key=lambda t: t.m.paired_on(incumbent).median)
+    else:
+        best = min(winners, key=lambda t: t.m.median)
     for t in winners:
+        paired = t.m.paired_on(incumbent)
         if t is best:
-            t.reason = f"x{incumbent.median / t.m.median:.2f} on the step's incumbent"
+            t.reason = (f"paired speed-up {describe(paired)} on the step's incumbent, above {1 + bounds.min_gain:g}"
+                        if bounds.noise == NoiseRule.paired else f"x{incumbent.median / t.m.median:.2f} on the step's incumbent")
+        elif bounds.noise == NoiseRule.paired:
+            t.verdict, t.reason = Verdict.outpaced, (f"faster beyond noise ({describe(paired)}), but "
+                                                     f"{describe(best.m.paired_on(incumbent))} was faster")
         else:
             t.verdict, t.reason = Verdict.outpaced, f"faster beyond noise, but {best.m.median:.4f} s was faster"
     return best.m, trials
+
+
+def _paired_trial(m: Measured, incumbent: Measured, bounds: Bounds) -> Trial:
+    """Why an option the paired rule did not keep stays behind: slower, or not distinguishable."""
+    paired = m.paired_on(incumbent)
+    if paired is None:
+        return Trial(m, Verdict.within_noise, "no paired calls with the current recipe (not measured interleaved "
+                     "with it): not distinguishable from noise")
+    if paired.high is not None and paired.high < 1.0:
+        return Trial(m, Verdict.slower, f"paired speed-up {describe(paired)}: slower beyond noise")
+    bound = f"lower bound {paired.low:.3f} <= {1 + bounds.min_gain:g}" if paired.low is not None else "no interval"
+    return Trial(m, Verdict.within_noise, f"paired speed-up {describe(paired)}, {bound}: not distinguishable "
+                 f"from noise at {paired.n} calls")
 
 
 def _noise_text(m: Measured, incumbent: Measured, bounds: Bounds) -> str:

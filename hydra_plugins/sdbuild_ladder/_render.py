@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from sdbuild.results import busy_summary, noise_reasons
+from sdbuild.stats import describe
+
 from ._ladder import Bounds, Measured, NoiseRule, Step, Trial
 
 
@@ -32,6 +35,7 @@ class Ladder:
     recipes: int  # distinct recipes the ladder looked at
     wall_s: float
     runs: int = 1
+    interleaved: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def speedup(self, m: Measured) -> Optional[float]:
@@ -57,7 +61,8 @@ def measured_json(m: Measured, ladder: Ladder) -> Dict[str, Any]:
         "folder": str(m.folder) if m.folder else None, "reused": m.reused, "status": m.status,
         "error": row.get("error"), "latency_s": row.get("latency_s"), "peak_memory_mb": m.peak_memory_mb,
         "speedup": ladder.speedup(m), "psnr_db": _num(m.psnr_db), "ssim": m.ssim, "max_abs_diff": m.max_abs_diff,
-        "fidelity_error": m.fidelity_error,
+        "fidelity_error": m.fidelity_error, "measurement": row.get("measurement"), "paired": row.get("paired"),
+        "busy": m.busy, "noise": noise_reasons(row) if row else [],
     }
 
 
@@ -81,6 +86,7 @@ def to_json(ladder: Ladder) -> Dict[str, Any]:
                  "recipes": ladder.recipes, "grid_size": ladder.grid_size, "runs": ladder.runs},
         "wall_s": ladder.wall_s,
         "machine": _machine(ladder),
+        "interleaved": ladder.interleaved, "load": load_summary(ladder), "caution": caution(ladder),
     }
 
 
@@ -92,6 +98,50 @@ def _dropped_axes(m: Measured, ladder: Ladder) -> Dict[str, str]:
 
 def _pre_second_pass_winner(ladder: Ladder) -> Optional[Measured]:
     return ladder.steps[-1].kept if ladder.steps else ladder.baseline
+
+
+def _all_measured(ladder: Ladder) -> List[Measured]:
+    seen: Dict[int, Measured] = {}
+    for m in ([ladder.baseline] if ladder.baseline else []) + [t.m for s in ladder.steps for t in s.trials] + \
+            [s.incumbent for s in ladder.steps] + [t.m for t in ladder.second_pass] + [ladder.winner]:
+        seen.setdefault(id(m), m)
+    return list(seen.values())
+
+
+def _decisive(ladder: Ladder) -> List[Measured]:
+    """The rows the ladder's choices rested on: each step's current recipe and kept option, the winner."""
+    out = [s.incumbent for s in ladder.steps] + [s.kept for s in ladder.steps] + [ladder.winner]
+    return [m for m in out if m is not None and m.row]
+
+
+def load_summary(ladder: Ladder) -> Optional[str]:
+    """How many of the ladder's rows were measured on a busy machine or are noisy (None: none)."""
+    return busy_summary([m.row for m in _all_measured(ladder) if m.row])
+
+
+def caution(ladder: Ladder) -> Optional[str]:
+    """The verdict's warning when the ladder decided on busy or noisy rows measured one after another."""
+    decisive = _decisive(ladder)
+    if ladder.interleaved or not decisive:
+        return None
+    busy = [m for m in decisive if m.busy]
+    noisy = [m for m in decisive if m.row and noise_reasons(m.row)]
+    if not busy and not noisy:
+        return None
+    what = "busy" if busy else "noisy"
+    return (f"this ladder decided on {what}, non-interleaved rows ({len(busy)} busy, {len(noisy)} noisy of the "
+            f"{len(decisive)} it rested on): rows measured one after another are not comparable when the "
+            f"machine's load drifts between them, so its winner may be an artefact of the load. Rerun with "
+            f"hydra.sweeper.interleave=true (paired calls, 95% intervals) before betting on it.")
+
+
+def _flags(m: Measured) -> str:
+    if not m.row or not m.ok:
+        return "—"
+    reasons = noise_reasons(m.row)
+    busy = ["busy"] if m.busy else []
+    other = [r for r in reasons if not r.startswith("machine busy")]
+    return ", ".join(busy + (["noisy: " + "; ".join(other)] if other else [])) or "quiet"
 
 
 def _machine(ladder: Ladder) -> str:
@@ -135,53 +185,69 @@ def _status(m: Measured) -> str:
 
 def ladder_table(ladder: Ladder) -> tuple[List[str], List[List[str]]]:
     """The seed's form: baseline, then each kept lever, with cumulative speed-up and fidelity."""
-    head = ["step", "recipe", "median", "speed-up", "PSNR vs baseline (dB)", "SSIM", "peak memory (MB)", "job"]
+    head = ["step", "recipe", "median", "speed-up", "paired speed-up on the step's current recipe (95% interval)",
+            "PSNR vs baseline (dB)", "SSIM", "peak memory (MB)", "load", "job"]
     rows = []
     if ladder.baseline is None:
         return head, rows
     b = ladder.baseline
-    rows.append(["baseline", b.label(ladder.order), _s(b.median), _x(ladder.speedup(b)), "(baseline)", "(baseline)",
-                 _mb(b.peak_memory_mb), str(b.job)])
+    rows.append(["baseline", b.label(ladder.order), _s(b.median), _x(ladder.speedup(b)), "—", "(baseline)",
+                 "(baseline)", _mb(b.peak_memory_mb), _flags(b), str(b.job)])
     for s in ladder.steps:
         if s.changed:
             k = s.kept
             rows.append([f"+ {s.axis}={k.choices[s.axis]}", k.label(ladder.order), _s(k.median),
-                         _x(ladder.speedup(k)), _db(k.psnr_db), _ssim(k.ssim), _mb(k.peak_memory_mb), str(k.job)])
+                         _x(ladder.speedup(k)), describe(k.paired_on(s.incumbent)), _db(k.psnr_db), _ssim(k.ssim),
+                         _mb(k.peak_memory_mb), _flags(k), str(k.job)])
     if ladder.second_pass and ladder.winner is not _pre_second_pass_winner(ladder):
         w = ladder.winner
         dropped = ", ".join(f"{k}={v}" for k, v in _dropped_axes(w, ladder).items())
+        reference = next((t.m for t in ladder.second_pass if t.verdict.value == "current"), None)
+        paired = describe(w.paired_on(reference)) if reference else "—"
         rows.append([f"− {dropped} (second pass)", w.label(ladder.order), _s(w.median), _x(ladder.speedup(w)),
-                     _db(w.psnr_db), _ssim(w.ssim), _mb(w.peak_memory_mb), str(w.job)])
+                     paired, _db(w.psnr_db), _ssim(w.ssim), _mb(w.peak_memory_mb), _flags(w), str(w.job)])
     return head, rows
 
 
 def trials_table(ladder: Ladder) -> tuple[List[str], List[List[str]]]:
-    head = ["step", "option", "job", "status", "median (min–max) s", "PSNR (dB)", "SSIM", "peak MB", "verdict", "why"]
+    head = ["step", "option", "job", "status", "median (min–max) s", "paired speed-up (95% interval)", "PSNR (dB)",
+            "SSIM", "peak MB", "load", "verdict", "why"]
     rows = []
     for i, s in enumerate(ladder.steps, 1):
         for t in s.trials:
             rows.append([f"{i}: {s.axis}", f"{s.axis}={t.m.choices[s.axis]}", str(t.m.job), _status(t.m), _range(t.m),
-                         _db(t.m.psnr_db), _ssim(t.m.ssim), _mb(t.m.peak_memory_mb), t.verdict.value, t.reason])
+                         describe(t.m.paired_on(s.incumbent)), _db(t.m.psnr_db), _ssim(t.m.ssim),
+                         _mb(t.m.peak_memory_mb), _flags(t.m), t.verdict.value, t.reason])
     return head, rows
 
 
 def second_pass_table(ladder: Ladder) -> tuple[List[str], List[List[str]]]:
-    head = ["lever dropped", "recipe", "job", "status", "median (min–max) s", "winner's gain from the lever", "verdict",
-            "why"]
+    head = ["lever dropped", "recipe", "job", "status", "median (min–max) s", "winner's gain from the lever",
+            "load", "verdict", "why"]
     base = _pre_second_pass_winner(ladder)
+    reference = next((t.m for t in ladder.second_pass if t.verdict.value == "current"), None)
     rows = []
     for t in ladder.second_pass:
-        dropped = ", ".join(f"{k}={v}" for k, v in _dropped_axes(t.m, ladder).items())
-        gain = _x(t.m.median / base.median) if t.m.ok and base and base.ok else "—"
-        rows.append([dropped, t.m.label(ladder.order), str(t.m.job), _status(t.m), _range(t.m), gain,
+        dropped = ", ".join(f"{k}={v}" for k, v in _dropped_axes(t.m, ladder).items()) or \
+            "none (the winner, measured again as the drops' reference)"
+        paired = t.m.paired_on(reference) if reference is not None else None
+        if paired is not None:  # the winner's paired gain from the lever is the inverse of the drop's speed-up
+            gain = f"x{1 / paired.median:.2f}" + (f" ({1 / paired.high:.2f}–{1 / paired.low:.2f}, {paired.n} pairs)"
+                                                    if paired.bounded else f" (no 95% interval at {paired.n} calls)")
+        else:
+            gain = _x(t.m.median / base.median) if t.m.ok and base and base.ok else "—"
+        rows.append([dropped, t.m.label(ladder.order), str(t.m.job), _status(t.m), _range(t.m), gain, _flags(t.m),
                      t.verdict.value, t.reason])
     return head, rows
 
 
 def _rules(ladder: Ladder) -> List[str]:
     b = ladder.bounds
-    noise = ("spread: a lever is kept only when its slowest timed run beats the current recipe's fastest"
-             if b.noise == NoiseRule.spread else "median: a lower median is enough")
+    noise = {NoiseRule.spread: "spread: a lever is kept only when its slowest timed run beats the current recipe's "
+                               "fastest",
+             NoiseRule.median: "median: a lower median is enough",
+             NoiseRule.paired: "paired: a lever is kept only when the 95% interval of its paired speed-up on the "
+                               "current recipe (calls alternated in one process) lies above 1"}[b.noise]
     lines = [
         f"PSNR >= {b.psnr_db:g} dB against the baseline image" if b.psnr_db is not None else "no PSNR bound",
         f"SSIM >= {b.ssim:g}" if b.ssim is not None else "SSIM reported, not enforced",
@@ -198,6 +264,31 @@ def _jobs_line(ladder: Ladder) -> str:
             f"Wall time {ladder.wall_s:.1f} s.")
 
 
+def preset_notes(ladder: Ladder) -> str:
+    """What the winner preset's comment says about how its speed-ups were measured and the load."""
+    if ladder.interleaved:
+        gains = [f"{s.axis}={s.kept.choices[s.axis]} {describe(s.kept.paired_on(s.incumbent))}"
+                 for s in ladder.steps if s.changed]
+        text = ("Measured interleaved; paired speed-ups per kept lever (95% interval): " + "; ".join(gains) + "."
+                if gains else "Measured interleaved; no lever beat its current recipe beyond noise.")
+    else:
+        text = "Measured sequentially (one job after another; speed-ups compare rows taken at different times)."
+    if (load := load_summary(ladder)):
+        text += f" Machine load: {load}."
+    if (warn := caution(ladder)):
+        text += f" Caution: {warn}"
+    return text
+
+
+def _measurement_line(ladder: Ladder) -> str:
+    if ladder.interleaved:
+        return ("interleaved: each step's options were built in one process with the current recipe and their "
+                "timed calls alternated (A B C, B C A, ...); speed-ups are medians of paired ratios with exact 95% "
+                "intervals")
+    return ("sequential: each recipe in its own job, one after another; speed-ups compare medians of rows taken "
+            "at different times (hydra.sweeper.interleave=true pairs the calls)")
+
+
 def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -212,7 +303,11 @@ def render_markdown(ladder: Ladder) -> str:
            f"**Axes, in walk order:** {walk}  ",
            f"**Fixed overrides:** {' '.join(ladder.fixed) or '(none)'}  ",
            "**Rules:** " + "; ".join(_rules(ladder)) + "  ",
-           f"**Jobs:** {_jobs_line(ladder)}", ""]
+           f"**Jobs:** {_jobs_line(ladder)}  ",
+           f"**Measurement:** {_measurement_line(ladder)}  ",
+           f"**Machine load:** {load_summary(ladder) or 'quiet: no row was busy or noisy'}", ""]
+    if (warn := caution(ladder)):
+        out += [f"**Caution:** {warn}", ""]
     out += _md_table(*ladder_table(ladder)) + [""]
     if w.ok:
         out.append(f"**Winner:** `{w.label(ladder.order)}`: {_s(w.median)}, {_x(ladder.speedup(w))} on the baseline, "
@@ -240,8 +335,12 @@ def render_html(ladder: Ladder) -> str:
              "<h1>Ladder: the fastest recipe, one lever at a time</h1>",
              f"<p><b>Machine:</b> {html.escape(_machine(ladder))}"
              f"<br><b>Rules:</b> {html.escape('; '.join(_rules(ladder)))}"
-             f"<br><b>Jobs:</b> {html.escape(_jobs_line(ladder))}</p>",
-             _html_table(*ladder_table(ladder))]
+             f"<br><b>Jobs:</b> {html.escape(_jobs_line(ladder))}"
+             f"<br><b>Measurement:</b> {html.escape(_measurement_line(ladder))}"
+             f"<br><b>Machine load:</b> {html.escape(load_summary(ladder) or 'quiet: no row was busy or noisy')}</p>"]
+    if (warn := caution(ladder)):
+        parts.append(f"<p style='color:#a40'><b>Caution:</b> {html.escape(warn)}</p>")
+    parts.append(_html_table(*ladder_table(ladder)))
     images = [(label, m) for label, m in _kept_images(ladder) if m.image and m.folder]
     if images:  # image paths relative to the sweep folder, where ladder.html lives
         parts.append("<p>" + "".join(

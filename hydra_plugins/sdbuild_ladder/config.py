@@ -24,8 +24,8 @@ class LadderConf:
     # command line's swept overrides are axes too. The first value of each axis is its baseline.
     params: Optional[Dict[str, str]] = None
     # Axis keys in the order the ladder walks them (each must be swept); unnamed axes follow.
-    # Default: _ladder.DEFAULT_ORDER (precision, quant, memory_format, attention, memory, vae,
-    # scheduler, compile), then the command line's order.
+    # Default: _ladder.DEFAULT_ORDER (run.threads, precision, quant, memory_format, attention, memory,
+    # vae, scheduler, compile), then the command line's order.
     order: Optional[List[str]] = None
     # Start option per axis (`+hydra.sweeper.start.precision=bf16`: the `+` adds a key to the
     # dict); default: the axis' first value.
@@ -40,7 +40,8 @@ class LadderConf:
     ssim: Optional[float] = None
     # Optional peak memory budget (MB, the row's peak_memory_mb): options above it are not kept.
     memory_mb: Optional[float] = None
-    noise: NoiseRule = NoiseRule.spread
+    # spread, median, or paired (needs interleave); null: paired with interleave=true, else spread.
+    noise: Optional[NoiseRule] = None
     # Also ask for at least this relative gain in median latency (0.05: 5 % faster) to keep a lever.
     min_gain: float = 0.0
     # After the ladder, drop each kept lever once (one batch) to see what it buys in the final
@@ -49,6 +50,29 @@ class LadderConf:
     # Where the winner is written as a preset; null: <sweep dir>/preset/ladder.yaml, usable as
     # `hydra.searchpath=[file://<sweep dir>] +preset=ladder`. The preset's name is the file's stem.
     preset_path: Optional[str] = None
+    # Measure each step's options together with the current recipe in one process, their timed
+    # calls alternated (A B C, B C A, ...), and keep a lever only when the 95 % interval of its
+    # paired speed-up beats 1 + min_gain (sdbuild.interleave, sdbuild.stats). Rows from other jobs
+    # are not reused: each step measures the current recipe again beside its options.
+    interleave: bool = False
+    # Interleaved steps: hold at most this many pipelines at once (null: as many as the step has);
+    # the options beyond it are alternated with the current recipe alone, one pair at a time.
+    max_held: Optional[int] = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="ladder", node=LadderConf, provider="sdbuild")
+
+
+@dataclass
+class InterleavedConf:
+    """`hydra/sweeper=interleaved`: the basic sweeper's grid, measured as one interleaved group."""
+
+    _target_: str = "hydra_plugins.sdbuild_ladder.interleaved_sweeper.InterleavedSweeper"
+    # Axes from a config file, as the basic sweeper's `params`; the command line's swept overrides too.
+    params: Optional[Dict[str, str]] = None
+    # Hold at most this many pipelines at once (null: the whole grid); the rest are alternated with
+    # the first combination (the reference) one pair at a time.
+    max_held: Optional[int] = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="interleaved", node=InterleavedConf, provider="sdbuild")

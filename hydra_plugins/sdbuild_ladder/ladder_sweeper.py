@@ -34,6 +34,7 @@ from sdbuild.fidelity import FIDELITY_BOUND_DB
 from ._ladder import DEFAULT_ORDER, Bounds, Measured, NoiseRule, Step, Trial, Verdict, choose, measure_fidelity
 from ._rows import index_sweep_dir, read_row
 from ._state import LadderState
+from sdbuild.stats import describe
 
 
 class LadderError(CompactHydraException):
@@ -44,13 +45,17 @@ class LadderSweeper(Sweeper):
     def __init__(self, params: Optional[Dict[str, str]] = None, order: Optional[Sequence[str]] = None,
                  start: Optional[Dict[str, str]] = None, psnr_db: Optional[float] = FIDELITY_BOUND_DB,
                  ssim: Optional[float] = None,
-                 memory_mb: Optional[float] = None, noise: NoiseRule = NoiseRule.spread, min_gain: float = 0.0,
-                 second_pass: bool = True, preset_path: Optional[str] = None) -> None:
+                 memory_mb: Optional[float] = None, noise: Optional[NoiseRule] = None, min_gain: float = 0.0,
+                 second_pass: bool = True, preset_path: Optional[str] = None, interleave: bool = False,
+                 max_held: Optional[int] = None) -> None:
         super().__init__()
         self.params = dict(params or {})
         self.order = list(order) if order is not None else None
         self.start = {str(k): str(v) for k, v in (start or {}).items()}
         noise = NoiseRule(noise) if isinstance(noise, str) else noise
+        if noise is None:  # paired intervals where the calls are paired, else the spread rule
+            noise = NoiseRule.paired if interleave else NoiseRule.spread
+        self.interleave, self.max_held = interleave, max_held
         self.bounds = Bounds(psnr_db=psnr_db, ssim=ssim, memory_mb=memory_mb, noise=noise, min_gain=min_gain)
         self.second_pass = second_pass
         self.preset_path = preset_path
@@ -64,6 +69,14 @@ class LadderSweeper(Sweeper):
         self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def _check_measurement_settings(self) -> None:
+        if self.bounds.noise == NoiseRule.paired and not self.interleave:
+            raise LadderError("hydra.sweeper.noise=paired needs paired calls: add hydra.sweeper.interleave=true "
+                              "(each step's options measured alternately in one process), or use noise=spread")
+        if self.max_held is not None and self.max_held < 2:
+            raise LadderError(f"hydra.sweeper.max_held={self.max_held}: an interleaved step holds at least 2 "
+                              f"pipelines (the current recipe and one option); use 2 or more, or null for no limit")
 
     # -----------------------------------------------------------------------------------------
     # Axes, order, start
@@ -128,6 +141,42 @@ class LadderSweeper(Sweeper):
 
         return spec_key(spec_to_dict(to_spec(self._compose(overrides))))
 
+    def _measure_interleaved(self, assignments: List[Dict[str, str]]) -> List[Measured]:
+        """One Measured per assignment, all measured together by sdbuild.interleave.run_group: built
+        in this process, their timed calls alternated; the first assignment is the reference (the
+        current recipe). Never reused from earlier rows: a comparison is only as good as its pairs."""
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import open_dict
+
+        from sdbuild.interleave import Member, run_group
+        from sdbuild.spec import GROUPS, to_spec
+
+        out, members = [], []
+        for choices in assignments:
+            overrides = self._overrides(choices)
+            out.append(Measured(dict(choices), overrides, self._spec_key(overrides)))
+        first = self.state.reserve([{"spec_key": m.spec_key, "overrides": m.overrides} for m in out])
+        self.state.save(self.sweep_dir)
+        for n, m in enumerate(out):
+            cfg = self._compose(m.overrides)
+            with open_dict(cfg):
+                cfg.hydra.job.num = first + n
+            HydraConfig.instance().set_config(cfg)
+            folder = self.sweep_dir / str(cfg.hydra.sweep.subdir)
+            runtime = cfg.hydra.runtime.choices
+            choices = {g: runtime[g] for g in GROUPS if runtime.get(g)}
+            members.append(Member(to_spec(cfg), folder, choices, list(m.overrides),
+                                  {"num": first + n, "output_dir": str(folder)}))
+            self.cache.setdefault(m.spec_key, m)
+        rows = run_group(members, reference=0, max_held=self.max_held)
+        self.returns.append(rows)
+        for m, member, row in zip(out, members, rows):
+            m.row, m.folder = row, member.out_dir
+        if self.baseline is not None:
+            for m in out:
+                measure_fidelity(m, self.baseline)
+        return out
+
     def _measure(self, assignments: List[Dict[str, str]]) -> List[Measured]:
         """A Measured per assignment: cached, reused from the sweep folder, or launched as one batch."""
         out, batch = [], []
@@ -171,6 +220,7 @@ class LadderSweeper(Sweeper):
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
 
+        self._check_measurement_settings()
         self.axes, self.fixed = self._axes(arguments)
         order, start = self._walk_order(self.axes), self._start(self.axes)
         for key in order:  # a misspelt option fails here, before any job runs
@@ -191,8 +241,14 @@ class LadderSweeper(Sweeper):
         current = dict(start)
         for key in order or [None]:
             options = [{**current, key: o} for o in self.axes[key]] if key else [current]
-            measured = self._measure(options)
-            incumbent = self._measure([current])[0]
+            if self.interleave:  # the current recipe first: the reference of the step's pairs
+                print(f"[ladder] step {len(steps) + 1}: {len(options)} recipes of {key} measured interleaved",
+                      flush=True)
+                measured = self._measure_interleaved([current] + [o for o in options if o != current])
+                incumbent = measured[0]
+            else:
+                measured = self._measure(options)
+                incumbent = self._measure([current])[0]
             if self.baseline is None:
                 self.baseline = incumbent
                 if not incumbent.ok:
@@ -209,8 +265,9 @@ class LadderSweeper(Sweeper):
             kept, trials = choose(incumbent, measured, self.bounds, verdict)
             steps.append(Step(key, incumbent, kept, trials))
             note = f"kept {key}={kept.choices[key]}" + ("" if kept is not incumbent else " (no other option qualified)")
-            print(f"[ladder] step {len(steps)}: {note}; median {kept.median:.4f} s, "
-                  f"x{self.baseline.median / kept.median:.2f} on the baseline", flush=True)
+            gain = (f"paired {describe(kept.paired_on(incumbent))} on the step's current recipe"
+                    if kept.paired_on(incumbent) else f"x{self.baseline.median / kept.median:.2f} on the baseline")
+            print(f"[ladder] step {len(steps)}: {note}; median {kept.median:.4f} s, {gain}", flush=True)
             current = dict(kept.choices)
 
         winner = steps[-1].kept if steps else self.baseline
@@ -218,17 +275,22 @@ class LadderSweeper(Sweeper):
         if self.second_pass:
             levers = [k for k in order if winner.choices[k] != start[k]]
             if levers:
-                drops = self._measure([{**winner.choices, k: start[k]} for k in levers])
-                best, second = choose(winner, drops, self.bounds, Verdict.current)
-                if best is not winner:
+                dropped = [{**winner.choices, k: start[k]} for k in levers]
+                reference = winner
+                if self.interleave:  # the winner measured again, alternated with each drop
+                    drops = self._measure_interleaved([dict(winner.choices)] + dropped)
+                    reference = drops[0]  # listed in the second pass as `current`, the drops' reference
+                else:
+                    drops = self._measure(dropped)
+                best, second = choose(reference, drops, self.bounds, Verdict.current)
+                if best is not reference:
                     print(f"[ladder] second pass: without {_dropped(best, winner, order)} the recipe is "
                           f"faster beyond noise; it becomes the winner", flush=True)
                     winner = best
-        preset = self._write_preset(winner)
-        self._finish(steps, winner, second, preset, started, grid, order, start)
+        self._finish(steps, winner, second, None, started, grid, order, start, write_preset=True)
         return self.returns
 
-    def _finish(self, steps, winner, second, preset, started, grid, order, start) -> None:
+    def _finish(self, steps, winner, second, preset, started, grid, order, start, write_preset=False) -> None:
         from . import _render as render
 
         self.state.save(self.sweep_dir)
@@ -236,13 +298,16 @@ class LadderSweeper(Sweeper):
             axes=self.axes, order=order, start=start, fixed=self.fixed, bounds=self.bounds, baseline=self.baseline,
             steps=steps, second_pass=second, winner=winner, preset=preset, grid_size=grid,
             launched=self.run["launched"], reused=self.run["reused"], launched_all_runs=len(self.state.jobs),
-            recipes=len(self.cache), wall_s=time.perf_counter() - started, runs=len(self.state.runs))
+            recipes=len(self.cache), wall_s=time.perf_counter() - started, runs=len(self.state.runs),
+            interleaved=self.interleave)
+        if write_preset:
+            preset = ladder.preset = self._write_preset(winner, ladder)
         paths = render.write_outputs(ladder, self.sweep_dir)
         print(f"[ladder] {ladder.launched} jobs launched, {ladder.reused} rows reused, {ladder.recipes} recipes "
               f"of {grid} in the full grid; {paths['md']}" + (f"; winner preset: {preset}" if preset else ""),
               flush=True)
 
-    def _write_preset(self, winner: Measured) -> Optional[Path]:
+    def _write_preset(self, winner: Measured, ladder: Any) -> Optional[Path]:
         """The winner as a `# @package _global_` preset: its group choices, then every field its
         spec sets beyond what those choices compose to (e.g. run.steps from the command line)."""
         from sdbuild.spec import GROUPS, spec_to_dict, to_spec
@@ -260,7 +325,7 @@ class LadderSweeper(Sweeper):
         fidelity = "identical pixels" if winner.psnr_db == math.inf else f"PSNR {winner.psnr_db:.1f} dB"
         comment = (f"The fastest recipe the ladder found in {self.sweep_dir}: median {winner.median:.4f} s, "
                    f"x{speedup:.2f} on its baseline, {fidelity} against it "
-                   f"({_machine(self.baseline)}).")
+                   f"({_machine(self.baseline)}). {render.preset_notes(ladder)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render.preset_yaml(path.stem, choices, fields, comment, path))
         return path

@@ -15,6 +15,7 @@ from urllib.parse import quote
 from .. import results
 from ..results import LATENCY_STATS, MEMORY_SCOPES, MemoryScope, MIN_RUNS, NOISY_CV, Status
 from ..fidelity import FIDELITY_BOUND_DB
+from ..stats import describe, interval_from_dict
 from .analyse import COMPLETED_VALUES, Sweep, fastest, random_weights, usable
 
 CSV_FILE = "results.csv"
@@ -40,6 +41,23 @@ def fmt_speedup(row: dict) -> str:
     """`x2.00`, marked `(noisy)` when the row's or its baseline's timings are unreliable."""
     v = row["speedup"]
     return DASH if v is None else f"x{v:.2f}" + (NOISY_MARK if row["speedup_noisy"] else "")
+
+
+def fmt_paired(row: dict) -> str:
+    """`x1.23 (1.18–1.29, 12 pairs) on job 0`: the row's paired speed-up on its group's reference."""
+    speedup = interval_from_dict(row.get("paired"))
+    if speedup is None:
+        return DASH
+    return f"{describe(speedup)} on job {row['paired'].get('reference_job')}"
+
+
+def _energy(row: dict) -> Optional[float]:
+    return (row.get("energy") or {}).get("joules_per_image")
+
+
+def _fmt_energy(row: dict) -> str:
+    v = _energy(row)
+    return DASH if v is None else f"{v:.3g}"
 
 
 def _fmt_memory(row: dict) -> str:
@@ -124,6 +142,10 @@ def build_table(sweep: Sweep) -> Table:
         ("SSIM", lambda r: _fmt_ssim(r["ssim"])),
         ("max abs diff (0-255)", lambda r: _fmt_int(r["max_abs_diff"])),
     ]
+    if any(r.get("paired") for r in sweep.readable):  # rows measured interleaved: their paired speed-ups
+        measures.insert(4, ("paired speed-up (95% interval)", fmt_paired))
+    if any(_energy(r) is not None for r in sweep.readable):
+        measures.append(("energy (J/image)", _fmt_energy))
 
     def text(row: dict, key: str) -> str:
         value = row["job"] if key == "job" else row["preset"] if key == "preset" else results.label_values(row).get(key)
@@ -149,6 +171,9 @@ def machine_lines(sweep: Sweep) -> list[tuple[str, str]]:
     machines = {(e.get("device_name"), e.get("torch"), e.get("diffusers")) for e in envs}
     if len(machines) > 1:
         lines.append(("Warning", f"rows ran on {len(machines)} different machine/version combinations"))
+    reasons = {(r.get("energy") or {}).get("reason") for r in sweep.readable if r.get("energy")}
+    if reasons and not any(_energy(r) is not None for r in sweep.readable):
+        lines.append(("Energy", "not measured: " + "; ".join(sorted(x for x in reasons if x))))
     busy = sum(bool((r.get("machine_load") or {}).get("busy")) for r in sweep.readable)
     if busy:
         lines.append(("Warning", f"{busy} row(s) measured on a busy machine (other processes running): "
@@ -239,7 +264,10 @@ METHOD = (
     f"min-max of the timed runs. A row is noisy with fewer than {MIN_RUNS} timed runs, a cv above "
     f"{NOISY_CV:.0%}, or when measured on a busy machine; speed-ups involving a noisy row are marked "
     f"'{NOISY_MARK.strip()}'. PSNR and max abs diff compare each row's image with the baseline's (uint8 pixels, "
-    "255 peak; inf = identical)."
+    "255 peak; inf = identical). Rows measured interleaved (hydra.sweeper.interleave=true, or the ladder's) also "
+    "have a paired speed-up: the median of call-by-call ratios against their group's reference, with its exact "
+    "95% interval; only that figure is comparable across a busy machine. Energy (J/image) where the machine has "
+    "a counter (NVML on GPU, RAPL on CPU), over the timed calls."
 )
 
 
@@ -270,7 +298,8 @@ def csv_columns(sweep: Sweep) -> list[str]:
         *(f"latency_{s}_s" if s != "cv" else "latency_cv" for s in LATENCY_STATS),
         "runs", "noisy", "machine_busy", "warmup_s", "build_s", "load_s", "peak_memory_mb", "peak_memory_scope",
         "steps_per_s", "speedup", "speedup_noisy", "psnr_db", "ssim", "max_abs_diff", "broken", "image", "job", "spec_key", "baseline",
-        "note", "reused_from", "overrides",
+        "note", "reused_from", "overrides", "measure_mode", "measure_calls", "paired_speedup", "paired_low",
+        "paired_high", "paired_n", "paired_reference_job", "energy_j_per_image", "energy_source",
     ]
 
 
@@ -290,6 +319,12 @@ def _csv_record(row: dict, sweep: Sweep) -> dict:
     record["machine_busy"] = (row.get("machine_load") or {}).get("busy")
     record["speedup_noisy"] = "yes" if row["speedup_noisy"] else None
     record["baseline"] = "yes" if row["is_baseline"] else None
+    measurement, paired, energy = row.get("measurement") or {}, row.get("paired") or {}, row.get("energy") or {}
+    record.update(measure_mode=measurement.get("mode"), measure_calls=measurement.get("calls"),
+                  paired_speedup=paired.get("median"), paired_low=paired.get("low"), paired_high=paired.get("high"),
+                  paired_n=paired.get("n"), paired_reference_job=paired.get("reference_job"),
+                  energy_j_per_image=energy.get("joules_per_image"),
+                  energy_source=energy.get("source") or (f"none: {energy['reason']}" if energy.get("reason") else None))
     return {k: _csv_value(v) for k, v in record.items()}
 
 

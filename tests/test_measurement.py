@@ -1,0 +1,316 @@
+"""Speed-ups you can bet on (issue 15): paired intervals (sdbuild.stats), interleaved measurement
+(sdbuild.measure.measure_group, sdbuild.interleave), run.repeats=auto, run.threads, energy, and
+the busy flags in the ladder's outputs.
+
+The synthetic pipelines here sleep: their call time is set by the test (a base time, a load
+schedule, a seeded noise), so what is asserted is the measurement's logic, not this machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import sdbuild
+from conftest import run_cli
+from hydra_plugins.sdbuild_ladder._ladder import Bounds, Measured, NoiseRule, Verdict, choose
+from sdbuild.measure import Candidate, EnergyMeter, measure, measure_group
+from sdbuild.stats import distinguishable, median_interval, min_samples, paired_speedup
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired intervals
+
+
+def test_known_inputs_give_the_known_interval():
+    # ratios 1..10: the exact 95 % interval of a median of 10 is [x(2), x(9)], coverage 1 - 2*11/1024
+    reference = [2.0 * r for r in range(1, 11)]
+    candidate = [2.0] * 10
+    s = paired_speedup(reference, candidate)
+    assert (s.median, s.low, s.high, s.n) == (5.5, 2.0, 9.0, 10)
+    assert s.confidence == pytest.approx(1 - 22 / 1024)
+    # 20 values: [x(6), x(15)], coverage 1 - 2 * P(B(20, 1/2) <= 5)
+    s = median_interval(list(range(1, 21)))
+    assert (s.low, s.high) == (6.0, 15.0)
+    assert s.confidence == pytest.approx(1 - 2 * sum(math.comb(20, i) for i in range(6)) / 2 ** 20)
+
+
+def test_fewer_than_six_pairs_have_no_95_percent_interval():
+    assert min_samples() == 6
+    five = paired_speedup([2.0] * 5, [1.0] * 5)  # twice as fast every time, but only 5 calls
+    assert five.median == 2.0 and five.low is None and not distinguishable(five)
+    six = paired_speedup([2.0] * 6, [1.0] * 6)
+    assert six.low == 2.0 and distinguishable(six) and not distinguishable(six, min_gain=1.0)
+
+
+def test_identical_a_and_b_never_yield_a_kept_lever():
+    runs = [0.31, 0.29, 0.35, 0.30, 0.33, 0.28, 0.32, 0.30]
+    assert not distinguishable(paired_speedup(runs, list(runs)))
+    # the same distribution for both, 400 seeded draws: the one-sided false-keep rate of a 95 %
+    # interval is at most 2.5 %
+    rng = random.Random(0)
+    kept = sum(distinguishable(paired_speedup([rng.gauss(1, 0.1) for _ in range(12)],
+                                              [rng.gauss(1, 0.1) for _ in range(12)])) for _ in range(400))
+    assert kept / 400 <= 0.05
+    # and through the ladder's rule: identical rows of one group stay "not distinguishable"
+    inc, same = _paired_rows(runs, runs)
+    kept_m, trials = choose(inc, [inc, same], Bounds(noise=NoiseRule.paired, psnr_db=None))
+    assert kept_m is inc
+    assert trials[1].verdict == Verdict.within_noise and "not distinguishable from noise at 8 calls" in trials[1].reason
+
+
+def _paired_rows(reference_runs, candidate_runs, busy=False, group="g1"):
+    from sdbuild import results
+
+    def row(key, runs, paired=None):
+        return {"status": "ok", "latency_s": results.latency_stats(runs), "peak_memory_mb": 100.0,
+                "measurement": {"mode": "interleaved", "group": group}, "paired": paired,
+                "machine_load": {"busy": busy}}
+
+    s = paired_speedup(reference_runs, candidate_runs)
+    inc = Measured({"axis": "a"}, ["axis=a"], "a", row=row("a", reference_runs), psnr_db=math.inf, ssim=1.0)
+    cand = Measured({"axis": "b"}, ["axis=b"], "b", row=row("b", candidate_runs, {**s.to_dict(), "reference": "a"}),
+                    psnr_db=math.inf, ssim=1.0)
+    return inc, cand
+
+
+def test_paired_rule_keeps_a_lever_only_above_one_plus_min_gain():
+    ref = [1.0, 1.1, 0.9, 1.2, 1.0, 1.05, 0.95, 1.0]
+    inc, cand = _paired_rows(ref, [r / 1.3 for r in ref])  # 30 % faster in every pair
+    kept, trials = choose(inc, [inc, cand], Bounds(noise=NoiseRule.paired))
+    assert kept is cand and "paired speed-up x1.30" in trials[1].reason
+    kept, _ = choose(inc, [inc, cand], Bounds(noise=NoiseRule.paired, min_gain=0.5))
+    assert kept is inc
+    # the same rows, but not from one group: no pairs, never kept
+    cand.row["measurement"]["group"] = "another"
+    assert choose(inc, [inc, cand], Bounds(noise=NoiseRule.paired))[0] is inc
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved measurement against drift
+
+
+class Load:
+    """The machine's load, changing between phases: call n of all pipelines sees `factors[phase]`."""
+
+    def __init__(self, heavy_calls: int, heavy: float) -> None:
+        self.calls, self.heavy_calls, self.heavy = 0, heavy_calls, heavy
+
+    def factor(self) -> float:
+        self.calls += 1
+        return self.heavy if self.calls <= self.heavy_calls else 1.0
+
+
+class SleepPipeline:
+    """A synthetic pipeline whose call takes base_s x the load's factor x a seeded noise."""
+
+    def __init__(self, base_s: float, load: Load | None = None, noise: float = 0.0, seed: int = 0) -> None:
+        self.base_s, self.load, self.noise, self.rng = base_s, load, noise, random.Random(seed)
+
+    def __call__(self, **kwargs):
+        factor = self.load.factor() if self.load else 1.0
+        time.sleep(self.base_s * factor * (1 + self.rng.uniform(-self.noise, self.noise)))
+        return type("Out", (), {"images": np.zeros((1, 4, 4, 3))})()
+
+
+def test_drift_fools_sequential_measurement_but_not_interleaved():
+    """fast is truly 25 % faster than slow. The machine is 3x busier for the first 8 calls: timed one
+    after another, fast (measured first) looks slower; alternated, the pairs see the same load."""
+    fast_s, slow_s, repeats = 0.020, 0.025, 6
+    load = Load(heavy_calls=8, heavy=3.0)
+    fast, slow = SleepPipeline(fast_s, load), SleepPipeline(slow_s, load)
+    a = measure(fast, dict, "cpu", warmup=1, repeats=repeats, show_progress=False)
+    b = measure(slow, dict, "cpu", warmup=1, repeats=repeats, show_progress=False)
+    sequential_winner = "fast" if a.latency()["median"] < b.latency()["median"] else "slow"
+    assert sequential_winner == "slow"  # the drift, not the pipeline, decided
+
+    load = Load(heavy_calls=8, heavy=3.0)
+    fast, slow = SleepPipeline(fast_s, load), SleepPipeline(slow_s, load)
+    # the same order (fast first, in the busy phase), alternated: slow's paired speed-up on fast
+    group = measure_group([Candidate(fast, dict, "fast"), Candidate(slow, dict, "slow")], "cpu", warmup=1,
+                          repeats=repeats, show_progress=False)
+    assert group.interleaved and group.rounds == repeats
+    s = paired_speedup(group.measurements[0].runs_s, group.measurements[1].runs_s)
+    interleaved_winner = "slow" if distinguishable(s) else "fast"
+    assert interleaved_winner == "fast" and s.high < 1.0  # slow is slower beyond noise
+    assert s.median == pytest.approx(fast_s / slow_s, rel=0.15)
+
+
+def test_repeats_auto_keeps_a_20_percent_gain_with_3_percent_noise_within_its_cap():
+    slow = SleepPipeline(0.050, noise=0.03, seed=1)
+    fast = SleepPipeline(0.050 / 1.2, noise=0.03, seed=2)
+    cap = 60.0
+    began = time.perf_counter()
+    group = measure_group([Candidate(slow, dict), Candidate(fast, dict)], "cpu", warmup=1, repeats=None,
+                          show_progress=False, interval_target=0.03, max_measure_s=cap)
+    assert time.perf_counter() - began < cap
+    assert "within" in group.stop_reason and "max_measure_s" not in group.stop_reason, group.stop_reason
+    s = paired_speedup(group.measurements[0].runs_s, group.measurements[1].runs_s)
+    assert group.rounds >= min_samples() and s.n == group.rounds
+    assert s.relative_half_width() <= 0.03 and distinguishable(s) and s.median == pytest.approx(1.2, rel=0.1)
+
+
+def test_repeats_auto_stops_at_its_time_cap_and_says_so():
+    one = SleepPipeline(0.01, noise=0.9, seed=3)  # far too noisy for +-0.1 %
+    m = measure(one, dict, "cpu", warmup=0, repeats=None, show_progress=False, interval_target=0.001,
+                max_measure_s=0.3)
+    assert "max_measure_s=0.3" in m.stop_reason and len(m.runs_s) >= 3
+
+
+def test_a_failing_candidate_leaves_the_group_and_the_others_go_on():
+    class Fails(SleepPipeline):
+        def __call__(self, **kwargs):
+            raise RuntimeError("boom")
+
+    group = measure_group([Candidate(SleepPipeline(0.001), dict), Candidate(Fails(0.001), dict)], "cpu", warmup=1,
+                          repeats=3, show_progress=False, catch_errors=True)
+    assert list(group.failures) == [1] and "boom" in str(group.failures[1][0])
+    assert len(group.measurements[0].runs_s) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads and energy on the tiny model
+
+
+def test_run_threads_reaches_torch_and_the_row(tmp_path):
+    default = torch.get_num_threads()
+    try:
+        spec = sdbuild.compose(["run.steps=2", "run.warmup=0", "run.repeats=1", "run.threads=1"])
+        row = sdbuild.run(spec, tmp_path / "one")
+        assert row["status"] == "ok", row["error"]
+        assert torch.get_num_threads() == 1  # set in this process, where the job ran
+        assert row["env"]["torch_threads"] == 1 and row["measurement"]["threads"]["torch_threads"] == 1
+        assert row["spec"]["run"]["threads"] == 1
+        energy = row["energy"]
+        assert (energy["joules_per_image"] is None and energy["reason"]) or \
+               (energy["joules_per_image"] > 0 and energy["source"])
+        row = sdbuild.run(sdbuild.compose(["run.steps=2", "run.warmup=0", "run.repeats=1"]), tmp_path / "auto")
+        assert torch.get_num_threads() == row["env"]["torch_threads"] == default  # auto: torch's own default again
+    finally:
+        torch.set_num_threads(default)
+
+
+def test_rapl_counters_are_read_and_their_wrap_handled(tmp_path):
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "max_energy_range_uj").write_text("1000000\n")
+    (zone / "energy_uj").write_text("999000\n")
+    (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-zone (core), not counted twice
+    meter = EnergyMeter("cpu", rapl_root=tmp_path)
+    assert meter.source.startswith("rapl") and meter.read() == 0.0
+    (zone / "energy_uj").write_text("4000\n")  # wrapped: 1001 uJ to the top, then 4000
+    assert meter.read() == pytest.approx(5001 / 1e6)
+    missing = EnergyMeter("cpu", rapl_root=tmp_path / "nothing")
+    assert missing.read() is None and "no RAPL" in missing.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# The busy flag in the ladder's outputs
+
+
+def _ladder(busy: bool, interleaved: bool):
+    from hydra_plugins.sdbuild_ladder._ladder import Step
+    from hydra_plugins.sdbuild_ladder._render import Ladder
+
+    ref = [1.0, 1.1, 0.9, 1.2, 1.0, 1.05, 0.95, 1.0]
+    inc, cand = _paired_rows(ref, [r / 1.3 for r in ref], busy=busy)
+    if not interleaved:
+        for m in (inc, cand):
+            m.row["measurement"], m.row["paired"] = {"mode": "single"}, None
+    bounds = Bounds(noise=NoiseRule.paired if interleaved else NoiseRule.median, psnr_db=None)
+    kept, trials = choose(inc, [inc, cand], bounds, Verdict.baseline)
+    return Ladder(axes={"axis": ["a", "b"]}, order=["axis"], start={"axis": "a"}, fixed=[], bounds=bounds,
+                  baseline=inc, steps=[Step("axis", inc, kept, trials)], second_pass=[], winner=kept, preset=None,
+                  grid_size=2, launched=2, reused=0, launched_all_runs=2, recipes=2, wall_s=1.0,
+                  interleaved=interleaved)
+
+
+def test_ladder_markdown_html_and_preset_carry_the_busy_flag():
+    from hydra_plugins.sdbuild_ladder._render import caution, preset_notes, render_html, render_markdown
+
+    busy = _ladder(busy=True, interleaved=False)
+    md, page, notes = render_markdown(busy), render_html(busy), preset_notes(busy)
+    for text in (md, page, notes):
+        assert "2 of 2 rows measured on a busy machine" in text
+        assert "decided on busy, non-interleaved rows" in text
+    assert "| busy |" in md or "| busy, " in md
+
+    paired = _ladder(busy=True, interleaved=True)  # busy, but its pairs saw the same load: no caution
+    assert caution(paired) is None and "busy machine" in preset_notes(paired)
+    assert "x1.30 (1.30–1.30, 8 pairs)" in render_markdown(paired)
+
+    quiet = _ladder(busy=False, interleaved=False)
+    assert caution(quiet) is None and "quiet: no row was busy or noisy" in render_markdown(quiet)
+
+
+# ---------------------------------------------------------------------------------------------
+# The interleaved ladder, end to end on the tiny model
+
+
+def test_interleaved_ladder_pairs_its_rows_and_falls_back_to_pairs_past_max_held(tmp_path):
+    """3 attention options, at most 2 pipelines held: sdpa is alternated with the current recipe in
+    the group, sliced in a pair of its own. 3 calls give no 95 % interval, so nothing is kept."""
+    proc = run_cli("--multirun", "hydra/sweeper=ladder", "hydra.sweeper.interleave=true", "hydra.sweeper.max_held=2",
+                   "run.steps=2", "run.warmup=1", "run.repeats=3", "attention=classic,sdpa,sliced",
+                   f"hydra.sweep.dir={tmp_path}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/result.json")}
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows.values())
+    by_attention = {r["choices"]["attention"]: r for r in rows.values()}
+    classic, sdpa, sliced = (by_attention[k] for k in ("classic", "sdpa", "sliced"))
+    assert {r["measurement"]["group"] for r in rows.values()} == {classic["measurement"]["group"]}
+    assert classic["measurement"]["mode"] == sdpa["measurement"]["mode"] == "interleaved"
+    assert sliced["measurement"]["mode"] == "pairs" and "max_held=2" in sliced["measurement"]["fallback"]
+    for r in (sdpa, sliced):
+        assert r["paired"]["reference"] == classic["spec_key"] and r["paired"]["n"] == 3
+        assert r["paired"]["low"] is None  # 3 pairs: no 95 % interval
+    ladder = json.loads((tmp_path / "ladder.json").read_text())
+    assert ladder["interleaved"] and ladder["bounds"]["noise"] == "paired"
+    assert ladder["winner"]["choices"]["attention"] == "classic"
+    md = (tmp_path / "ladder.md").read_text()
+    assert md.count("not distinguishable from noise at 3 calls") == 2
+
+
+def test_interleaved_grid_sweep_pairs_every_row_with_the_first_and_reports_it(tmp_path):
+    """`hydra/sweeper=interleaved` over run.threads=1,2: one group, each row with its own thread
+    count (set again before each of its calls), the second paired on the first, in report and csv."""
+    proc = run_cli("--multirun", "hydra/sweeper=interleaved", "run.steps=2", "run.warmup=1", "run.repeats=6",
+                   "run.threads=1,2", f"hydra.sweep.dir={tmp_path}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads((tmp_path / str(n) / "result.json").read_text()) for n in (0, 1)]
+    assert [r["measurement"]["threads"]["torch_threads"] for r in rows] == [1, 2]
+    assert [r["measurement"]["mode"] for r in rows] == ["interleaved"] * 2
+    assert rows[0]["measurement"]["group"] == rows[1]["measurement"]["group"]
+    assert rows[0]["paired"] is None and rows[1]["paired"]["reference"] == rows[0]["spec_key"]
+    assert rows[1]["paired"]["n"] == 6 and rows[1]["paired"]["low"] is not None
+    report = (tmp_path / "report.md").read_text()
+    assert "paired speed-up (95% interval)" in report and "6 pairs) on job 0" in report
+    page = (tmp_path / "index.html").read_text()
+    assert "paired speed-up (95% interval)</th>" in page and "6 pairs) on job 0" in page
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert "paired_speedup" in csv_text.splitlines()[0] and "energy_j_per_image" in csv_text.splitlines()[0]
+
+
+def test_new_run_fields_at_their_defaults_keep_older_rows_spec_keys():
+    from sdbuild.spec import spec_key, spec_to_dict
+
+    new = spec_to_dict(sdbuild.compose(["run.steps=2"]))
+    old = json.loads(json.dumps(new))
+    for name in ("threads", "interval_target", "max_measure_s"):  # a row written before these fields existed
+        del old["run"][name]
+    assert spec_key(new) == spec_key(old)
+    assert spec_key(spec_to_dict(sdbuild.compose(["run.steps=2", "run.threads=1"]))) != spec_key(new)
+
+
+def test_paired_noise_rule_without_interleaving_is_refused_before_any_job(tmp_path):
+    out = run_cli("--multirun", "hydra/sweeper=ladder", "hydra.sweeper.noise=paired", "run.steps=2",
+                  "attention=classic,sdpa", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "hydra.sweeper.noise=paired needs paired calls: add hydra.sweeper.interleave=true" in out.stderr
+    assert not list(tmp_path.glob("*/result.json"))
