@@ -196,10 +196,12 @@ class _Peak:
 
 
 def measure(pipe, make_kwargs: Callable[[], dict], device: str, warmup: int, repeats: int,
-            label: str = "", show_progress: bool = True, max_warmup: Optional[int] = None) -> Measurement:
+            label: str = "", show_progress: bool = True, max_warmup: Optional[int] = None,
+            result: Optional[Measurement] = None) -> Measurement:
     """Warm up until steady (at least `warmup` calls, at most `max_warmup`), then time `repeats`
-    full pipeline calls."""
-    result = Measurement()
+    full pipeline calls. `result`: the Measurement to fill as calls finish (an interrupted caller
+    keeps the timed runs done so far)."""
+    result = Measurement() if result is None else result
     cap = max(warmup, DEFAULT_MAX_WARMUP if max_warmup is None else max_warmup)
     bar = tqdm(total=warmup + repeats, desc=label or "measure", unit="call", disable=not show_progress, leave=False)
 

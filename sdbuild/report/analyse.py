@@ -68,7 +68,7 @@ class Sweep:
         return sum(bool(r["noisy"]) for r in self.rows)
 
 
-def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None) -> Sweep:
+def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None, unwritten: Optional[dict[int, dict]] = None) -> Sweep:
     """Load (unless `rows` are given), group, pick baselines and annotate every row in place.
 
     Adds to each row: ``label``, ``is_baseline``, ``baseline_job``, ``speedup``, ``speedup_noisy``,
@@ -76,7 +76,7 @@ def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None) -> Sweep:
     """
     root = existing_dir(sweep_dir)
     if rows is None:
-        loaded = load(root)
+        loaded = load(root, unwritten)
         sweep = Sweep(root, loaded.rows, planned=loaded.planned, ignored=loaded.ignored)
     else:
         sweep = Sweep(root, rows)

@@ -61,7 +61,15 @@ def _missing_row(job: dict) -> dict:
     return row
 
 
-def load(sweep_dir: str | Path) -> Loaded:
+def _memory_row(num: int, row: dict) -> dict:
+    """A row its job's folder could not take, held in memory by the sweep (see sdbuild.job.write_row)."""
+    row = results.validate(dict(row))
+    row["job_info"] = row.get("job") or {}
+    row.update(job=str(num), path=None)
+    return row
+
+
+def load(sweep_dir: str | Path, unwritten: Optional[dict[int, dict]] = None) -> Loaded:
     """Every row of the sweep folder plus a ``missing`` row for each planned job without one.
 
     With a plan, a numbered job folder outside it holds an earlier sweep's row: it is set aside
@@ -70,6 +78,9 @@ def load(sweep_dir: str | Path) -> Loaded:
     """
     root = existing_dir(sweep_dir)
     rows = [_report_row(root, path) for path in find_result_files(root)]
+    if unwritten:  # in place of whatever the job's folder holds
+        rows = [r for r in rows if not (r["job"].isdigit() and int(r["job"]) in unwritten)]
+        rows += [_memory_row(num, row) for num, row in unwritten.items()]
     plan = read_plan(root)
     loaded = Loaded(rows)
     if plan is not None:
