@@ -86,7 +86,7 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     log_path = out_dir / results.PROCESS_LOG
     interrupted = timed_out = None
     with open(log_path, "w") as log_file:
-        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         try:
             returncode = child.wait(timeout_s or None)
         except subprocess.TimeoutExpired:
@@ -121,6 +121,17 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     if interrupted:
         raise Interrupted(interrupted)
     return row
+
+
+def _die_with_parent() -> None:
+    """In a job's child process, before it starts sdbuild: ask Linux for a SIGTERM when the sweep's
+    process dies, also by SIGKILL, so that no orphaned job runs on beside the next sweep."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the child outlives a killed parent, as before
+        pass
 
 
 def end_child(child: subprocess.Popen, grace_s: Optional[float] = None) -> tuple[int, Optional[str]]:

@@ -260,8 +260,9 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
         row.update(status=Status.unsupported.value, error=str(exc))
     except KeyboardInterrupt as exc:
         signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
-        row.update(status=Status.failed.value, latency_s=None, **partial.fields(spec),
+        row.update(status=Status.failed.value, latency_s=None,
                    error=f"interrupted ({signame}) before the measurement finished" + partial.said(spec))
+        row.update(partial.fields(spec))
         row["job"]["interrupted"] = signame
         raise
     except Exception as exc:

@@ -156,8 +156,20 @@ def write_row(folder: Path, row: Dict[str, Any]) -> Path:
     """Validate `row` (a bug writing a bad row fails here, not in a report later) and write it atomically."""
     validate(row)
     path = Path(folder) / RESULT_FILE
-    write_json(path, row)
+    write_json(path, _strict_json(row))
     return path
+
+
+def _strict_json(data: Any) -> Any:
+    """`data` with every non-finite float (a refused spec's `nan`, `inf`) as its text: a row file is
+    standard JSON, which has no NaN (readers elsewhere would choke or silently take it as a number)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {k: _strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_strict_json(v) for v in data]
+    return data
 
 
 SET_ASIDE_DIR = "set_aside"  # in a job folder: earlier rows found there, moved (never deleted)
