@@ -273,9 +273,16 @@ def test_an_empty_lock_file_is_not_taken_over(tmp_path, capsys):
     assert "cannot be read" in capsys.readouterr().err and (tmp_path / results.LOCK_FILE).read_text() == ""
 
 
-def test_a_lock_is_taken_over_only_when_its_owner_is_known_dead(tmp_path, capsys):
-    from sdbuild.sweep import SweepError, acquire_lock, process_start, release_lock
+def _started(pid):
+    """The process's start as the lock records it: boot id and start time in clock ticks (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}:{stat[stat.rfind(')') + 2:].split()[19]}"
 
+
+def test_a_lock_is_taken_over_only_when_its_owner_is_known_dead(tmp_path, capsys):
+    from sdbuild.sweep import SweepError, acquire_lock, release_lock
+
+    process_start = _started
     host = os.uname().nodename
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -306,7 +313,7 @@ def test_replay_of_a_wrongly_typed_spec_is_a_clear_refusal(section, key, value, 
     (tmp_path / "old").mkdir()
     results.write_row(tmp_path / "old", results.new_row(status="failed", spec=spec, spec_key=spec_key(spec)))
     out = subprocess.run([sys.executable, "-m", "sdbuild.replay", str(tmp_path / "old")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2, out.stderr
     assert f"{section}.{key}" in out.stderr and value in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "outputs").exists()
