@@ -270,8 +270,9 @@ def write_csv(sweep: Sweep) -> Path:
 
 
 def _md(text: str) -> str:
-    """Text safe inside a Markdown table cell or list item: one line, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text safe inside a Markdown table cell or list item: one line, HTML escaped (a prompt's
+    `<img onerror=...>` is shown, never rendered), pipes escaped."""
+    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
 
 
 def _settings_lines(sweep: Sweep) -> list[str]:
