@@ -317,3 +317,31 @@ def test_replay_of_a_wrongly_typed_spec_is_a_clear_refusal(section, key, value, 
     assert out.returncode == 2, out.stderr
     assert f"{section}.{key}" in out.stderr and value in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+# Weak spots: one clear line, nothing written where nothing should be ----------------------------
+
+
+def test_an_unwritable_sweep_folder_and_an_unreadable_ladder_state_are_one_line_each(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    out = run_cli("--multirun", *FAST, "run.seed=1,2", f"hydra.sweep.dir={tmp_path / 'a-file' / 'sweep'}")
+    assert out.returncode == 2 and "cannot be written" in out.stderr and "Traceback" not in out.stderr
+
+    sweep_dir = tmp_path / "ladder"
+    sweep_dir.mkdir()
+    (sweep_dir / "ladder_state.json").write_text('{"next_job": 3, "jo')  # truncated by a full disk
+    out = run_cli("--multirun", "hydra/sweeper=ladder", *FAST, "precision=fp32,bf16", f"hydra.sweep.dir={sweep_dir}")
+    assert out.returncode == 2 and "ladder_state.json cannot be read" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_dry_run_sweep_writes_nothing_into_the_sweep_folder(tmp_path):
+    measured_row(tmp_path / "0", ["run.seed=1"], [0.5])
+    plan, report_md = tmp_path / results.PLAN_FILE, tmp_path / "report.md"
+    plan.write_text(json.dumps({"jobs": [{"num": 0, "overrides": [*FAST, "run.seed=1"]}]}))
+    report_md.write_text("the real report")
+    out = run_cli("--multirun", "dry_run=true", *FAST, "run.seed=1,2", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "would build" in out.stdout
+    assert json.loads(plan.read_text())["jobs"][0]["overrides"] == [*FAST, "run.seed=1"]
+    assert report_md.read_text() == "the real report" and not (tmp_path / results.LOCK_FILE).exists()
+    assert results.read_row(tmp_path / "0" / "result.json")["latency_s"]["runs"] == [0.5]
