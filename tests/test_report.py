@@ -626,3 +626,12 @@ def test_the_plot_of_many_rows_shows_the_fastest_and_stays_readable(tmp_path: Pa
     width, height = Image.open(tmp_path / "latency.png").size
     assert height <= 100 * (0.4 * MAX_BARS + 1.5) + 1  # MAX_BARS bars, not 120
     assert len(read_csv(tmp_path)) == 120  # every row is still in the table
+
+
+def test_an_unreadable_plan_is_said_and_every_row_is_unplanned(grid: Path):
+    (grid / "plan.json").write_text('{"jobs": [{"num": 0, "overr')  # truncated
+    write_job(grid, "9", precision="bf16", median=0.5)  # another sweep's row, in a folder the plan would not list
+    report.aggregate(grid)
+    md = (grid / "report.md").read_text()
+    assert "plan.json is unreadable" in md and "unplanned: plan.json cannot be read (JSONDecodeError" in md
+    assert "9" in read_csv(grid)  # listed, as unplanned: nothing says which sweep it belongs to

@@ -46,6 +46,7 @@ class Sweep:
     choice_columns: list[str] = field(default_factory=list)  # every config group seen
     planned: Optional[int] = None
     ignored: list[str] = field(default_factory=list)
+    plan_error: Optional[str] = None
 
     @property
     def readable(self) -> list[dict]:
@@ -77,7 +78,7 @@ def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None, unwritten:
     root = existing_dir(sweep_dir)
     if rows is None:
         loaded = load(root, unwritten)
-        sweep = Sweep(root, loaded.rows, planned=loaded.planned, ignored=loaded.ignored)
+        sweep = Sweep(root, loaded.rows, planned=loaded.planned, ignored=loaded.ignored, plan_error=loaded.plan_error)
     else:
         sweep = Sweep(root, rows)
     rows = sweep.rows

@@ -20,6 +20,7 @@ class Loaded:
     rows: list[dict]
     planned: Optional[int] = None  # jobs in plan.json (None: no plan recorded)
     ignored: list[str] = field(default_factory=list)  # rows that are not part of this sweep's plan
+    plan_error: Optional[str] = None  # plan.json is there but cannot be read: every row is unplanned
 
 
 def find_result_files(sweep_dir: Path) -> list[Path]:
@@ -37,13 +38,20 @@ def existing_dir(sweep_dir: str | Path) -> Path:
     return root
 
 
+class PlanError(ValueError):
+    """plan.json exists but cannot be read."""
+
+
 def read_plan(root: Path) -> Optional[list[dict]]:
-    """plan.json's jobs ({"num", "overrides"}), or None when there is no (readable) plan."""
-    try:
-        jobs = json.loads((root / results.PLAN_FILE).read_text())["jobs"]
-        return [{"num": int(j["num"]), "overrides": [str(o) for o in j["overrides"]]} for j in jobs]
-    except (OSError, ValueError, KeyError, TypeError):
+    """plan.json's jobs ({"num", "overrides"}); None when there is none; PlanError when it cannot be read."""
+    path = root / results.PLAN_FILE
+    if not path.exists():
         return None
+    try:
+        jobs = json.loads(path.read_text())["jobs"]
+        return [{"num": int(j["num"]), "overrides": [str(o) for o in j["overrides"]]} for j in jobs]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PlanError(f"{type(exc).__name__}: {exc}") from None
 
 
 def _report_row(root: Path, path: Path) -> dict:
@@ -81,8 +89,11 @@ def load(sweep_dir: str | Path, unwritten: Optional[dict[int, dict]] = None) -> 
     if unwritten:  # in place of whatever the job's folder holds
         rows = [r for r in rows if not (r["job"].isdigit() and int(r["job"]) in unwritten)]
         rows += [_memory_row(num, row) for num, row in unwritten.items()]
-    plan = read_plan(root)
     loaded = Loaded(rows)
+    try:
+        plan = read_plan(root)
+    except PlanError as exc:
+        plan, loaded.plan_error = None, str(exc)
     if plan is not None:
         by_num = {str(j["num"]): j for j in plan}
         kept = []
