@@ -345,3 +345,20 @@ def test_a_dry_run_sweep_writes_nothing_into_the_sweep_folder(tmp_path):
     assert json.loads(plan.read_text())["jobs"][0]["overrides"] == [*FAST, "run.seed=1"]
     assert report_md.read_text() == "the real report" and not (tmp_path / results.LOCK_FILE).exists()
     assert results.read_row(tmp_path / "0" / "result.json")["latency_s"]["runs"] == [0.5]
+
+
+def test_a_spec_whose_decode_cannot_fit_the_machine_is_refused_with_the_figure():
+    import dataclasses
+
+    from helpers import CPU
+    from sdbuild.validate import validate
+
+    host = dataclasses.replace(CPU, host_memory=24 * 2**30)  # this machine: 24 GiB
+    huge = ["run.batch_size=64", "run.height=4096", "run.width=4096"]
+    with pytest.raises(SpecError) as refused:
+        validate(sdbuild.compose(huge), host)
+    text = str(refused.value)  # 2 x 64 images x 16 channels x 4096 x 4096 float32 values
+    assert "run.batch_size=64 run.height=4096 run.width=4096" in text and "at least 137 GB" in text
+    assert "memory=vae_slicing (one image at a time: 2.1 GB)" in text
+    assert validate(sdbuild.compose([*huge, "memory=vae_slicing"]), host) == "cpu"
+    assert validate(sdbuild.compose(["run.batch_size=4", "run.height=1024", "run.width=1024"]), host) == "cpu"
