@@ -139,16 +139,44 @@ def test_sweep_timeout_default_and_off(monkeypatch):
         sdbuild.show(sdbuild.compose([*QUICK, "run.timeout_s=-1"]))
 
 
+def test_a_job_past_its_time_limit_ends_in_a_failed_row(tmp_path):
+    """The parent's side of a time limit: the job's process is ended at the limit (here still starting
+    up, or measuring) and the job comes back as a row, never as an exception or a hang."""
+    from sdbuild.app import run_in_fresh_process
+
+    overrides = [*QUICK, "run.repeats=100000"]  # a day of timed runs
+    started = time.monotonic()
+    row = run_in_fresh_process(sdbuild.compose(overrides), overrides, tmp_path, {}, {"num": 0}, timeout_s=5)
+    assert time.monotonic() - started < 5 + 30 + 20  # the limit, the grace, slack for a loaded machine
+    assert row["status"] == "failed" and row["error"].startswith("timed out after 5 s (run.timeout_s)"), row["error"]
+    assert row["job"]["timed_out"] and row["job"]["timeout_s"] == 5
+    assert results.read_row(tmp_path / "result.json")["error"] == row["error"]
+    assert not _processes_mentioning(str(tmp_path))  # the child is gone
+
+
+def _processes_mentioning(text):
+    """Pids whose command line holds `text` (Linux /proc; empty elsewhere)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow  # 90 s at least: a limit that the short job surely meets on a loaded machine
 def test_a_job_past_its_time_limit_is_a_failed_row_and_the_sweep_goes_on(tmp_path):
     """Job 0 would run for a day (100000 timed runs); run.timeout_s ends it, keeping the timed runs it
     finished; job 1 still runs, the report is written."""
     started = time.monotonic()
     out = run_cli("--multirun", f"hydra.sweep.dir={tmp_path}", "run.warmup=0", "run.steps=2",
-                  "run.repeats=100000,1", "run.timeout_s=40", timeout=400)
+                  "run.repeats=100000,1", "run.timeout_s=90", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert time.monotonic() - started < 300
+    assert time.monotonic() - started < 400
     found = rows(tmp_path)
-    assert found["0"]["status"] == "failed" and found["0"]["error"].startswith("timed out after 40 s"), found["0"]["error"]
+    assert found["0"]["status"] == "failed" and found["0"]["error"].startswith("timed out after 90 s"), found["0"]["error"]
     assert found["0"]["job"]["timed_out"] and found["0"]["job"]["isolated"] and "interrupted" not in found["0"]["job"]
     assert found["0"]["latency_s"]["runs"] and "timed runs finished" in found["0"]["error"]
     assert found["1"]["status"] == "ok"
@@ -362,3 +390,50 @@ def test_a_spec_whose_decode_cannot_fit_the_machine_is_refused_with_the_figure()
     assert "memory=vae_slicing (one image at a time: 2.1 GB)" in text
     assert validate(sdbuild.compose([*huge, "memory=vae_slicing"]), host) == "cpu"
     assert validate(sdbuild.compose(["run.batch_size=4", "run.height=1024", "run.width=1024"]), host) == "cpu"
+
+
+# Compiler state between jobs of one process ------------------------------------------------------
+
+OBSERVE_COMPILE = """
+import json, runpy, sys
+sys.path.insert(0, {root!r})  # this checkout's sdbuild, as `python -m sdbuild` from its root would run
+import sdbuild.measure
+
+original = sdbuild.measure.measure
+
+def observed(pipe, *args, **kwargs):  # observe (not replace) what each job's pipeline runs and compiles
+    from torch._dynamo.utils import counters
+
+    modules = {{"unet": pipe.unet, "vae_decoder": pipe.vae.decoder, "text_encoder": pipe.text_encoder}}
+    before = counters["stats"]["unique_graphs"]
+    result = original(pipe, *args, **kwargs)
+    with open({log!r}, "a") as f:
+        f.write(json.dumps({{"compiled": sorted(n for n, m in modules.items() if m._compiled_call_impl is not None),
+                            "graphs": counters["stats"]["unique_graphs"] - before}}) + "\\n")
+    return result
+
+sdbuild.measure.measure = observed
+sys.argv = ["sdbuild", *sys.argv[1:]]
+runpy.run_module("sdbuild", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", [("inductor_all", "none", "inductor"), ("inductor", "inductor_all", "none")])
+def test_no_job_runs_or_reuses_what_an_earlier_job_compiled(order, tmp_path):
+    """One in-process sweep: an eager job after compiled ones compiles and runs nothing compiled; a job
+    compiled otherwise than the one before it compiles its own modules (and only those)."""
+    log, script = tmp_path / "observed.jsonl", tmp_path / "observe.py"
+    script.write_text(OBSERVE_COMPILE.format(root=str(ROOT), log=str(log)))
+    out = subprocess.run([sys.executable, str(script), "--multirun", f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST,
+                          "run.steps=2", "run.warmup=1", f"compile={','.join(order)}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    expected = {"none": [], "inductor": ["unet"], "inductor_all": ["text_encoder", "unet", "vae_decoder"]}
+    assert [s["compiled"] for s in seen] == [expected[o] for o in order]
+    for option, s in zip(order, seen):
+        assert (s["graphs"] > 0) == (option != "none"), (option, s)  # compiled its own graphs, or none at all
+    found = {r["choices"]["compile"]: r for r in rows(tmp_path / "sweep").values()}
+    assert all(r["status"] == "ok" for r in found.values())
+    assert found["none"]["warmup_calls"] == 1 and found["none"]["steady"]  # no compile work in the eager job
