@@ -262,7 +262,7 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
         signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
         row.update(status=Status.failed.value, latency_s=None,
                    error=f"interrupted ({signame}) before the measurement finished" + partial.said(spec))
-        row.update(partial.fields(spec))
+        row.update(partial.fields())
         row["job"]["interrupted"] = signame
         raise
     except Exception as exc:
@@ -317,7 +317,7 @@ class _Partial:
     def __init__(self) -> None:
         self.measurement: Any = None
 
-    def fields(self, spec: Spec) -> Dict[str, Any]:
+    def fields(self) -> Dict[str, Any]:
         """The timed runs that finished (a `failed` row keeps them: nothing measured is lost)."""
         m = self.measurement
         if m is None or not m.runs_s:
