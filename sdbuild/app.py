@@ -158,10 +158,13 @@ def sweep_timeout(spec: Spec) -> Optional[float]:
     """The time limit of a sweep job in seconds (None: none): `run.timeout_s` when set (0: none),
     else SWEEP_TIMEOUT_S where jobs run in the sweep's own process (the basic launcher); launchers
     that give each job a process and a limit of their own (submitit's timeout_min) get none."""
+    import math
+
     from .hardware import launcher
 
-    if spec.run.timeout_s is not None:
-        return spec.run.timeout_s or None
+    limit = spec.run.timeout_s
+    if limit is not None:  # 0, and a value validation refuses (negative, nan: an unsupported row), run in-process
+        return limit if math.isfinite(limit) and limit > 0 else None
     return SWEEP_TIMEOUT_S if launcher() == "basic" else None
 
 

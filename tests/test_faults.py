@@ -133,6 +133,8 @@ def test_sweep_timeout_default_and_off(monkeypatch):
     assert sweep_timeout(sdbuild.compose(QUICK)) == SWEEP_TIMEOUT_S >= 3600
     assert sweep_timeout(sdbuild.compose([*QUICK, "run.timeout_s=0"])) is None
     assert sweep_timeout(sdbuild.compose([*QUICK, "run.timeout_s=12.5"])) == 12.5
+    for refused in ("-1", "nan"):  # no limit to wait on: the job is refused in-process, before anything loads
+        assert sweep_timeout(sdbuild.compose([*QUICK, f"run.timeout_s={refused}"])) is None
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # the launcher has its own limit (timeout_min)
     assert sweep_timeout(sdbuild.compose(QUICK)) is None
     with pytest.raises(SpecError, match="run.timeout_s"):
