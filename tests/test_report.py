@@ -618,13 +618,13 @@ def test_report_md_shows_a_prompt_s_html_as_text(tmp_path: Path):
 def test_the_plot_of_many_rows_shows_the_fastest_and_stays_readable(tmp_path: Path):
     from sdbuild.report.plot import MAX_BARS
 
-    for i in range(120):  # one comparison group (1,000 rows drew a 40,000 px PNG): 119 recipes (precision names) against an fp32 baseline
+    for i in range(120):  # one comparison group: 119 recipes against an fp32 baseline (1,000 drew 40,000 px)
         precision = f"p{i}" if i else "fp32"
         write_job(tmp_path, str(i), precision=precision, median=1.0 + i / 1000 if i else 2.0,
                   overrides=[f"precision={precision}"], pixels=noise_image(i % 7))
     report.aggregate(tmp_path)
     width, height = Image.open(tmp_path / "latency.png").size
-    assert height <= 100 * (0.4 * MAX_BARS + 1.5) + 1  # MAX_BARS bars, not 120
+    assert height <= 100 * (0.4 * MAX_BARS + 1.5) + 1 <= 2000  # MAX_BARS bars (a readable figure), not 120
     assert len(read_csv(tmp_path)) == 120  # every row is still in the table
 
 
