@@ -147,7 +147,7 @@ def _reuse(found: Path, old: Dict[str, Any], out_dir: Path, row: Dict[str, Any])
     """The earlier measurement as this job's row (its own env and timings untouched)."""
     in_place = found.parent.resolve() == out_dir.resolve()  # resume= the sweep folder itself
     if not in_place:
-        results.clear_row(out_dir)
+        make_room(out_dir, row["spec_key"])
         if old["image"]:
             shutil.copy2(found.parent / old["image"], out_dir / IMAGE_FILE)
             old["image"] = IMAGE_FILE
@@ -162,7 +162,7 @@ def settle_from_resume(spec: Spec, out_dir: Path, row: Dict[str, Any]) -> Option
     try:
         resume = check_resume(spec.resume)
     except SpecError as exc:
-        results.clear_row(out_dir)
+        make_room(out_dir, row["spec_key"])
         row.update(status=Status.unsupported.value, error=str(exc), env=environment(None))
         return write_row(out_dir, row)
     if resume and (found := find_reusable(resume, row["spec_key"])):
@@ -180,14 +180,39 @@ def base_row(spec: Spec, choices: Dict[str, str], overrides: list[str], job: Dic
                            spec=spec_dict, job={**(job or {}), **job_facts()})
 
 
+def make_room(out_dir: Path, key: str) -> None:
+    """`results.make_room`, saying where an earlier row was moved."""
+    if (moved := results.make_room(out_dir, key)) is not None:
+        log.warning("%s held the row of another spec or run: moved to %s (resume= still finds it)", out_dir, moved)
+
+
 def write_row(out_dir: Path, row: Dict[str, Any]) -> Dict[str, Any]:
-    """Write the row; a row that fails validation (a bug) is written as `failed`, saying why."""
+    """Write the row; a row that fails validation (a bug) is written as `failed`, saying why. A row
+    the folder cannot take (a full disk, a folder in the way) becomes a `failed` row kept in memory
+    (`job.unwritten`): the task returns it, the sweep's report lists it, and the reason is logged."""
     try:
-        results.write_row(out_dir, row)
-    except results.RowError as exc:
-        row.update(status=Status.failed.value, latency_s=None,
-                   error=f"internal error: the row failed validation ({exc})")
-        results.write_row(out_dir, row)
+        try:
+            results.write_row(out_dir, row)
+        except results.RowError as exc:
+            row.update(status=Status.failed.value, latency_s=None,
+                       error=f"internal error: the row failed validation ({exc})")
+            results.write_row(out_dir, row)
+    except OSError as exc:
+        keep_unwritten(out_dir, row, exc)
+    return row
+
+
+def keep_unwritten(out_dir: Path, row: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
+    """Mark `row` as one that could not be recorded in `out_dir`: `failed`, its measurement (if
+    any) kept, the reason in `error` and `job.unwritten`, and said on the log at once."""
+    why = f"{type(exc).__name__}: {exc}"
+    measured = row.get("status") in (Status.ok.value, Status.broken.value)
+    row["error"] = (f"could not record the job in {out_dir} ({why})"
+                    + ("; it was measured: its timings are in this row" if measured else "")
+                    + (f"; before that: {row['error']}" if row.get("error") and not measured else ""))
+    row["status"] = Status.failed.value
+    row["job"] = {**(row.get("job") or {}), "unwritten": why}
+    log.error("job %s: %s", row["job"].get("num"), row["error"])
     return row
 
 
@@ -203,9 +228,19 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
 
     `shared_process`: this process ran other jobs before (an in-process sweep), so its CPU peak
     memory is marked as such. An Interrupted (SIGTERM/SIGINT) ends the job with a `failed` row
-    and is raised again."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (keeping the timed runs that finished) and is raised again. Any other error, also one while
+    recording (a full disk), ends in a `failed` row, never in an exception: returned, and written
+    where the folder can take it."""
     row = base_row(spec, choices, overrides, job)
+    try:
+        return _run_job(spec, out_dir, row, overrides, show_progress, reuse_weights, shared_process)
+    except Exception as exc:  # recording failed (the job's own errors are rows already)
+        return keep_unwritten(out_dir, row, exc)
+
+
+def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str], show_progress: bool,
+             reuse_weights: bool, shared_process: bool) -> Dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
     label = " ".join(f"{k}={v}" for k, v in results.parse_overrides(overrides).items())
     if (settled := settle_from_resume(spec, out_dir, row)) is not None:
         return settled
@@ -213,16 +248,17 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
         from .app import run_in_fresh_process
 
         log.warning("an earlier job hit a fatal CUDA error: running %s in a fresh process", label)
-        return run_in_fresh_process(spec, overrides, out_dir, choices, row["job"])
-    results.clear_row(out_dir)  # a row found here later can only be this job's
+        return run_in_fresh_process(spec, overrides, out_dir, row["choices"], row["job"])
+    make_room(out_dir, row["spec_key"])  # a row found here later can only be this job's
     load_before = results.machine_load()
     started = time.perf_counter()
     device = None
+    partial = _Partial()
     try:
         from .validate import validate
 
         device = validate(spec)
-        row.update(_build_and_measure(spec, device, out_dir, label, show_progress, reuse_weights))
+        row.update(_build_and_measure(spec, device, out_dir, label, show_progress, reuse_weights, partial))
         row.update(status=Status.ok.value, error=None)
         if (broken := results.broken_image(row["image_stats"])):
             row.update(status=Status.broken.value, error=broken)
@@ -231,12 +267,16 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
     except KeyboardInterrupt as exc:
         signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
         row.update(status=Status.failed.value, latency_s=None,
-                   error=f"interrupted ({signame}) before the measurement finished")
+                   error=f"interrupted ({signame}) before the measurement finished" + partial.said(spec))
+        row.update(partial.fields())
         row["job"]["interrupted"] = signame
         raise
     except Exception as exc:
         row.update(status=Status.failed.value, error=_failure_reason(exc))
-        (out_dir / ERROR_LOG).write_text(traceback.format_exc())
+        try:
+            (out_dir / ERROR_LOG).write_text(traceback.format_exc())
+        except OSError as log_exc:
+            row["error"] += f" (the traceback could not be written: {log_exc})"
         from .measure import fatal_cuda_error
 
         row["fatal_cuda_error"] = fatal_cuda_error(exc)
@@ -277,10 +317,30 @@ def compile_cache_stats(spec: Spec, before: Dict[str, int]) -> Optional[Dict[str
     return {"dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), **{k: after[k] - before[k] for k in CACHE_COUNTERS}}
 
 
+class _Partial:
+    """What an interrupted job had measured: the `Measurement` that `measure` fills as it goes."""
+
+    def __init__(self) -> None:
+        self.measurement: Any = None
+
+    def fields(self) -> Dict[str, Any]:
+        """The timed runs that finished (a `failed` row keeps them: nothing measured is lost)."""
+        m = self.measurement
+        if m is None or not m.runs_s:
+            return {}
+        return dict(latency_s=results.latency_stats(m.runs_s), warmup_s=sum(m.warmup_s) if m.warmup_s else None,
+                    warmup_runs_s=list(m.warmup_s), warmup_calls=m.warmup_calls)
+
+    def said(self, spec: Spec) -> str:
+        m = self.measurement
+        done = len(m.runs_s) if m is not None else 0
+        return f" ({done} of {spec.run.repeats} timed runs finished, kept in latency_s)" if done else ""
+
+
 def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool,
-                       reuse_weights: bool) -> Dict[str, Any]:
+                       reuse_weights: bool, partial: Optional[_Partial] = None) -> Dict[str, Any]:
     from .builder import build_pipeline
-    from .measure import apply_threads, measure
+    from .measure import Measurement, apply_threads, measure
     from .run_inputs import call_kwargs
     from .spec import repeat_count, thread_count
 
@@ -291,10 +351,13 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     threads = apply_threads(thread_count(spec.run))  # before the build: tracing and compiling use them too
     counters_before = inductor_counters()
     pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
-    m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, repeat_count(spec.run),
-                label=label, show_progress=show_progress, max_warmup=spec.run.max_warmup,
-                interval_target=spec.run.interval_target, max_measure_s=spec.run.max_measure_s,
-                batch_size=spec.run.batch_size)
+    m = Measurement()
+    if partial is not None:
+        partial.measurement = m
+    measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, repeat_count(spec.run),
+            label=label, show_progress=show_progress, max_warmup=spec.run.max_warmup,
+            interval_target=spec.run.interval_target, max_measure_s=spec.run.max_measure_s,
+            batch_size=spec.run.batch_size, result=m)
     fields = measured_fields(spec, m, info, out_dir, compile_cache_stats(spec, counters_before))
     fields["measurement"] = results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
                                                        calls=len(m.runs_s), stop=m.stop_reason, threads=threads)

@@ -245,12 +245,13 @@ class GroupMeasurement:
 def measure(pipe, make_kwargs: Callable[[], dict], device: str, warmup: int, repeats: Optional[int],
             label: str = "", show_progress: bool = True, max_warmup: Optional[int] = None,
             interval_target: float = RunSpec.interval_target, max_measure_s: float = RunSpec.max_measure_s,
-            batch_size: int = 1) -> Measurement:
+            batch_size: int = 1, result: Optional[Measurement] = None) -> Measurement:
     """Warm up until steady (at least `warmup` calls, at most `max_warmup`), then time `repeats`
-    full pipeline calls (None: `run.repeats=auto`, see `measure_group`)."""
+    full pipeline calls (None: `run.repeats=auto`, see `measure_group`). `result`: the Measurement
+    to fill as calls finish (an interrupted caller keeps the timed runs done so far)."""
     return measure_group([Candidate(pipe, make_kwargs, label, batch_size=batch_size)], device, warmup, repeats,
                          show_progress=show_progress, max_warmup=max_warmup, interval_target=interval_target,
-                         max_measure_s=max_measure_s).measurements[0]
+                         max_measure_s=max_measure_s, into=None if result is None else [result]).measurements[0]
 
 
 MIN_AUTO_CALLS = 3  # run.repeats=auto never stops before this many timed calls
@@ -280,7 +281,8 @@ def auto_done(measurements: Sequence[Measurement], reference: int, target: float
 def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, repeats: Optional[int],
                   show_progress: bool = True, max_warmup: Optional[int] = None, reference: int = 0,
                   interval_target: float = RunSpec.interval_target, max_measure_s: float = RunSpec.max_measure_s,
-                  interleave: bool = True, catch_errors: bool = False) -> GroupMeasurement:
+                  interleave: bool = True, catch_errors: bool = False,
+                  into: Optional[Sequence[Measurement]] = None) -> GroupMeasurement:
     """Warm up each candidate until steady, then time their calls round-robin (A B C, B C A, C A B,
     ...: the order rotates so no candidate always runs first), so load that drifts during the
     measurement hits every candidate alike and call i of each can be paired.
@@ -288,10 +290,11 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
     `repeats`: timed calls per candidate; None (`run.repeats=auto`): at least MIN_AUTO_CALLS, then
     on until `auto_done` or until the timed calls took `max_measure_s`. `interleave=False` times
     each candidate's calls one after another instead (what separate jobs do). `catch_errors`: a
-    candidate whose call raises leaves the group (see GroupMeasurement.failures); the others go on."""
+    candidate whose call raises leaves the group (see GroupMeasurement.failures); the others go on.
+    `into`: one Measurement per candidate to fill as calls finish (what an interrupted caller keeps)."""
     import traceback
 
-    results = [Measurement() for _ in candidates]
+    results = list(into) if into is not None else [Measurement() for _ in candidates]
     failures: Dict[int, tuple] = {}
     cap = max(warmup, DEFAULT_MAX_WARMUP if max_warmup is None else max_warmup)
     total = (warmup + (repeats or MIN_AUTO_CALLS)) * len(candidates)

@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from .errors import problem
 from .spec import ModelFamily, ModelSource, ModelSpec, Spec
@@ -341,7 +341,32 @@ def folder_problems(option: str, path: str | None, index: str, components: tuple
         return [problem(f"{option}={path}", f"holds no .safetensors weights in {', '.join(missing)} (sdbuild loads "
                         "only safetensors, never pickles)",
                         "Convert the weights with diffusers' save_pretrained(..., safe_serialization=True)")]
+    if (why := config_file_problem(folder / index)):
+        return [problem(f"{option}={path}", why, f"Point it at a folder saved by diffusers' save_pretrained ({parts})")]
+    bad = [why for c in components for f in sorted((folder / c).glob("*.safetensors")) if (why := weights_file_problem(f))]
+    if bad:
+        return [problem(f"{option}={path}", "; ".join(bad), "Replace them with the model's real .safetensors files")]
     return []
+
+
+def config_file_problem(path: Path) -> Optional[str]:
+    """Why a diffusers config (model_index.json, config.json) cannot be what it claims: not a regular
+    file, not a JSON object, or no `_class_name` (an empty `{}`). None when it looks right."""
+    if not path.is_file():  # follows links: a FIFO or a link to /dev/zero is no file (and would hang a read)
+        return f"{path} is not a regular file"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{path} cannot be read as JSON ({type(exc).__name__}: {exc})"
+    if not isinstance(data, dict) or "_class_name" not in data:
+        return f"{path} is not a diffusers config (no _class_name)"
+    return None
+
+
+def weights_file_problem(path: Path) -> Optional[str]:
+    """Why a .safetensors path cannot hold weights: not a regular file (a FIFO, a link to a device:
+    loading would hang or read forever). Its content is checked by the loader (a failed row)."""
+    return None if path.is_file() else f"{path} is not a regular file"
 
 
 def model_problems(spec: Spec) -> list[str]:

@@ -179,15 +179,57 @@ def write_row(folder: Path, row: Dict[str, Any]) -> Path:
     """Validate `row` (a bug writing a bad row fails here, not in a report later) and write it atomically."""
     validate(row)
     path = Path(folder) / RESULT_FILE
-    write_json(path, row)
+    write_json(path, _strict_json(row))
     return path
+
+
+def _strict_json(data: Any) -> Any:
+    """`data` with every non-finite float (a refused spec's `nan`, `inf`) as its text: a row file is
+    standard JSON, which has no NaN (readers elsewhere would choke or silently take it as a number)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {k: _strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_strict_json(v) for v in data]
+    return data
+
+
+SET_ASIDE_DIR = "set_aside"  # in a job folder: earlier rows found there, moved (never deleted)
+
+
+def make_room(folder: Path, spec_key: Optional[str]) -> Optional[Path]:
+    """Ready `folder` for a new row of the spec `spec_key`, losing no measurement: a `failed` or
+    `unsupported` row of this same spec (about to be measured again) is cleared; any other row
+    (another spec's, a measured one, one that cannot be read) is moved with its image and error log
+    into `folder/set_aside/<its spec key>[-n]/`, where `resume=` still finds it by its spec key.
+    Returns where it went (None: nothing was moved)."""
+    folder = Path(folder)
+    present = [folder / name for name in (RESULT_FILE, IMAGE_FILE, ERROR_LOG) if (folder / name).is_file()]
+    if not (folder / RESULT_FILE).is_file():  # no row (what is not a file is left alone: the write will say)
+        clear_row(folder)
+        return None
+    old = load_row(folder / RESULT_FILE)
+    if old["status"] in (Status.failed.value, Status.unsupported.value) and old["spec_key"] == spec_key:
+        clear_row(folder)
+        return None
+    base = folder / SET_ASIDE_DIR / (old["spec_key"] or "unreadable")
+    target, n = base, 1
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}-{n}")
+    target.mkdir(parents=True)
+    for path in present:
+        os.replace(path, target / path.name)
+    return target
 
 
 def clear_row(folder: Path) -> None:
     """Remove what an earlier job left in `folder` (row, image, error log), so a row found there
     afterwards can only be the one this job wrote."""
     for name in (RESULT_FILE, IMAGE_FILE, ERROR_LOG):
-        (Path(folder) / name).unlink(missing_ok=True)
+        if (Path(folder) / name).is_file():
+            (Path(folder) / name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,6 +197,11 @@ class RunSpec:
     # torch.set_num_threads for the job: `auto` (torch's own default for this machine) or a number.
     threads: Any = "auto"
     save_image: bool = True
+    # Sweeps: seconds a job may run (its own process, from start to row) before it is ended with a
+    # `failed` row "timed out after N s"; a job with a limit runs in a child process (as isolate=true).
+    # None: SWEEP_TIMEOUT_S under the basic launcher, no limit under launchers with their own
+    # (submitit's timeout_min); 0: no limit (jobs in the sweep's process). A single run has no limit.
+    timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -280,24 +285,98 @@ def unknown_keys(data: Any, schema: Any = Spec, prefix: str = "") -> list[str]:
 
 
 def check_keys(cfg: Any) -> None:
-    """Raise `SpecError` naming every key of `cfg` that the Spec does not have."""
+    """Raise `SpecError` naming every key of `cfg` that the Spec does not have, and every spec
+    value that calls a resolver (see `resolver_problems`)."""
     from .errors import SpecError
 
-    if problems := unknown_keys(cfg):
+    if problems := unknown_keys(cfg) + resolver_problems(cfg):
         raise SpecError(problems)
+
+
+def _resolvers(tree: Any, found: list) -> list:
+    """The names of the resolvers an OmegaConf interpolation's parse tree calls."""
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+
+    if isinstance(tree, OmegaConfGrammarParser.InterpolationResolverContext):
+        found.append(tree.resolverName().getText())
+    for child in getattr(tree, "children", None) or []:
+        _resolvers(child, found)
+    return found
+
+
+def resolver_problems(cfg: Any, prefix: str = "") -> list[str]:
+    """A problem for every spec value of a composed config that calls a resolver (`${oc.env:X}`,
+    `${oc.decode:...}`, `${now:...}`...): a spec is data, and a resolver would write what it
+    evaluates (an environment variable, a secret) into the row. A reference to another spec value
+    (`${run.height}`) is plain data and allowed; `hydra:` is not a spec and not checked. Plain
+    dicts (a recorded spec) are never interpolated (`to_spec`), so only DictConfigs are checked."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.grammar_parser import parse
+
+    from .errors import problem
+
+    if not isinstance(cfg, (DictConfig, ListConfig)):
+        return []
+    problems = []
+    keys = cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg))
+    for key in keys:
+        if prefix == "" and key in NOT_SPEC_KEYS:
+            continue
+        name = f"{prefix}{key}" if isinstance(cfg, DictConfig) else f"{prefix[:-1]}[{key}]"
+        if OmegaConf.is_interpolation(cfg, key):
+            raw = cfg._get_node(key)._value()
+            try:
+                called = _resolvers(parse(raw), [])
+            except Exception:  # a malformed interpolation: Hydra/OmegaConf say so when it is used
+                called = []
+            if called:
+                problems.append(problem(f"{name}={raw}", f"calls the resolver(s) {', '.join(dict.fromkeys(called))}: "
+                                        "spec values are data, never evaluated (a resolver could write an "
+                                        "environment variable or a secret into the row)",
+                                        "Write the value itself; for a literal ${, escape it as \\${"))
+        else:
+            value = cfg._get_node(key)
+            if isinstance(value, (DictConfig, ListConfig)):
+                problems += resolver_problems(value, f"{name}.")
+    return problems
+
+
+def _literal(data: Any) -> Any:
+    """Plain data as OmegaConf must see it to keep it plain: every `${` in a string escaped, so a
+    recorded `${oc.env:SECRET}` stays that text and is never evaluated."""
+    import re
+
+    if isinstance(data, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", data)
+    if isinstance(data, dict):
+        return {k: _literal(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_literal(v) for v in data]
+    return data
 
 
 def to_spec(cfg: Any) -> Spec:
     """Turn a composed DictConfig (or a plain dict, such as a recorded `spec`) into the typed
-    `Spec` object: Hydra's node dropped, unknown keys refused (`SpecError`), values typed."""
+    `Spec` object: Hydra's node dropped, unknown keys and resolvers refused, values typed; a value
+    of the wrong type is a `SpecError` naming the key. A plain dict is read as plain data: nothing
+    in it is interpolated."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .errors import SpecError, problem
 
     check_keys(cfg)
-    if not OmegaConf.is_config(cfg):
-        cfg = OmegaConf.create(cfg)
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in NOT_SPEC_KEYS])
-    merged = OmegaConf.merge(OmegaConf.structured(Spec), cfg)
-    return OmegaConf.to_object(merged)
+    try:
+        if not OmegaConf.is_config(cfg):
+            cfg = OmegaConf.create(_literal(cfg))
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in NOT_SPEC_KEYS])
+        merged = OmegaConf.merge(OmegaConf.structured(Spec), cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "spec"
+        why = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
+        raise SpecError([problem(key, why, "Give a value of the field's type (sdbuild/spec.py; "
+                                 "`python -m sdbuild --cfg job` prints a valid spec)")]) from None
 
 
 def spec_to_dict(spec: Spec) -> dict:
@@ -317,7 +396,10 @@ def value_problems(spec: Spec) -> list[str]:
     """Spec-level checks of sizes and paths, each naming the option (no machine, no torch)."""
     from .errors import problem
 
-    run, problems = spec.run, []
+    run, problems = spec.run, float_problems(spec)
+    if run.timeout_s is not None and run.timeout_s < 0:
+        problems.append(problem(f"run.timeout_s={run.timeout_s}", "must be >= 0 seconds",
+                                "Use run.timeout_s=0 for no limit, or the seconds a sweep job may take"))
     for name in ("height", "width"):
         value = getattr(run, name)
         if value is not None and (value <= 0 or value % 8 or value > MAX_SIDE):
@@ -383,6 +465,29 @@ def measurement_problems(run: RunSpec) -> list[str]:
     return problems
 
 
+def float_problems(spec: Any, prefix: str = "") -> list[str]:
+    """A problem for every float field of the spec that is not a finite number (nan, inf): every
+    comparison with NaN is false, so it would slip past each range check and time another pipeline."""
+    import dataclasses
+    import math
+    import typing
+
+    from .errors import problem
+
+    problems = []
+    hints = typing.get_type_hints(type(spec))
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += float_problems(value, f"{prefix}{f.name}.")
+        elif hints[f.name] in (float, Optional[float]) and value is not None and not math.isfinite(value):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            problems.append(problem(f"{prefix}{f.name}={value}", "must be a finite number",
+                                    f"Use a number, e.g. {prefix}{f.name}={default}" if default is not None
+                                    else f"Use a number, or leave {prefix}{f.name} unset"))
+    return problems
+
+
 def _unwritable(path: str) -> Optional[str]:
     """Why a folder cannot be used (or made) for writing, else None."""
     if not path.strip():
@@ -406,6 +511,7 @@ _NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir", "isolate", "dr
 _UNSET = object()
 _LATER_RUN_FIELDS = {"threads": RunSpec.threads, "interval_target": RunSpec.interval_target,
                      "max_measure_s": RunSpec.max_measure_s}
+_NOT_RUN_IDENTITY = {"timeout_s"}
 
 
 def spec_key(spec_dict: dict) -> str:
@@ -414,7 +520,9 @@ def spec_key(spec_dict: dict) -> str:
     import json
 
     ident = {k: v for k, v in spec_dict.items() if k not in _NOT_IDENTITY}
-    if isinstance(ident.get("run"), dict):  # fields added later count only when set: older rows keep their keys
-        ident["run"] = {k: v for k, v in ident["run"].items() if _LATER_RUN_FIELDS.get(k, _UNSET) != v}
+    if isinstance(ident.get("run"), dict):  # fields added later count only when set: older rows keep their keys;
+        # how long a job may take is not what it builds
+        ident["run"] = {k: v for k, v in ident["run"].items()
+                        if k not in _NOT_RUN_IDENTITY and _LATER_RUN_FIELDS.get(k, _UNSET) != v}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

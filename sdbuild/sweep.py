@@ -10,13 +10,15 @@ other launchers (submitit) jobs run elsewhere and only the start and the report 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -74,42 +76,86 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> Optional[str]:
+    """When process `pid` started, as `<boot id>:<start time in clock ticks since boot>` (Linux's
+    /proc), so that a pid the kernel reused for another process is told apart; None elsewhere or
+    when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{stat[stat.rfind(')') + 2:].split()[19]}"  # field 22, starttime
+    except (OSError, IndexError):
+        return None
+
+
+def owner_dead(owner: Dict[str, Any]) -> bool:
+    """Whether the sweep that wrote lock record `owner` is known to be dead: it ran on this host and
+    its pid no longer runs, or runs a process that started at another time (a reused pid, or a
+    reboot). An owner on another host, or one with no record of who it is, is never known dead."""
+    pid, host, start = owner.get("pid"), owner.get("host"), owner.get("start")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return False
+    if not _alive(pid):
+        return True
+    return start is not None and process_start(pid) is not None and process_start(pid) != start
+
+
+@contextlib.contextmanager
+def _guarded(sweep_dir: Path) -> Iterator[None]:
+    """One process at a time reads, judges and replaces the sweep folder's lock: an exclusive
+    flock on the folder itself, which the kernel drops when its holder dies (it never goes stale)."""
+    fd = os.open(sweep_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _mine() -> Dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid()), "started": time.time()}
+
+
+def _is_mine(owner: Any) -> bool:
+    me = _mine()
+    return isinstance(owner, dict) and all(owner.get(k) == me[k] for k in ("pid", "host", "start"))
+
+
 def acquire_lock(sweep_dir: Path) -> Path:
-    """Take the sweep folder's lock, or refuse (SweepError) while another live sweep holds it. A lock
-    left by a sweep that died (its pid no longer runs on this host) is taken over."""
+    """Take the sweep folder's lock, or refuse (SweepError) while another sweep may hold it. The
+    lock file records the owner's pid, host and process start time, and is written whole (never
+    seen empty); it is taken over only when its owner is known dead (`owner_dead`). Reading,
+    judging and replacing it happen under `_guarded`, so two sweeps starting together get one owner."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     path = sweep_dir / results.LOCK_FILE
-    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    for _ in range(2):
+    with _guarded(sweep_dir):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                owner: Dict[str, Any] = json.loads(path.read_text())
-            except (OSError, ValueError):
-                owner = {}
-            pid, host = owner.get("pid"), owner.get("host")
-            if pid == os.getpid() and host == mine["host"]:
-                return path
-            if isinstance(pid, int) and (host != mine["host"] or _alive(pid)):
-                where = f"process {pid}" + (f" on {host}" if host != mine["host"] else "")
+            owner: Any = json.loads(path.read_text())
+        except FileNotFoundError:
+            owner = None
+        except (OSError, ValueError) as exc:
+            raise SweepError(
+                f"hydra.sweep.dir={sweep_dir} holds a lock file that cannot be read ({type(exc).__name__}: {exc}), "
+                f"so whether another sweep writes there is unknown. If none does, delete {path}.") from None
+        if owner is not None and not _is_mine(owner):
+            if not isinstance(owner, dict) or not owner_dead(owner):
+                pid, host = (owner.get("pid"), owner.get("host")) if isinstance(owner, dict) else (None, None)
+                where = f"process {pid}" + (f" on {host}" if host != socket.gethostname() else "")
                 raise SweepError(
                     f"hydra.sweep.dir={sweep_dir} is being written by another sweep ({where}); two sweeps in one "
                     f"folder overwrite each other's rows. Use another hydra.sweep.dir, wait for that sweep, or "
                     f"delete {path} if that sweep is dead.")
-            path.unlink(missing_ok=True)  # its owner is gone: a stale lock
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(mine, f)
-        return path
-    raise SweepError(f"could not take the lock {path}: another sweep is starting in {sweep_dir}")
+            log.info("taking over the lock of a dead sweep (process %s): %s", owner.get("pid"), path)
+        results.write_json(path, _mine())
+    return path
 
 
 def release_lock(sweep_dir: Path) -> None:
     path = sweep_dir / results.LOCK_FILE
     try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
+        with _guarded(sweep_dir):
+            if _is_mine(json.loads(path.read_text())):
+                path.unlink()
     except (OSError, ValueError):
         pass
 
@@ -119,6 +165,8 @@ class SweepCallback(Callback):
         self.total: Optional[int] = None
         self.started = 0.0
         self.done = 0
+        self.dry_run = False
+        self.unwritten: Dict[int, Dict[str, Any]] = {}  # job number -> a row its folder could not take
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from .errors import SpecError
@@ -129,14 +177,21 @@ class SweepCallback(Callback):
             check_resume(config.get("resume"))  # before any job runs: a typo would re-measure everything
         except SpecError as exc:
             raise SweepError(str(exc)) from None
-        acquire_lock(sweep_dir)
+        self.started, self.done, self.unwritten = time.perf_counter(), 0, {}
         jobs = planned_jobs(config)
         self.total = None if jobs is None else len(jobs)
-        if jobs is not None:
-            write_plan(sweep_dir, jobs)
-        else:
-            (sweep_dir / results.PLAN_FILE).unlink(missing_ok=True)  # an earlier sweep's plan is not ours
-        self.started, self.done = time.perf_counter(), 0
+        self.dry_run = bool(config.get("dry_run"))
+        if self.dry_run:  # a dry run measures nothing: no lock, plan or report in the sweep folder
+            return
+        try:
+            acquire_lock(sweep_dir)
+            if jobs is not None:
+                write_plan(sweep_dir, jobs)
+            else:
+                (sweep_dir / results.PLAN_FILE).unlink(missing_ok=True)  # an earlier sweep's plan is not ours
+        except OSError as exc:
+            raise SweepError(f"hydra.sweep.dir={sweep_dir} cannot be written ({type(exc).__name__}: {exc}). "
+                             f"Choose a folder you can write, e.g. hydra.sweep.dir=outputs/multirun/<name>") from None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.started:  # a single run
@@ -150,15 +205,27 @@ class SweepCallback(Callback):
         print(f"[sdbuild] job {k}{total}{eta}", flush=True)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """Count the job; keep a row its folder could not take (the report lists it), and say why a
+        job left no row at all."""
+        from hydra.core.utils import JobStatus
+
         self.done += 1
+        if job_return.status is JobStatus.FAILED:
+            print(f"[sdbuild] job {self.done} ended without a row: {job_return._return_value!r}", flush=True)
+            return
+        row = job_return.return_value
+        if isinstance(row, dict) and (row.get("job") or {}).get("unwritten"):
+            self.unwritten[config.hydra.job.num] = row
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .report import aggregate_sweep, summary_line
 
+        if self.dry_run:
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         release_lock(sweep_dir)
         try:
-            sweep, paths = aggregate_sweep(sweep_dir)
+            sweep, paths = aggregate_sweep(sweep_dir, unwritten=self.unwritten)
         except Exception as exc:  # the rows are on disk; the report can be rebuilt later
             print(f"[sdbuild] could not write the report ({exc}); rows are in {sweep_dir}. "
                   f"Retry: python -m sdbuild.report {sweep_dir}", flush=True)

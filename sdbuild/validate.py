@@ -22,6 +22,7 @@ from typing import FrozenSet, Mapping, Optional, Sequence, Tuple
 
 from .capabilities import EXCLUSIONS, REQUIREMENTS, Requirement, requirement_needs
 from .errors import SpecError, problem
+from .footprint import machine_memory_bytes, memory_problem
 from .models import model_problems
 from .spec import Device, Spec, value_problems
 
@@ -43,6 +44,8 @@ class Machine:
     cc: bool = True  # a C compiler: Triton builds its kernel launcher with it
     python_headers: bool = True  # Python.h: the same launcher includes it
     cuda_toolkit: bool = True  # CUDA_HOME / nvcc: AOTInductor compiles its CUDA wrapper with it
+    host_memory: Optional[int] = None  # bytes of physical memory (None: unknown, not checked)
+    gpu_memory: Optional[int] = None  # bytes on GPU 0
 
     @classmethod
     def probe(cls) -> "Machine":
@@ -65,6 +68,8 @@ class Machine:
             cc=bool(os.environ.get("CC") and shutil.which(os.environ["CC"])) or any(shutil.which(c) for c in ("cc", "gcc", "clang")),
             python_headers=Path(sysconfig.get_paths()["include"], "Python.h").exists(),
             cuda_toolkit=cuda and _cuda_home() is not None,
+            host_memory=machine_memory_bytes("cpu"),
+            gpu_memory=machine_memory_bytes("cuda") if cuda else None,
         )
 
 
@@ -165,6 +170,8 @@ def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
                 chosen = f"{req.group}={getattr(spec, req.group).name}"
                 option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
                 problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))
+        if (too_big := memory_problem(spec, device, machine.gpu_memory if device == "cuda" else machine.host_memory)):
+            problems.append(too_big)
     for excl in EXCLUSIONS:
         if excl.applies(spec):
             problems.append(problem(excl.options, f"cannot be combined: {excl.why}", excl.instead))

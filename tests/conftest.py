@@ -56,7 +56,9 @@ def needs_packages(*packages: str, **kwargs):
     return decorate
 
 
-FAST = ["run.steps=4", "run.warmup=0", "run.repeats=1"]
+# run.timeout_s=0: sweep jobs in the sweep's own process (no time limit), as most sweep tests expect;
+# the default (each job in a child process with a time limit) is tested in test_faults.py.
+FAST = ["run.steps=4", "run.warmup=0", "run.repeats=1", "run.timeout_s=0"]
 
 
 def run_cli(*args, cwd=ROOT, env=None, timeout=600):

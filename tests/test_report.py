@@ -663,3 +663,34 @@ def test_index_html_in_a_real_browser(grid: Path):
                                                 "latency.png"]
     assert all(loaded for _, loaded in images), images
     assert errors == []
+
+
+def test_report_md_shows_a_prompt_s_html_as_text(tmp_path: Path):
+    prompt = "<img src=x onerror=alert(1)> & a cat"
+    for job, seed in (("0", 0), ("1", 1)):
+        write_job(tmp_path, job, spec=make_spec(prompt=prompt, seed=seed), overrides=[f"run.prompt={prompt}",
+                  f"run.seed={seed}"])
+    md = report.aggregate(tmp_path).read_text()
+    assert "<img src=x" not in md and "&lt;img src=x onerror=alert(1)&gt; &amp; a cat" in md
+
+
+def test_the_plot_of_many_rows_shows_the_fastest_and_stays_readable(tmp_path: Path):
+    from sdbuild.report.plot import MAX_BARS
+
+    for i in range(120):  # one comparison group: 119 recipes against an fp32 baseline (1,000 drew 40,000 px)
+        precision = f"p{i}" if i else "fp32"
+        write_job(tmp_path, str(i), precision=precision, median=1.0 + i / 1000 if i else 2.0,
+                  overrides=[f"precision={precision}"], pixels=noise_image(i % 7))
+    report.aggregate(tmp_path)
+    width, height = Image.open(tmp_path / "latency.png").size
+    assert height <= 100 * (0.4 * MAX_BARS + 1.5) + 1 <= 2000  # MAX_BARS bars (a readable figure), not 120
+    assert len(read_csv(tmp_path)) == 120  # every row is still in the table
+
+
+def test_an_unreadable_plan_is_said_and_every_row_is_unplanned(grid: Path):
+    (grid / "plan.json").write_text('{"jobs": [{"num": 0, "overr')  # truncated
+    write_job(grid, "9", precision="bf16", median=0.5)  # another sweep's row, in a folder the plan would not list
+    report.aggregate(grid)
+    md = (grid / "report.md").read_text()
+    assert "plan.json is unreadable" in md and "unplanned: plan.json cannot be read (JSONDecodeError" in md
+    assert "9" in read_csv(grid)  # listed, as unplanned: nothing says which sweep it belongs to

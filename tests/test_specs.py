@@ -104,6 +104,23 @@ def test_sdxl_needs_its_second_text_encoder(tiny_folder, tmp_path):
     assert "text_encoder_2/" in refusal(["model=sdxl", f"model.path={folder}"])
 
 
+def test_weights_that_are_no_files_and_an_empty_model_index_are_refused(tiny_folder, tmp_path):
+    for case in ("fifo", "dev_zero", "empty_index"):
+        folder = copy_model(tiny_folder, tmp_path / case)
+        weights = next((folder / "unet").glob("*.safetensors"))
+        if case == "fifo":
+            weights.unlink()
+            os.mkfifo(weights)  # loading it would block forever
+        elif case == "dev_zero":
+            weights.unlink()
+            weights.symlink_to("/dev/zero")  # loading it would read forever
+        else:
+            (folder / "model_index.json").write_text("{}")
+        text = refusal(["model=sd15", f"model.path={folder}"])
+        assert f"model.path={folder}" in text
+        assert ("no _class_name" if case == "empty_index" else f"{weights} is not a regular file") in text, text
+
+
 def test_vae_path_is_checked_too(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"pickle")

@@ -211,7 +211,7 @@ def test_a_hub_id_outside_the_local_cache_is_refused_before_loading():
 
 
 def test_a_pipeline_folder_with_safetensors_is_accepted(tmp_path):
-    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     for component in ("unet", "vae", "text_encoder"):  # every component the pipeline loads
         (tmp_path / component).mkdir()
         (tmp_path / component / "model.safetensors").write_bytes(b"x")

@@ -29,8 +29,16 @@ class LadderState:
         path = sweep_dir / STATE
         if not path.exists():
             return cls(next_job=_next_free_job(sweep_dir))
-        data = json.loads(path.read_text())
-        state = cls(**{k: data[k] for k in ("next_job", "jobs", "runs") if k in data})
+        try:
+            data = json.loads(path.read_text())
+            state = cls(**{k: data[k] for k in ("next_job", "jobs", "runs") if k in data})
+            state.next_job = int(state.next_job)
+        except (OSError, ValueError, TypeError) as exc:  # truncated (a full disk), edited, not ours
+            from sdbuild.sweep import SweepError
+
+            raise SweepError(f"{path} cannot be read ({type(exc).__name__}: {exc}). The rows are in the job "
+                             f"folders: delete {path.name} (job numbers start above the existing folders) and rerun, "
+                             f"or use another hydra.sweep.dir") from None
         state.next_job = max(state.next_job, _next_free_job(sweep_dir))
         return state
 

@@ -49,9 +49,10 @@ def write_outputs(sweep: Sweep) -> dict[str, Path]:
     return paths
 
 
-def aggregate_sweep(sweep_dir: str | Path) -> tuple[Sweep, dict[str, Path]]:
-    """Analyse a sweep folder and write its report; the analysed sweep and the files written."""
-    sweep = analyse(sweep_dir)
+def aggregate_sweep(sweep_dir: str | Path, unwritten: Optional[dict[int, dict]] = None) -> tuple[Sweep, dict[str, Path]]:
+    """Analyse a sweep folder and write its report; the analysed sweep and the files written.
+    `unwritten`: rows, by job number, that their folders could not take (held in memory)."""
+    sweep = analyse(sweep_dir, unwritten=unwritten)
     return sweep, write_outputs(sweep)
 
 

@@ -46,6 +46,7 @@ class Sweep:
     choice_columns: list[str] = field(default_factory=list)  # every config group seen
     planned: Optional[int] = None
     ignored: list[str] = field(default_factory=list)
+    plan_error: Optional[str] = None
 
     @property
     def readable(self) -> list[dict]:
@@ -68,7 +69,7 @@ class Sweep:
         return sum(bool(r["noisy"]) for r in self.rows)
 
 
-def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None) -> Sweep:
+def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None, unwritten: Optional[dict[int, dict]] = None) -> Sweep:
     """Load (unless `rows` are given), group, pick baselines and annotate every row in place.
 
     Adds to each row: ``label``, ``is_baseline``, ``baseline_job``, ``speedup``, ``speedup_noisy``,
@@ -76,8 +77,8 @@ def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None) -> Sweep:
     """
     root = existing_dir(sweep_dir)
     if rows is None:
-        loaded = load(root)
-        sweep = Sweep(root, loaded.rows, planned=loaded.planned, ignored=loaded.ignored)
+        loaded = load(root, unwritten)
+        sweep = Sweep(root, loaded.rows, planned=loaded.planned, ignored=loaded.ignored, plan_error=loaded.plan_error)
     else:
         sweep = Sweep(root, rows)
     rows = sweep.rows

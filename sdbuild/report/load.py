@@ -20,6 +20,7 @@ class Loaded:
     rows: list[dict]
     planned: Optional[int] = None  # jobs in plan.json (None: no plan recorded)
     ignored: list[str] = field(default_factory=list)  # rows that are not part of this sweep's plan
+    plan_error: Optional[str] = None  # plan.json is there but cannot be read: every row is unplanned
 
 
 def find_result_files(sweep_dir: Path) -> list[Path]:
@@ -37,13 +38,20 @@ def existing_dir(sweep_dir: str | Path) -> Path:
     return root
 
 
+class PlanError(ValueError):
+    """plan.json exists but cannot be read."""
+
+
 def read_plan(root: Path) -> Optional[list[dict]]:
-    """plan.json's jobs ({"num", "overrides"}), or None when there is no (readable) plan."""
-    try:
-        jobs = json.loads((root / results.PLAN_FILE).read_text())["jobs"]
-        return [{"num": int(j["num"]), "overrides": [str(o) for o in j["overrides"]]} for j in jobs]
-    except (OSError, ValueError, KeyError, TypeError):
+    """plan.json's jobs ({"num", "overrides"}); None when there is none; PlanError when it cannot be read."""
+    path = root / results.PLAN_FILE
+    if not path.exists():
         return None
+    try:
+        jobs = json.loads(path.read_text())["jobs"]
+        return [{"num": int(j["num"]), "overrides": [str(o) for o in j["overrides"]]} for j in jobs]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PlanError(f"{type(exc).__name__}: {exc}") from None
 
 
 def _report_row(root: Path, path: Path) -> dict:
@@ -61,7 +69,15 @@ def _missing_row(job: dict) -> dict:
     return row
 
 
-def load(sweep_dir: str | Path) -> Loaded:
+def _memory_row(num: int, row: dict) -> dict:
+    """A row its job's folder could not take, held in memory by the sweep (see sdbuild.job.write_row)."""
+    row = results.validate(dict(row))
+    row["job_info"] = row.get("job") or {}
+    row.update(job=str(num), path=None)
+    return row
+
+
+def load(sweep_dir: str | Path, unwritten: Optional[dict[int, dict]] = None) -> Loaded:
     """Every row of the sweep folder plus a ``missing`` row for each planned job without one.
 
     With a plan, a numbered job folder outside it holds an earlier sweep's row: it is set aside
@@ -70,8 +86,14 @@ def load(sweep_dir: str | Path) -> Loaded:
     """
     root = existing_dir(sweep_dir)
     rows = [_report_row(root, path) for path in find_result_files(root)]
-    plan = read_plan(root)
+    if unwritten:  # in place of whatever the job's folder holds
+        rows = [r for r in rows if not (r["job"].isdigit() and int(r["job"]) in unwritten)]
+        rows += [_memory_row(num, row) for num, row in unwritten.items()]
     loaded = Loaded(rows)
+    try:
+        plan = read_plan(root)
+    except PlanError as exc:
+        plan, loaded.plan_error = None, str(exc)
     if plan is not None:
         by_num = {str(j["num"]): j for j in plan}
         kept = []

@@ -186,6 +186,8 @@ def summary_line(sweep: Sweep) -> str:
     broken = f" ({sweep.broken_count} broken)" if sweep.broken_count else ""
     planned = f" of {sweep.planned} planned" if sweep.planned is not None else ""
     noisy = f"; {sweep.noisy_count} noisy" if sweep.noisy_count else ""
+    if sweep.plan_error:
+        planned = f" (unplanned: {results.PLAN_FILE} is unreadable)"
     return (
         f"{len(sweep.rows)} rows: {sweep.count(*COMPLETED_VALUES)} ok{broken}, "
         f"{sweep.count(Status.failed.value, Status.unsupported.value)} failed/unsupported, "
@@ -243,6 +245,9 @@ def problem_lines(sweep: Sweep) -> list[str]:
             lines.append(f"{row['status']}: {row['label']} (job {row['job']}): {row['error'] or 'no reason given'}")
         elif row["broken"]:
             lines.append(f"broken: {row['label']} (job {row['job']}): {row['broken']}; no speed-up reported")
+    if sweep.plan_error:
+        lines.append(f"unplanned: {results.PLAN_FILE} cannot be read ({sweep.plan_error}), so every row in the folder is "
+                     "listed, whichever sweep wrote it, and jobs that left no row cannot be named")
     if sweep.ignored:
         lines.append(f"ignored: rows in job folder(s) {', '.join(sorted(sweep.ignored, key=int))} are not part of "
                      "this sweep's plan (left by an earlier sweep in this folder)")
@@ -344,8 +349,9 @@ def write_csv(sweep: Sweep) -> Path:
 
 
 def _md(text: str) -> str:
-    """Text safe inside a Markdown table cell or list item: one line, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text safe inside a Markdown table cell or list item: one line, HTML escaped (a prompt's
+    `<img onerror=...>` is shown, never rendered), pipes escaped."""
+    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
 
 
 def _settings_lines(sweep: Sweep) -> list[str]:

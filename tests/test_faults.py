@@ -1,0 +1,441 @@
+"""Faults and bad inputs (issue 18): nothing finished is lost, no job hangs a sweep, no spec value is
+evaluated, one owner per sweep folder. Each test reproduces one fault on the tiny model."""
+
+import csv
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FAST, ROOT, run_cli
+
+import sdbuild
+from sdbuild import results
+from sdbuild.errors import SpecError
+
+QUICK = ["run.steps=2", "run.warmup=0", "run.repeats=1"]  # FAST without run.timeout_s: the sweep default
+
+
+def rows(sweep_dir):
+    return {p.parent.name: json.loads(p.read_text()) for p in Path(sweep_dir).glob("*/result.json") if p.is_file()}
+
+
+def csv_rows(sweep_dir):
+    with open(Path(sweep_dir) / "results.csv") as f:
+        return {r["job"]: r for r in csv.DictReader(f)}
+
+
+def measured_row(folder, overrides, latency):
+    """An `ok` row with its image, as an earlier sweep leaves it, for the spec these overrides compose."""
+    from sdbuild.spec import spec_key, spec_to_dict
+
+    spec = spec_to_dict(sdbuild.compose([*FAST, *overrides]))
+    folder.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(len(str(folder))).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        folder / results.IMAGE_FILE)
+    row = results.new_row(status="ok", choices={}, overrides=[*FAST, *overrides], spec=spec, spec_key=spec_key(spec),
+                          job={"num": int(folder.name)}, latency_s=results.latency_stats(latency),
+                          image=results.IMAGE_FILE)
+    results.write_row(folder, row)
+    return row
+
+
+# 1. Resume in place ------------------------------------------------------------------------------
+
+
+def test_resume_in_place_with_shifted_job_numbers_keeps_every_finished_row(tmp_path):
+    """seed=1,2 measured as jobs 0 and 1; seed=0,1,2 resumed into the same folder shifts them to jobs
+    1 and 2: job 0 (seed=0) must not delete seed=1's row, and both are reused, not measured again."""
+    sweep_dir = tmp_path / "sweep"
+    seed1 = measured_row(sweep_dir / "0", ["run.seed=1"], [0.51, 0.52, 0.53])
+    seed2 = measured_row(sweep_dir / "1", ["run.seed=2"], [0.61, 0.62, 0.63])
+    out = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", *FAST, "run.seed=0,1,2", f"resume={sweep_dir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    final = {r["spec"]["run"]["seed"]: r for r in rows(sweep_dir).values()}
+    assert final[0]["reused_from"] is None and final[0]["status"] == "ok"  # measured
+    for seed, old in ((1, seed1), (2, seed2)):  # reused by spec key, the measurement untouched
+        assert final[seed]["reused_from"] and final[seed]["latency_s"]["runs"] == old["latency_s"]["runs"], seed
+    set_aside = sorted(p.parent.name for p in sweep_dir.glob(f"*/{results.SET_ASIDE_DIR}/*/result.json"))
+    assert set_aside == sorted([seed1["spec_key"], seed2["spec_key"]])  # moved, never deleted
+    assert {r["run.seed"] for r in csv_rows(sweep_dir).values()} == {"0", "1", "2"}
+
+
+def test_make_room_clears_only_a_failed_row_of_the_same_spec(tmp_path):
+    folder = tmp_path / "0"
+    old = measured_row(folder, ["run.seed=5"], [0.5])
+    results.make_room(folder, old["spec_key"])  # even this spec's measured row is kept
+    assert not (folder / "result.json").exists()
+    assert results.read_row(folder / "set_aside" / old["spec_key"] / "result.json")["latency_s"]["runs"] == [0.5]
+    results.write_row(folder, {**old, "status": "failed", "latency_s": None, "error": "x"})
+    results.make_room(folder, old["spec_key"])
+    assert not (folder / "result.json").exists() and len(list((folder / "set_aside").iterdir())) == 1
+
+
+# 2. A job that cannot record its row -------------------------------------------------------------
+
+
+def test_a_folder_that_cannot_take_its_row_gives_a_failed_row_and_the_report(tmp_path):
+    """`result.json` is a directory in job 0's folder (a full disk fails the same write): job 0 ends in a
+    `failed` row saying why, job 1 runs, the report is written and the lock released. Default sweep
+    settings: each job in a child process (run.timeout_s's default)."""
+    (tmp_path / "0" / "result.json").mkdir(parents=True)
+    out = run_cli("--multirun", f"hydra.sweep.dir={tmp_path}", *QUICK, "run.seed=1,2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "could not record the job" in out.stdout and "Traceback" not in out.stderr
+    table = csv_rows(tmp_path)
+    assert table["0"]["status"] == "failed" and "could not record the job" in table["0"]["error"]
+    assert table["1"]["status"] == "ok"
+    one = rows(tmp_path)["1"]
+    assert one["job"]["isolated"] and one["job"]["timeout_s"] == 4 * 3600  # the default limit, in a child
+    assert not (tmp_path / results.LOCK_FILE).exists()
+
+
+def test_run_job_returns_a_row_instead_of_raising_when_the_folder_cannot_take_it(tmp_path):
+    from sdbuild.job import run_job
+
+    (tmp_path / "result.json").mkdir()
+    row = run_job(sdbuild.compose(QUICK), tmp_path, {}, list(QUICK), job={"num": 3})
+    assert row["status"] == "failed" and row["job"]["unwritten"].startswith("IsADirectoryError")
+    assert "it was measured" in row["error"] and len(row["latency_s"]["runs"]) == 1  # the timing is not lost
+
+
+# 3. Floats ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_floats_are_refused_before_anything_loads(value, tmp_path):
+    from sdbuild.validate import validate
+
+    spec = sdbuild.compose([*QUICK, f"run.guidance_scale={value}"])
+    with pytest.raises(SpecError, match=r"run.guidance_scale=.*must be a finite number"):
+        validate(spec)
+    row = sdbuild.run(spec, tmp_path)
+    assert row["status"] == "unsupported" and "finite" in row["error"]
+    assert "NaN" not in (tmp_path / "result.json").read_text()
+
+
+# 4. Time limit -----------------------------------------------------------------------------------
+
+
+def test_sweep_timeout_default_and_off(monkeypatch):
+    from sdbuild.app import SWEEP_TIMEOUT_S, sweep_timeout
+
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert sweep_timeout(sdbuild.compose(QUICK)) == SWEEP_TIMEOUT_S >= 3600
+    assert sweep_timeout(sdbuild.compose([*QUICK, "run.timeout_s=0"])) is None
+    assert sweep_timeout(sdbuild.compose([*QUICK, "run.timeout_s=12.5"])) == 12.5
+    for refused in ("-1", "nan"):  # no limit to wait on: the job is refused in-process, before anything loads
+        assert sweep_timeout(sdbuild.compose([*QUICK, f"run.timeout_s={refused}"])) is None
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # the launcher has its own limit (timeout_min)
+    assert sweep_timeout(sdbuild.compose(QUICK)) is None
+    with pytest.raises(SpecError, match="run.timeout_s"):
+        sdbuild.show(sdbuild.compose([*QUICK, "run.timeout_s=-1"]))
+
+
+def test_a_job_past_its_time_limit_ends_in_a_failed_row(tmp_path):
+    """The parent's side of a time limit: the job's process is ended at the limit (here still starting
+    up, or measuring) and the job comes back as a row, never as an exception or a hang."""
+    from sdbuild.app import run_in_fresh_process
+
+    overrides = [*QUICK, "run.repeats=150"]  # minutes of timed runs (bounded, should the limit not work)
+    started = time.monotonic()
+    row = run_in_fresh_process(sdbuild.compose(overrides), overrides, tmp_path, {}, {"num": 0}, timeout_s=5)
+    assert time.monotonic() - started < 5 + 30 + 20  # the limit, the grace, slack for a loaded machine
+    assert row["status"] == "failed" and row["error"].startswith("timed out after 5 s (run.timeout_s)"), row["error"]
+    assert row["job"]["timed_out"] and row["job"]["timeout_s"] == 5
+    assert results.read_row(tmp_path / "result.json")["error"] == row["error"]
+    assert not _processes_mentioning(str(tmp_path))  # the child is gone
+
+
+def _processes_mentioning(text):
+    """Pids whose command line holds `text` (Linux /proc; empty elsewhere)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow  # 90 s at least: a limit that the short job surely meets on a loaded machine
+def test_a_job_past_its_time_limit_is_a_failed_row_and_the_sweep_goes_on(tmp_path):
+    """Job 0 would run for a day (100000 timed runs); run.timeout_s ends it, keeping the timed runs it
+    finished; job 1 still runs, the report is written."""
+    started = time.monotonic()
+    out = run_cli("--multirun", f"hydra.sweep.dir={tmp_path}", "run.warmup=0", "run.steps=2",
+                  "run.repeats=100000,1", "run.timeout_s=90", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert time.monotonic() - started < 400
+    found = rows(tmp_path)
+    assert found["0"]["status"] == "failed" and found["0"]["error"].startswith("timed out after 90 s"), found["0"]["error"]
+    assert found["0"]["job"]["timed_out"] and found["0"]["job"]["isolated"] and "interrupted" not in found["0"]["job"]
+    assert found["0"]["latency_s"]["runs"] and "timed runs finished" in found["0"]["error"]
+    assert found["1"]["status"] == "ok"
+    assert csv_rows(tmp_path)["0"]["status"] == "failed"
+
+
+# 5. Ending a job ---------------------------------------------------------------------------------
+
+STUCK = "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); print('ready', flush=True); time.sleep(120)"
+
+
+def _stuck_child():
+    """A process that cannot be ended by SIGTERM (blocked, as in native code that never returns to Python)."""
+    child = subprocess.Popen([sys.executable, "-c", STUCK], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    return child
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace():
+    from sdbuild.app import end_child
+
+    child = _stuck_child()
+    started = time.monotonic()
+    code, signame = end_child(child, grace_s=1)
+    assert code == -signal.SIGKILL and signame is None and time.monotonic() - started < 20
+
+
+def test_a_second_signal_during_the_grace_kills_the_child_at_once():
+    from sdbuild.app import end_child, interrupts_as_exceptions
+
+    child = _stuck_child()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    started = time.monotonic()
+    with interrupts_as_exceptions():
+        timer.start()
+        code, signame = end_child(child, grace_s=60)
+    assert code == -signal.SIGKILL and signame == "SIGTERM" and time.monotonic() - started < 30
+
+
+def test_an_interrupted_run_keeps_the_timed_runs_that_finished(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "sdbuild", "run.steps=2", "run.warmup=0", "run.repeats=100000",
+                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "__main__.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and "run 3/100000" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    row = results.read_row(tmp_path / "result.json")
+    assert row["status"] == "failed" and row["job"]["interrupted"] == "SIGTERM"
+    assert len(row["latency_s"]["runs"]) >= 3 and "timed runs finished" in row["error"]
+
+
+# 6. Interpolations -------------------------------------------------------------------------------
+
+
+def test_a_resolver_in_a_spec_value_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDBUILD_TEST_SECRET", "hunter2")
+    team = tmp_path / "team" / "preset"
+    team.mkdir(parents=True)
+    (team / "leak.yaml").write_text("# @package _global_\nrun:\n  prompt: a ${oc.env:SDBUILD_TEST_SECRET} cat\n")
+    with pytest.raises(SpecError, match=r"run.prompt=a \$\{oc.env:SDBUILD_TEST_SECRET\} cat: calls the resolver"):
+        sdbuild.compose([f"hydra.searchpath=[file://{tmp_path / 'team'}]", "+preset=leak"])
+    out = run_cli("run.prompt=${oc.env:SDBUILD_TEST_SECRET}", *FAST, f"hydra.run.dir={tmp_path / 'run'}",
+                  env={"SDBUILD_TEST_SECRET": "hunter2"})
+    assert out.returncode == 2 and "oc.env" in out.stderr and "hunter2" not in out.stderr + out.stdout
+    assert not (tmp_path / "run" / "result.json").exists()
+    # a reference to another spec value is data, and an escaped ${ is literal text
+    spec = sdbuild.compose(["run.height=128", "run.width=${run.height}", "run.prompt=cost \\${oc.env:X}"])
+    assert spec.run.width == 128 and spec.run.prompt == "cost ${oc.env:X}"
+
+
+def test_a_recorded_spec_is_plain_data(monkeypatch):
+    from sdbuild.spec import spec_to_dict, to_spec
+
+    monkeypatch.setenv("SDBUILD_TEST_SECRET", "hunter2")
+    recorded = spec_to_dict(sdbuild.compose(FAST))
+    recorded["run"]["prompt"] = "a ${oc.env:SDBUILD_TEST_SECRET} \\${x} cat"
+    recorded["run"]["negative_prompt"] = "${run.prompt}"
+    spec = to_spec(recorded)
+    assert spec.run.prompt == "a ${oc.env:SDBUILD_TEST_SECRET} \\${x} cat"
+    assert spec.run.negative_prompt == "${run.prompt}"
+    assert spec_to_dict(spec)["run"]["prompt"] == recorded["run"]["prompt"]
+
+
+# 7. The sweep lock -------------------------------------------------------------------------------
+
+
+def _contend(sweep_dir, barrier, owners):
+    from sdbuild.sweep import SweepError, acquire_lock
+
+    barrier.wait()
+    try:
+        acquire_lock(sweep_dir)
+        owners.put(os.getpid())
+    except SweepError:
+        pass
+
+
+def test_two_sweeps_starting_together_never_both_own_the_lock(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(40):
+        sweep_dir, barrier, owners = tmp_path / str(trial), ctx.Barrier(2), ctx.Queue()
+        sweep_dir.mkdir()
+        procs = [ctx.Process(target=_contend, args=(sweep_dir, barrier, owners)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        got = []
+        while not owners.empty():
+            got.append(owners.get())
+        assert len(got) <= 1, f"trial {trial}: two owners {got}"
+
+
+def test_an_empty_lock_file_is_not_taken_over(tmp_path, capsys):
+    from sdbuild.sweep import SweepError, acquire_lock
+
+    (tmp_path / results.LOCK_FILE).write_text("")  # what a starting sweep's lock may look like, a moment long
+    with pytest.raises(SweepError):
+        acquire_lock(tmp_path)
+    assert "cannot be read" in capsys.readouterr().err and (tmp_path / results.LOCK_FILE).read_text() == ""
+
+
+def _started(pid):
+    """The process's start as the lock records it: boot id and start time in clock ticks (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}:{stat[stat.rfind(')') + 2:].split()[19]}"
+
+
+def test_a_lock_is_taken_over_only_when_its_owner_is_known_dead(tmp_path, capsys):
+    from sdbuild.sweep import SweepError, acquire_lock, release_lock
+
+    process_start = _started
+    host = os.uname().nodename
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = tmp_path / results.LOCK_FILE
+        lock.write_text(json.dumps({"pid": other.pid, "host": host, "start": process_start(other.pid)}))
+        with pytest.raises(SweepError):  # alive, and the very process that took it
+            acquire_lock(tmp_path)
+        assert f"process {other.pid}" in capsys.readouterr().err
+        lock.write_text(json.dumps({"pid": other.pid, "host": host, "start": "another-boot:1"}))
+        acquire_lock(tmp_path)  # the pid now runs another process: the owner is dead
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        release_lock(tmp_path)
+        assert not lock.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+# 8. Replay of a wrongly typed spec ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("section,key,value", [("run", "steps", "many"), ("precision", "dtype", "fp64")])
+def test_replay_of_a_wrongly_typed_spec_is_a_clear_refusal(section, key, value, tmp_path):
+    from sdbuild.spec import spec_key, spec_to_dict
+
+    spec = spec_to_dict(sdbuild.compose(FAST))
+    spec[section][key] = value
+    (tmp_path / "old").mkdir()
+    results.write_row(tmp_path / "old", results.new_row(status="failed", spec=spec, spec_key=spec_key(spec)))
+    out = subprocess.run([sys.executable, "-m", "sdbuild.replay", str(tmp_path / "old")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2, out.stderr
+    assert f"{section}.{key}" in out.stderr and value in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+# Weak spots: one clear line, nothing written where nothing should be ----------------------------
+
+
+def test_an_unwritable_sweep_folder_and_an_unreadable_ladder_state_are_one_line_each(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    out = run_cli("--multirun", *FAST, "run.seed=1,2", f"hydra.sweep.dir={tmp_path / 'a-file' / 'sweep'}")
+    assert out.returncode == 2 and "cannot be written" in out.stderr and "Traceback" not in out.stderr
+
+    sweep_dir = tmp_path / "ladder"
+    sweep_dir.mkdir()
+    (sweep_dir / "ladder_state.json").write_text('{"next_job": 3, "jo')  # truncated by a full disk
+    out = run_cli("--multirun", "hydra/sweeper=ladder", *FAST, "precision=fp32,bf16", f"hydra.sweep.dir={sweep_dir}")
+    assert out.returncode == 2 and "ladder_state.json cannot be read" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_dry_run_sweep_writes_nothing_into_the_sweep_folder(tmp_path):
+    measured_row(tmp_path / "0", ["run.seed=1"], [0.5])
+    plan, report_md = tmp_path / results.PLAN_FILE, tmp_path / "report.md"
+    plan.write_text(json.dumps({"jobs": [{"num": 0, "overrides": [*FAST, "run.seed=1"]}]}))
+    report_md.write_text("the real report")
+    out = run_cli("--multirun", "dry_run=true", *FAST, "run.seed=1,2", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "would build" in out.stdout
+    assert json.loads(plan.read_text())["jobs"][0]["overrides"] == [*FAST, "run.seed=1"]
+    assert report_md.read_text() == "the real report" and not (tmp_path / results.LOCK_FILE).exists()
+    assert results.read_row(tmp_path / "0" / "result.json")["latency_s"]["runs"] == [0.5]
+
+
+def test_a_spec_whose_decode_cannot_fit_the_machine_is_refused_with_the_figure():
+    import dataclasses
+
+    from helpers import CPU
+    from sdbuild.validate import validate
+
+    host = dataclasses.replace(CPU, host_memory=24 * 2**30)  # this machine: 24 GiB
+    huge = ["run.batch_size=64", "run.height=4096", "run.width=4096"]
+    with pytest.raises(SpecError) as refused:
+        validate(sdbuild.compose(huge), host)
+    text = str(refused.value)  # 2 x 64 images x 16 channels x 4096 x 4096 float32 values
+    assert "run.batch_size=64 run.height=4096 run.width=4096" in text and "at least 137 GB" in text
+    assert "memory=vae_slicing (one image at a time: 2.1 GB)" in text
+    assert validate(sdbuild.compose([*huge, "memory=vae_slicing"]), host) == "cpu"
+    assert validate(sdbuild.compose(["run.batch_size=4", "run.height=1024", "run.width=1024"]), host) == "cpu"
+
+
+# Compiler state between jobs of one process ------------------------------------------------------
+
+OBSERVE_COMPILE = """
+import json, runpy, sys
+sys.path.insert(0, {root!r})  # this checkout's sdbuild, as `python -m sdbuild` from its root would run
+import sdbuild.measure
+
+original = sdbuild.measure.measure
+
+def observed(pipe, *args, **kwargs):  # observe (not replace) what each job's pipeline runs and compiles
+    from torch._dynamo.utils import counters
+
+    modules = {{"unet": pipe.unet, "vae_decoder": pipe.vae.decoder, "text_encoder": pipe.text_encoder}}
+    before = counters["stats"]["unique_graphs"]
+    result = original(pipe, *args, **kwargs)
+    with open({log!r}, "a") as f:
+        f.write(json.dumps({{"compiled": sorted(n for n, m in modules.items() if m._compiled_call_impl is not None),
+                            "graphs": counters["stats"]["unique_graphs"] - before}}) + "\\n")
+    return result
+
+sdbuild.measure.measure = observed
+sys.argv = ["sdbuild", *sys.argv[1:]]
+runpy.run_module("sdbuild", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", [("inductor_all", "none", "inductor"), ("inductor", "inductor_all", "none")])
+def test_no_job_runs_or_reuses_what_an_earlier_job_compiled(order, tmp_path):
+    """One in-process sweep: an eager job after compiled ones compiles and runs nothing compiled; a job
+    compiled otherwise than the one before it compiles its own modules (and only those)."""
+    log, script = tmp_path / "observed.jsonl", tmp_path / "observe.py"
+    script.write_text(OBSERVE_COMPILE.format(root=str(ROOT), log=str(log)))
+    out = subprocess.run([sys.executable, str(script), "--multirun", f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST,
+                          "run.steps=2", "run.warmup=1", f"compile={','.join(order)}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    expected = {"none": [], "inductor": ["unet"], "inductor_all": ["text_encoder", "unet", "vae_decoder"]}
+    assert [s["compiled"] for s in seen] == [expected[o] for o in order]
+    for option, s in zip(order, seen):
+        assert (s["graphs"] > 0) == (option != "none"), (option, s)  # compiled its own graphs, or none at all
+    found = {r["choices"]["compile"]: r for r in rows(tmp_path / "sweep").values()}
+    assert all(r["status"] == "ok" for r in found.values())
+    assert found["none"]["warmup_calls"] == 1 and found["none"]["steady"]  # no compile work in the eager job
