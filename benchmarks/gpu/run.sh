@@ -59,7 +59,7 @@ say "== python: $PY ($("$PY" -c 'import sys, torch; print(sys.version.split()[0]
 
 if [ $CPU = 1 ]; then
   BUDGET=${BUDGET:-1200}
-  ROWS="model=tiny run.steps=2 run.warmup=1 run.repeats=2 run.save_image=false"
+  ROWS="model=tiny run.steps=2 run.warmup=1 run.repeats=2 run.save_image=false run.timeout_s=0"
   SEED="+experiment=seed_table_cpu"; HALF=bf16
   SDPA_ATTN=sdpa,sdpa_math,sdpa_fused; COMPILE=inductor,regional; BEST="+preset=cuda_best_quick compile.mode=default"
   #          install preflight model seed sdpa compile best   (seconds: cap / minimum)
@@ -67,7 +67,7 @@ if [ $CPU = 1 ]; then
   FLOORS=(   10      10        10    60   30   90      60)
 else
   BUDGET=${BUDGET:-500}
-  ROWS="model=sd15_arch run.height=512 run.width=512 run.steps=50 scheduler=ddim run.warmup=1 run.repeats=3"
+  ROWS="model=sd15_arch run.height=512 run.width=512 run.steps=50 scheduler=ddim run.warmup=1 run.repeats=3 run.timeout_s=0"
   SEED="+experiment=seed_table"; HALF=fp16
   SDPA_ATTN=sdpa,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_fused; COMPILE=inductor,inductor_reduce_overhead
   BEST="+preset=cuda_best_quick"
@@ -76,6 +76,8 @@ else
 fi
 ORDER=(install preflight model seed sdpa compile best)
 RESERVE=20  # for the last collect, the tarball and the limits check
+# run.timeout_s=0: each sweep runs its jobs in one process (weights loaded once per dtype, no
+# per-job imports); the step's own limit bounds a job that hangs
 # the compile rows and the best recipe share one Inductor cache: the second compile reuses the
 # first one's Triton kernels (its warmup_s says so), the steady-state medians are unaffected
 CACHE="compile.cache_dir=$WORK/compile_cache"
