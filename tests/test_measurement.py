@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -179,21 +181,29 @@ def test_a_failing_candidate_leaves_the_group_and_the_others_go_on():
 
 
 def test_run_threads_reaches_torch_and_the_row(tmp_path):
-    default = torch.get_num_threads()
-    try:
-        spec = sdbuild.compose(["run.steps=2", "run.warmup=0", "run.repeats=1", "run.threads=1"])
-        row = sdbuild.run(spec, tmp_path / "one")
-        assert row["status"] == "ok", row["error"]
-        assert torch.get_num_threads() == 1  # set in this process, where the job ran
-        assert row["env"]["torch_threads"] == 1 and row["measurement"]["threads"]["torch_threads"] == 1
-        assert row["spec"]["run"]["threads"] == 1
-        energy = row["energy"]
-        assert (energy["joules_per_image"] is None and energy["reason"]) or \
-               (energy["joules_per_image"] > 0 and energy["source"])
-        row = sdbuild.run(sdbuild.compose(["run.steps=2", "run.warmup=0", "run.repeats=1"]), tmp_path / "auto")
-        assert torch.get_num_threads() == row["env"]["torch_threads"] == default  # auto: torch's own default again
-    finally:
-        torch.set_num_threads(default)
+    """In a process of its own: torch's inter-op thread count cannot be set back once parallel work
+    has started, so a job with run.threads=1 here would change every later test's environment."""
+    code = f"""
+import json, torch, sdbuild
+default = torch.get_num_threads()
+one = sdbuild.run(sdbuild.compose(["run.steps=2", "run.warmup=0", "run.repeats=1", "run.threads=1"]), {str(tmp_path / "one")!r})
+threads_after_one = torch.get_num_threads()
+auto = sdbuild.run(sdbuild.compose(["run.steps=2", "run.warmup=0", "run.repeats=1"]), {str(tmp_path / "auto")!r})
+print(json.dumps(dict(default=default, one=one, after_one=threads_after_one, auto=auto, after_auto=torch.get_num_threads())))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    row = got["one"]
+    assert row["status"] == "ok", row["error"]
+    assert got["after_one"] == 1  # set in the process where the job ran
+    assert row["env"]["torch_threads"] == 1 and row["measurement"]["threads"]["torch_threads"] == 1
+    assert row["spec"]["run"]["threads"] == 1
+    energy = row["energy"]
+    assert (energy["joules_per_image"] is None and energy["reason"]) or \
+           (energy["joules_per_image"] > 0 and energy["source"])
+    # auto: torch's own default again
+    assert got["after_auto"] == got["auto"]["env"]["torch_threads"] == got["default"]
 
 
 def test_rapl_counters_are_read_and_their_wrap_handled(tmp_path):
