@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -19,10 +18,9 @@ from omegaconf import DictConfig
 
 from . import results
 from .results import Status
-from .spec import GROUPS, Spec, to_spec
+from .spec import GROUPS, to_spec
 
 log = logging.getLogger("sdbuild")
-CHILD_GRACE_S = 30  # how long an interrupted isolate=true child gets to write its own row
 
 
 def summary_line(row: Dict[str, Any]) -> str:
@@ -63,54 +61,6 @@ def interrupts_as_exceptions() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choices: Dict[str, str],
-                         job: Dict[str, Any]) -> Dict[str, Any]:
-    """`isolate=true`: run this sweep job as a single run in a new Python process, into the same
-    folder, and read back its row. The row is composed here first, so a process that dies without
-    writing one (a segfault, the OOM killer) still leaves a `failed` row with its spec; an
-    interrupted parent stops the child (SIGTERM, then SIGKILL after CHILD_GRACE_S)."""
-    from .job import Interrupted, base_row, environment, settle_from_resume, write_row
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    row = base_row(spec, choices, overrides, {**job, "isolated": True})
-    if (settled := settle_from_resume(spec, out_dir, row)) is not None:
-        return settled  # nothing to measure: no process to start
-    results.clear_row(out_dir)  # the child's row, or none: never an earlier sweep's
-    command = [sys.executable, "-m", "sdbuild", *overrides, "isolate=false", f"hydra.run.dir={out_dir}"]
-    log_path = out_dir / results.PROCESS_LOG
-    interrupted = None
-    with open(log_path, "w") as log_file:
-        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            returncode = child.wait()
-        except KeyboardInterrupt as exc:
-            interrupted = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
-            child.terminate()  # the child writes its own interrupted row
-            try:
-                returncode = child.wait(CHILD_GRACE_S)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                returncode = child.wait()
-    result = out_dir / results.RESULT_FILE
-    written = results.load_row(result) if result.exists() else None
-    if written is not None and written["status"] != Status.unreadable.value:
-        row = written
-        row["job"] = {**(row.get("job") or {}), **job, "isolated": True}
-    else:
-        tail = log_path.read_text(errors="replace").strip()[-300:]
-        why = "was interrupted" if interrupted else f"exited with code {returncode}"
-        row.update(status=Status.failed.value,
-                   error=f"the job's process {why} before writing a result (last output: {tail!r}); see "
-                         f"{results.PROCESS_LOG}" + (f"; its row was unreadable: {written['error']}" if written else ""),
-                   env=environment(None), job={**job, "isolated": True})
-    if interrupted:
-        row["job"]["interrupted"] = interrupted
-    write_row(out_dir, row)
-    if interrupted:
-        raise Interrupted(interrupted)
-    return row
-
-
 def exit_code(row: Dict[str, Any], multirun: bool) -> int:
     """A single run's exit status: 0 ok, 2 unsupported (a user mistake), 1 otherwise. A sweep job's
     outcome is in its row, never in the sweep's exit status."""
@@ -124,7 +74,7 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .job import run_job
+    from .job import run_in_fresh_process, run_job
 
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices[g] for g in GROUPS if hc.runtime.choices.get(g)}

@@ -14,6 +14,8 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import time
 import traceback
 from importlib import metadata
@@ -27,6 +29,9 @@ from .results import ERROR_LOG, IMAGE_FILE, RESULT_FILE, Status
 from .spec import CompileMethod, Spec, spec_key, spec_to_dict
 
 log = logging.getLogger("sdbuild")
+CHILD_GRACE_S = 30  # how long an interrupted isolate=true child gets to write its own row
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (or SIGINT) while a job runs: the job ends with a `failed` row saying so."""
 
@@ -204,8 +209,6 @@ def run_job(spec: Spec, out_dir: Path, choices: Dict[str, str], overrides: list[
     if (settled := settle_from_resume(spec, out_dir, row)) is not None:
         return settled
     if _PROCESS["cuda_poisoned"]:
-        from .app import run_in_fresh_process
-
         log.warning("an earlier job hit a fatal CUDA error: running %s in a fresh process", label)
         return run_in_fresh_process(spec, overrides, out_dir, choices, row["job"])
     results.clear_row(out_dir)  # a row found here later can only be this job's
@@ -297,3 +300,49 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
         fields["image_stats"] = save_image(m.images, out_dir / IMAGE_FILE)
         fields["image"] = IMAGE_FILE
     return fields
+
+
+def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choices: Dict[str, str],
+                         job: Dict[str, Any]) -> Dict[str, Any]:
+    """`isolate=true`: run this sweep job as a single run in a new Python process, into the same
+    folder, and read back its row. The row is composed here first, so a process that dies without
+    writing one (a segfault, the OOM killer) still leaves a `failed` row with its spec; an
+    interrupted parent stops the child (SIGTERM, then SIGKILL after CHILD_GRACE_S)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    row = base_row(spec, choices, overrides, {**job, "isolated": True})
+    if (settled := settle_from_resume(spec, out_dir, row)) is not None:
+        return settled  # nothing to measure: no process to start
+    results.clear_row(out_dir)  # the child's row, or none: never an earlier sweep's
+    command = [sys.executable, "-m", "sdbuild", *overrides, "isolate=false", f"hydra.run.dir={out_dir}"]
+    log_path = out_dir / results.PROCESS_LOG
+    interrupted = None
+    with open(log_path, "w") as log_file:
+        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            returncode = child.wait()
+        except KeyboardInterrupt as exc:
+            interrupted = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
+            child.terminate()  # the child writes its own interrupted row
+            try:
+                returncode = child.wait(CHILD_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                returncode = child.wait()
+    result = out_dir / results.RESULT_FILE
+    written = results.load_row(result) if result.exists() else None
+    if written is not None and written["status"] != Status.unreadable.value:
+        row = written
+        row["job"] = {**(row.get("job") or {}), **job, "isolated": True}
+    else:
+        tail = log_path.read_text(errors="replace").strip()[-300:]
+        why = "was interrupted" if interrupted else f"exited with code {returncode}"
+        row.update(status=Status.failed.value,
+                   error=f"the job's process {why} before writing a result (last output: {tail!r}); see "
+                         f"{results.PROCESS_LOG}" + (f"; its row was unreadable: {written['error']}" if written else ""),
+                   env=environment(None), job={**job, "isolated": True})
+    if interrupted:
+        row["job"]["interrupted"] = interrupted
+    write_row(out_dir, row)
+    if interrupted:
+        raise Interrupted(interrupted)
+    return row
