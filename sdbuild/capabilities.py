@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+from .families import FAMILIES, TRANSFORMER_FAMILIES, UNET_FAMILIES, UNET_SCHEDULERS
 from .spec import (
     AttentionProcessor,
+    CacheMethod,
     CompileMethod,
     CompileMode,
     CompileTarget,
@@ -23,6 +25,7 @@ from .spec import (
     ModelSource,
     Offload,
     Quant,
+    SchedulerKind,
     SdpaBackend,
     Spec,
     VaeKind,
@@ -63,6 +66,14 @@ def _fixed_graph(spec: Spec) -> bool:
 
 def _compiles(spec: Spec) -> bool:
     return spec.compile.method is CompileMethod.inductor
+
+
+def _transformer(spec: Spec) -> bool:
+    return FAMILIES[spec.model.family].transformer
+
+
+_NOT_FOR_UNETS = ("UNet families (sd15, sdxl) have no transformer blocks for diffusers' cache hooks: use cache=none, "
+                  "or a transformer model (model=tiny_flux, flux, flux_arch)")
 
 
 REQUIREMENTS: Tuple[Requirement, ...] = (
@@ -171,6 +182,36 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         min_capability=(8, 9),
         instead="float8 matmuls need Ada/Hopper (compute capability >= 8.9); use quant=int8dq",
     ),
+    Requirement(
+        "scheduler=ddim, dpmpp_2m, euler, pndm (discrete-time noise schedules)",
+        "scheduler",
+        lambda s: s.scheduler.kind in UNET_SCHEDULERS,
+        families=UNET_FAMILIES,
+        instead="Flux is trained for flow matching: use scheduler=flow_euler (its model options' default)",
+    ),
+    Requirement(
+        "scheduler=flow_euler",
+        "scheduler",
+        lambda s: s.scheduler.kind is SchedulerKind.flow_euler,
+        families=TRANSFORMER_FAMILIES,
+        instead="SD 1.x and SDXL use scheduler=ddim, dpmpp_2m or euler",
+    ),
+    Requirement(
+        "cache=first_block",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.first_block,
+        diffusers="0.35",  # FirstBlockCacheConfig
+        families=TRANSFORMER_FAMILIES,
+        instead=_NOT_FOR_UNETS,
+    ),
+    Requirement(
+        "cache=taylorseer",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.taylorseer,
+        diffusers="0.36",  # TaylorSeerCacheConfig
+        families=TRANSFORMER_FAMILIES,
+        instead=_NOT_FOR_UNETS,
+    ),
 )
 
 
@@ -243,6 +284,33 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use compile=inductor with quantization",
     ),
     Exclusion(
+        "attention=xformers or sliced, attention.sdpa_backend, attention.fuse_qkv with a transformer family (flux)",
+        lambda s: _transformer(s) and (s.attention.processor is AttentionProcessor.xformers or s.attention.fuse_qkv
+                                       or s.attention.slice_size is not None
+                                       or s.attention.sdpa_backend is not SdpaBackend.auto),
+        "those options set the UNet's attention processors; a transformer keeps diffusers' own processors for it",
+        "Use attention=classic or sdpa (both leave the transformer's own processors) with model=tiny_flux, flux, flux_arch",
+    ),
+    Exclusion(
+        "compile=trace or export with a transformer family (flux)",
+        lambda s: _fixed_graph(s) and _transformer(s),
+        "the fixed-shape graph recipes replace a UNet called with (sample, timestep, encoder_hidden_states)",
+        "Use compile=inductor or compile=regional for a transformer",
+    ),
+    Exclusion(
+        "vae=tiny with a transformer family (flux)",
+        lambda s: s.vae.kind is VaeKind.tiny and _transformer(s),
+        "AutoencoderTiny here is TAESD, for 4-channel latents; Flux's latents have 16 channels",
+        "Use vae=full",
+    ),
+    Exclusion(
+        "run.negative_prompt with a guidance-distilled family (flux)",
+        lambda s: s.run.negative_prompt is not None and FAMILIES[s.model.family].guidance_distilled,
+        "Flux is guidance-distilled: guidance_scale is an input embedding, there is no unconditional pass for a "
+        "negative prompt to steer",
+        "Leave run.negative_prompt unset with Flux",
+    ),
+    Exclusion(
         "vae=tiny with a pretrained model and no vae.path",
         lambda s: s.vae.kind is VaeKind.tiny and s.model.source is ModelSource.pretrained and not s.vae.path,
         "a real model needs real AutoencoderTiny weights (madebyollin/taesd, or taesdxl for SDXL)",
@@ -286,7 +354,9 @@ def option_rows() -> list[tuple[str, str, str]]:
             comment = " ".join(line.lstrip("# ").strip() for line in path.read_text().splitlines()
                                if line.startswith("#") and "@package" not in line)
             spec = compose([f"{group}={path.stem}"])
-            needs = "; ".join(requirement_needs(r) for r in REQUIREMENTS if r.applies(spec)) or "nothing (runs on CPU)"
+            # the option's own group's needs (the defaults of the others, e.g. the scheduler's family, are not its)
+            needs = "; ".join(requirement_needs(r) for r in REQUIREMENTS if r.group == group and r.applies(spec)) \
+                or "nothing (runs on CPU)"
             rows.append((f"{group}={path.stem}", comment, needs))
     return rows
 

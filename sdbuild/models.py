@@ -1,12 +1,12 @@
 """Where pipeline weights come from.
 
 Three sources (``model.source``), one loading path: every model ends up as a diffusers folder
-with safetensors weights, loaded by ``StableDiffusionPipeline.from_pretrained``.
+with safetensors weights, loaded by its family's pipeline class (``from_pretrained``).
 
 - ``pretrained``: a local folder, or a hub id already in the local Hugging Face cache (resolved
   to its snapshot folder here: sdbuild never downloads). Checked per component before loading.
 - ``tiny`` / ``arch``: a pipeline built from code with a fixed seed and random weights: the
-  embedded tiny model, or a published architecture (SD 1.5) at full size. It is saved once
+  embedded tiny model, or a published architecture (SD 1.5, SDXL, Flux) at full size. It is saved once
   to the cache folder and loaded from there like any real model.
 """
 
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Dict
 
 from .errors import problem
-from .spec import ModelFamily, ModelSource, ModelSpec, Spec
+from .families import FAMILIES
+from .spec import ModelSource, ModelSpec, Spec
 
 # Bump when the code that builds a random model changes, so stale caches are not reused.
 RANDOM_MODEL_VERSION = 1
@@ -239,7 +240,12 @@ def _text_encoder(cls, config: Dict[str, Any], vocab: Dict[str, int]):
 
 
 def build_random_pipeline(name: str):
-    """Build an SD 1.x or SDXL pipeline with random weights (fixed seeds) from RANDOM_MODELS."""
+    """Build a pipeline with random weights (fixed seeds): SD 1.x or SDXL from RANDOM_MODELS, a
+    transformer family from its own module (sdbuild/families)."""
+    from .families.flux import RANDOM_FLUX, build_random_flux
+
+    if name in RANDOM_FLUX:
+        return build_random_flux(name)
     import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
@@ -284,10 +290,7 @@ def save_random_pipeline(name: str, folder: Path) -> None:
 
 
 # The components a pipeline folder must carry, each a subfolder with its own safetensors weights.
-COMPONENTS = {
-    ModelFamily.sd15: ("unet", "vae", "text_encoder"),
-    ModelFamily.sdxl: ("unet", "vae", "text_encoder", "text_encoder_2"),
-}
+COMPONENTS = {family: f.components for family, f in FAMILIES.items()}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 

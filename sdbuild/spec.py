@@ -84,6 +84,7 @@ class ModelSource(enum.Enum):
 class ModelFamily(enum.Enum):
     sd15 = "sd15"
     sdxl = "sdxl"
+    flux = "flux"  # Flux.1: a diffusion transformer, CLIP + T5 encoders, guidance-distilled
 
 
 class VaeKind(enum.Enum):
@@ -96,6 +97,15 @@ class SchedulerKind(enum.Enum):
     dpmpp_2m = "DPMSolverMultistepScheduler"
     euler = "EulerDiscreteScheduler"
     pndm = "PNDMScheduler"
+    flow_euler = "FlowMatchEulerDiscreteScheduler"  # flow matching (Flux, SD3)
+
+
+class CacheMethod(enum.Enum):
+    """Step caching: reuse work of earlier denoising steps (diffusers' cache hooks)."""
+
+    none = "none"
+    first_block = "first_block"  # FirstBlockCacheConfig: skip the other blocks while the first one's residual barely moves
+    taylorseer = "taylorseer"  # TaylorSeerCacheConfig: predict block outputs by a Taylor series between full steps
 
 
 class Device(enum.Enum):
@@ -176,6 +186,16 @@ class SchedulerSpec:
 
 
 @dataclass
+class CacheSpec:
+    name: str = "none"
+    method: CacheMethod = CacheMethod.none
+    threshold: float = 0.05  # first_block: relative change of the first block's residual below which the rest is reused
+    interval: int = 5  # taylorseer: a full computation every `interval` steps, predictions in between
+    warmup_steps: int = 3  # taylorseer: full computation for the first steps (gathers the Taylor factors)
+    order: int = 1  # taylorseer: highest order of the Taylor expansion
+
+
+@dataclass
 class RunSpec:
     prompt: str = "a photo of an astronaut riding a horse on mars"
     negative_prompt: Optional[str] = None
@@ -205,6 +225,7 @@ class Spec:
     vae: VaeSpec = field(default_factory=VaeSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
     run: RunSpec = field(default_factory=RunSpec)
     # A finished sweep folder: combinations already measured there are copied, not re-run.
     resume: Optional[str] = None
@@ -221,7 +242,8 @@ class Spec:
 
 
 # The config groups, in the order the builder applies them (see sdbuild/builder.py).
-GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "vae", "model", "scheduler")
+GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "vae", "model", "scheduler",
+          "cache")
 
 
 def register_configs() -> None:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 # The walk order when `order` is not given: precision first (it decides every later kernel's
 # dtype), then the eager levers, then compilation last (it compiles whatever the earlier steps
 # built, and it is the dearest to measure). Swept keys not named here follow in command-line order.
-DEFAULT_ORDER = ("precision", "quant", "memory_format", "attention", "memory", "vae", "scheduler", "compile")
+DEFAULT_ORDER = ("precision", "quant", "memory_format", "attention", "memory", "vae", "scheduler", "cache", "compile")
 
 
 class NoiseRule(enum.Enum):
