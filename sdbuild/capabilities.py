@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from .families import FAMILIES, TRANSFORMER_FAMILIES, UNET_FAMILIES, UNET_SCHEDULERS
+from .families import CACHE_FAMILIES, FAMILIES, TRANSFORMER_FAMILIES, UNET_FAMILIES, UNET_SCHEDULERS
 from .spec import (
     AttentionProcessor,
     CacheMethod,
@@ -72,8 +72,9 @@ def _transformer(spec: Spec) -> bool:
     return FAMILIES[spec.model.family].transformer
 
 
-_NOT_FOR_UNETS = ("UNet families (sd15, sdxl) have no transformer blocks for diffusers' cache hooks: use cache=none, "
-                  "or a transformer model (model=tiny_flux, flux, flux_arch)")
+_CACHE_INSTEAD = ("diffusers' cache hooks run on Flux only (UNet2DConditionModel has no transformer blocks for them; "
+                  "in diffusers 0.42 SD3's transformer has no CacheMixin and its pipeline sets no cache context): use "
+                  "cache=none, or a Flux model (model=tiny_flux, flux, flux_arch)")
 
 
 REQUIREMENTS: Tuple[Requirement, ...] = (
@@ -187,7 +188,7 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         "scheduler",
         lambda s: s.scheduler.kind in UNET_SCHEDULERS,
         families=UNET_FAMILIES,
-        instead="Flux is trained for flow matching: use scheduler=flow_euler (its model options' default)",
+        instead="Flux and SD3 are trained for flow matching: use scheduler=flow_euler (their model options' default)",
     ),
     Requirement(
         "scheduler=flow_euler",
@@ -201,16 +202,16 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         "cache",
         lambda s: s.cache.method is CacheMethod.first_block,
         diffusers="0.35",  # FirstBlockCacheConfig
-        families=TRANSFORMER_FAMILIES,
-        instead=_NOT_FOR_UNETS,
+        families=CACHE_FAMILIES,
+        instead=_CACHE_INSTEAD,
     ),
     Requirement(
         "cache=taylorseer",
         "cache",
         lambda s: s.cache.method is CacheMethod.taylorseer,
         diffusers="0.36",  # TaylorSeerCacheConfig
-        families=TRANSFORMER_FAMILIES,
-        instead=_NOT_FOR_UNETS,
+        families=CACHE_FAMILIES,
+        instead=_CACHE_INSTEAD,
     ),
 )
 
@@ -284,23 +285,23 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use compile=inductor with quantization",
     ),
     Exclusion(
-        "attention=xformers or sliced, attention.sdpa_backend, attention.fuse_qkv with a transformer family (flux)",
+        "attention=xformers or sliced, attention.sdpa_backend, attention.fuse_qkv with a transformer family (flux, sd3)",
         lambda s: _transformer(s) and (s.attention.processor is AttentionProcessor.xformers or s.attention.fuse_qkv
                                        or s.attention.slice_size is not None
                                        or s.attention.sdpa_backend is not SdpaBackend.auto),
         "those options set the UNet's attention processors; a transformer keeps diffusers' own processors for it",
-        "Use attention=classic or sdpa (both leave the transformer's own processors) with model=tiny_flux, flux, flux_arch",
+        "Use attention=classic or sdpa (both leave the transformer's own processors) with Flux and SD3",
     ),
     Exclusion(
-        "compile=trace or export with a transformer family (flux)",
+        "compile=trace or export with a transformer family (flux, sd3)",
         lambda s: _fixed_graph(s) and _transformer(s),
         "the fixed-shape graph recipes replace a UNet called with (sample, timestep, encoder_hidden_states)",
         "Use compile=inductor or compile=regional for a transformer",
     ),
     Exclusion(
-        "vae=tiny with a transformer family (flux)",
+        "vae=tiny with a transformer family (flux, sd3)",
         lambda s: s.vae.kind is VaeKind.tiny and _transformer(s),
-        "AutoencoderTiny here is TAESD, for 4-channel latents; Flux's latents have 16 channels",
+        "AutoencoderTiny here is TAESD, for 4-channel latents; Flux's and SD3's latents have 16 channels",
         "Use vae=full",
     ),
     Exclusion(

@@ -6,7 +6,7 @@ with safetensors weights, loaded by its family's pipeline class (``from_pretrain
 - ``pretrained``: a local folder, or a hub id already in the local Hugging Face cache (resolved
   to its snapshot folder here: sdbuild never downloads). Checked per component before loading.
 - ``tiny`` / ``arch``: a pipeline built from code with a fixed seed and random weights: the
-  embedded tiny model, or a published architecture (SD 1.5, SDXL, Flux) at full size. It is saved once
+  embedded tiny model, or a published architecture (SD 1.5, SDXL, Flux, SD 3.5) at full size. It is saved once
   to the cache folder and loaded from there like any real model.
 """
 
@@ -243,9 +243,12 @@ def build_random_pipeline(name: str):
     """Build a pipeline with random weights (fixed seeds): SD 1.x or SDXL from RANDOM_MODELS, a
     transformer family from its own module (sdbuild/families)."""
     from .families.flux import RANDOM_FLUX, build_random_flux
+    from .families.sd3 import RANDOM_SD3, build_random_sd3
 
     if name in RANDOM_FLUX:
         return build_random_flux(name)
+    if name in RANDOM_SD3:
+        return build_random_sd3(name)
     import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)

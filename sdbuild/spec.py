@@ -85,6 +85,7 @@ class ModelFamily(enum.Enum):
     sd15 = "sd15"
     sdxl = "sdxl"
     flux = "flux"  # Flux.1: a diffusion transformer, CLIP + T5 encoders, guidance-distilled
+    sd3 = "sd3"  # Stable Diffusion 3.x: a joint-attention transformer, two CLIP + one T5 encoder
 
 
 class VaeKind(enum.Enum):

@@ -1,4 +1,4 @@
-"""The transformer families on their embedded tiny models: each builds from safetensors, runs, and
+"""The transformer families (Flux, SD3) on their embedded tiny models: each builds from safetensors, runs, and
 gives the very pixels of the same pipeline written by hand with diffusers; wrong combinations are
 refused before any weights load."""
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel, T5EncoderModel, T5Tokenizer
+from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel, T5Tokenizer
 
 import sdbuild
 from sdbuild.errors import SpecError
@@ -96,3 +97,51 @@ def test_ddim_on_flux_is_refused_before_any_weights_load(tmp_path):
     row = sdbuild.run(spec, tmp_path / "run")
     assert row["status"] == "unsupported" and "flow_euler" in row["error"]
     assert not (tmp_path / "models").exists()
+
+
+def test_tiny_sd3_has_three_text_encoders_and_classifier_free_guidance(shared_pipeline):
+    spec, pipe, info = shared_pipeline("model=tiny_sd3")
+    assert type(pipe) is StableDiffusion3Pipeline and isinstance(pipe.transformer, SD3Transformer2DModel)
+    assert isinstance(pipe.text_encoder, CLIPTextModelWithProjection)
+    assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
+    assert isinstance(pipe.text_encoder_3, T5EncoderModel) and isinstance(pipe.tokenizer_3, T5Tokenizer)
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+    folder = Path(ensure_model(spec.model, None))
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        assert list((folder / part).glob("*.safetensors")), part
+    assert info.attention_kernel["processor"] == "JointAttnProcessor2_0"
+    batches = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        images = run(spec, pipe)
+    finally:
+        handle.remove()
+    assert batches == [2] * 4  # unconditional + conditional, every step
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0.01
+
+
+def test_tiny_sd3_matches_the_same_pipeline_written_by_hand(shared_pipeline):
+    spec, pipe, _ = shared_pipeline("model=tiny_sd3")
+    spec = sdbuild.compose([*FAST, "model=tiny_sd3", "run.seed=3", "run.negative_prompt=blurry"])
+    ours = run(spec, pipe)
+
+    by_hand = StableDiffusion3Pipeline.from_pretrained(ensure_model(spec.model, None), use_safetensors=True)
+    by_hand.set_progress_bar_config(disable=True)
+    latents = torch.randn((1, 16, 8, 8), generator=torch.Generator("cpu").manual_seed(3))
+    theirs = by_hand("a photo of an astronaut riding a horse on mars", negative_prompt="blurry", num_inference_steps=4,
+                     guidance_scale=7.5, height=64, width=64, latents=latents, output_type="np").images
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_an_sd3_model_defaults_to_flow_matching_and_refuses_ddim():
+    for option, source in (("tiny_sd3", "tiny"), ("sd3", "pretrained"), ("sd3_arch", "arch")):
+        spec = sdbuild.compose([f"model={option}"])
+        assert spec.model.family.name == "sd3" and spec.model.source.name == source
+        assert spec.scheduler.name == "flow_euler"
+    with pytest.raises(SpecError) as err:
+        validate(composed("model=tiny_sd3", "scheduler=ddim"), CPU)
+    assert "use scheduler=flow_euler" in str(err.value)
+    with pytest.raises(SpecError) as err:
+        validate(composed("model=tiny_sd3", "cache=first_block"), CPU)
+    assert "model family flux" in str(err.value) and "SD3's transformer has no CacheMixin" in str(err.value)

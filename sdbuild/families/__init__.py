@@ -1,9 +1,9 @@
-"""Model families: what differs between SD 1.x, SDXL and Flux, one record each.
+"""Model families: what differs between SD 1.x, SDXL, Flux and SD3, one record each.
 
 A family says which diffusers pipeline class loads it, which component denoises (a UNet or a
 transformer), which folders must hold weights, which schedulers it is trained for, how its initial
 noise is laid out and whether its guidance is distilled. The builder (sdbuild/builder.py) asks the family and
-never tests model names. The random-weight layouts of the transformer families live beside them (`flux.py`); SD 1.x and
+never tests model names. The random-weight layouts of the transformer families live beside them (`flux.py`, `sd3.py`); SD 1.x and
 SDXL's are in sdbuild/models.py.
 Nothing here imports torch or diffusers at import time.
 """
@@ -28,6 +28,7 @@ class Family:
     schedulers: Tuple[SchedulerKind, ...]  # the schedulers it is trained for
     guidance_distilled: bool = False  # guidance is an input embedding, no classifier-free guidance batch
     packed_latents: bool = False  # the pipeline takes latents as a sequence of 2x2 patches (Flux)
+    cache_hooks: bool = False  # diffusers' cache hooks run on it (CacheMixin, and its pipeline sets a cache context)
     load_kwargs: Tuple[Tuple[str, Any], ...] = ()  # extra from_pretrained arguments
 
     @property
@@ -47,10 +48,14 @@ FAMILIES: Dict[ModelFamily, Family] = {
                              ("unet", "vae", "text_encoder", "text_encoder_2"), UNET_SCHEDULERS),
     ModelFamily.flux: Family(ModelFamily.flux, "FluxPipeline", "transformer",
                              ("transformer", "vae", "text_encoder", "text_encoder_2"), FLOW_SCHEDULERS,
-                             guidance_distilled=True, packed_latents=True),
+                             guidance_distilled=True, packed_latents=True, cache_hooks=True),
+    # diffusers 0.42: SD3Transformer2DModel has no CacheMixin and StableDiffusion3Pipeline sets no cache context.
+    ModelFamily.sd3: Family(ModelFamily.sd3, "StableDiffusion3Pipeline", "transformer",
+                            ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), FLOW_SCHEDULERS),
 }
 
 TRANSFORMER_FAMILIES = tuple(f.family for f in FAMILIES.values() if f.transformer)
+CACHE_FAMILIES = tuple(f.family for f in FAMILIES.values() if f.cache_hooks)
 UNET_FAMILIES = tuple(f.family for f in FAMILIES.values() if not f.transformer)
 
 
