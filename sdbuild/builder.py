@@ -432,7 +432,7 @@ def apply_attention(pipe, spec: Spec) -> Dict[str, Any]:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if family_of(spec).transformer:
-        return transformer_attention(pipe)
+        return transformer_attention(pipe, spec)
     att = spec.attention
     modules = {name: m for name, m in (("unet", pipe.unet), ("vae", pipe.vae)) if hasattr(m, "set_attn_processor")}
     record: Dict[str, Any] = {"processor": att.processor.name, "requested": att.sdpa_backend.name,

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from .families import CACHE_FAMILIES, FAMILIES, TRANSFORMER_FAMILIES, UNET_FAMILIES, UNET_SCHEDULERS
+from .families import CACHE_FAMILIES, DISPATCHER_FAMILIES, FAMILIES, TRANSFORMER_FAMILIES, UNET_FAMILIES, UNET_SCHEDULERS
 from .spec import (
+    AttentionBackend,
     AttentionProcessor,
     CacheMethod,
     CompileMethod,
@@ -70,6 +71,13 @@ def _compiles(spec: Spec) -> bool:
 
 def _transformer(spec: Spec) -> bool:
     return FAMILIES[spec.model.family].transformer
+
+
+_CPU_BACKENDS = "On CPU use attention.backend=native, native_math, native_flash or flex"
+
+
+def _backend(spec: Spec, *backends: AttentionBackend) -> bool:
+    return spec.attention.backend in backends
 
 
 _CACHE_INSTEAD = ("diffusers' cache hooks run on Flux only (UNet2DConditionModel has no transformer blocks for them; "
@@ -196,6 +204,59 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         lambda s: s.scheduler.kind is SchedulerKind.flow_euler,
         families=TRANSFORMER_FAMILIES,
         instead="SD 1.x and SDXL use scheduler=ddim, dpmpp_2m or euler",
+    ),
+    Requirement(
+        "attention.backend (diffusers' attention dispatcher)",
+        "attention",
+        lambda s: s.attention.backend is not AttentionBackend.default,
+        diffusers="0.35",  # set_attention_backend
+        families=DISPATCHER_FAMILIES,
+        instead="Only Flux's processors call diffusers' dispatcher (SD3's call torch SDPA directly; UNets use "
+                "attention.processor and attention.sdpa_backend): leave attention.backend=default there",
+    ),
+    Requirement(
+        "attention.backend=native_efficient, native_cudnn, flash, flash_3, sage, xformers",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.native_efficient, AttentionBackend.native_cudnn, AttentionBackend.flash,
+                           AttentionBackend.flash_3, AttentionBackend.sage, AttentionBackend.xformers),
+        cuda=True,
+        instead=_CPU_BACKENDS,
+    ),
+    Requirement(
+        "attention.backend=native_flash (on CUDA)",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.native_flash),
+        min_capability=(8, 0),
+        instead="Use attention.backend=native_efficient on pre-Ampere GPUs",
+    ),
+    Requirement(
+        "attention.backend=flash",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.flash),
+        package="flash_attn",
+        instead="pip install flash-attn (>= 2.6.3), or use attention.backend=native_flash",
+    ),
+    Requirement(
+        "attention.backend=flash_3",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.flash_3),
+        package="flash_attn_interface",
+        min_capability=(9, 0),
+        instead="FlashAttention-3 is built from source for Hopper; use attention.backend=flash or native_flash",
+    ),
+    Requirement(
+        "attention.backend=sage",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.sage),
+        package="sageattention",
+        instead="pip install sageattention (>= 2.1.1), or use attention.backend=native_flash",
+    ),
+    Requirement(
+        "attention.backend=xformers",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.xformers),
+        package="xformers",
+        instead="pip install xformers, or use attention.backend=native_efficient",
     ),
     Requirement(
         "cache=first_block",

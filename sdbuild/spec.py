@@ -41,6 +41,23 @@ class SdpaBackend(enum.Enum):
     cudnn = "CUDNN_ATTENTION"
 
 
+class AttentionBackend(enum.Enum):
+    """diffusers' attention dispatcher backend (`set_attention_backend`), for transformers whose
+    processors call it. Values are diffusers' names; `_hub` backends download kernels: not offered."""
+
+    default = "default"  # none set: the dispatcher's active backend (native SDPA)
+    native = "native"  # torch SDPA, PyTorch picks the kernel
+    native_math = "_native_math"  # torch SDPA pinned to its math kernel
+    native_flash = "_native_flash"  # torch SDPA pinned to FlashAttention (a CPU flash kernel too)
+    native_efficient = "_native_efficient"  # torch SDPA pinned to the memory-efficient kernel (CUDA)
+    native_cudnn = "_native_cudnn"  # torch SDPA pinned to cuDNN attention (CUDA)
+    flex = "flex"  # torch flex_attention (unfused without torch.compile)
+    flash = "flash"  # the flash-attn package (FlashAttention-2)
+    flash_3 = "_flash_3"  # FlashAttention-3 (flash_attn_interface, Hopper)
+    sage = "sage"  # the sageattention package (quantized QK)
+    xformers = "xformers"  # xformers.ops.memory_efficient_attention
+
+
 class CompileMethod(enum.Enum):
     none = "none"
     trace = "trace"  # torch.jit.trace, the seed's traced UNet
@@ -136,6 +153,7 @@ class AttentionSpec:
     sdpa_backend: SdpaBackend = SdpaBackend.auto
     fuse_qkv: bool = False  # pipe.fuse_qkv_projections()
     slice_size: Optional[str] = None  # attention slicing: "auto", "max" or a number of heads
+    backend: AttentionBackend = AttentionBackend.default  # the dispatcher's backend (Flux's transformer)
 
 
 @dataclass

@@ -29,6 +29,7 @@ class Family:
     guidance_distilled: bool = False  # guidance is an input embedding, no classifier-free guidance batch
     packed_latents: bool = False  # the pipeline takes latents as a sequence of 2x2 patches (Flux)
     cache_hooks: bool = False  # diffusers' cache hooks run on it (CacheMixin, and its pipeline sets a cache context)
+    dispatcher: bool = False  # its attention processors call diffusers' attention dispatcher (set_attention_backend)
     load_kwargs: Tuple[Tuple[str, Any], ...] = ()  # extra from_pretrained arguments
 
     @property
@@ -48,14 +49,16 @@ FAMILIES: Dict[ModelFamily, Family] = {
                              ("unet", "vae", "text_encoder", "text_encoder_2"), UNET_SCHEDULERS),
     ModelFamily.flux: Family(ModelFamily.flux, "FluxPipeline", "transformer",
                              ("transformer", "vae", "text_encoder", "text_encoder_2"), FLOW_SCHEDULERS,
-                             guidance_distilled=True, packed_latents=True, cache_hooks=True),
-    # diffusers 0.42: SD3Transformer2DModel has no CacheMixin and StableDiffusion3Pipeline sets no cache context.
+                             guidance_distilled=True, packed_latents=True, cache_hooks=True, dispatcher=True),
+    # diffusers 0.42: SD3Transformer2DModel has no CacheMixin and StableDiffusion3Pipeline sets no cache context;
+    # its JointAttnProcessor2_0 calls torch's SDPA directly, not the dispatcher.
     ModelFamily.sd3: Family(ModelFamily.sd3, "StableDiffusion3Pipeline", "transformer",
                             ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), FLOW_SCHEDULERS),
 }
 
 TRANSFORMER_FAMILIES = tuple(f.family for f in FAMILIES.values() if f.transformer)
 CACHE_FAMILIES = tuple(f.family for f in FAMILIES.values() if f.cache_hooks)
+DISPATCHER_FAMILIES = tuple(f.family for f in FAMILIES.values() if f.dispatcher)
 UNET_FAMILIES = tuple(f.family for f in FAMILIES.values() if not f.transformer)
 
 
