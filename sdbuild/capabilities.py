@@ -206,6 +206,22 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         instead="SD 1.x and SDXL use scheduler=ddim, dpmpp_2m or euler",
     ),
     Requirement(
+        "cache=deepcache",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.deepcache,
+        package="DeepCache",
+        families=UNET_FAMILIES,
+        instead="pip install DeepCache (or the unetcache extra); on a transformer use cache=first_block or taylorseer",
+    ),
+    Requirement(
+        "cache=tome",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.tome,
+        package="tomesd",
+        families=UNET_FAMILIES,
+        instead="pip install tomesd (or the unetcache extra); on a transformer use cache=first_block or taylorseer",
+    ),
+    Requirement(
         "attention.backend (diffusers' attention dispatcher)",
         "attention",
         lambda s: s.attention.backend is not AttentionBackend.default,
@@ -371,6 +387,19 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Flux is guidance-distilled: guidance_scale is an input embedding, there is no unconditional pass for a "
         "negative prompt to steer",
         "Leave run.negative_prompt unset with Flux",
+    ),
+    Exclusion(
+        "cache=deepcache with compile other than none",
+        lambda s: s.cache.method is CacheMethod.deepcache and s.compile.method is not CompileMethod.none,
+        "DeepCache decides in Python, step by step, which UNet blocks run; a traced, exported or compiled UNet "
+        "would freeze one path (or recompile at every switch)",
+        "Use compile=none with cache=deepcache",
+    ),
+    Exclusion(
+        "cache=tome with compile=trace or export",
+        lambda s: s.cache.method is CacheMethod.tome and _fixed_graph(s),
+        "ToMe chooses which tokens to merge from the activations at every call; a fixed graph would replay one choice",
+        "Use compile=none or inductor with cache=tome",
     ),
     Exclusion(
         "vae=tiny with a pretrained model and no vae.path",

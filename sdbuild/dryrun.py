@@ -60,6 +60,10 @@ def cache_knobs(spec: Spec) -> str:
     c = spec.cache
     if c.method is CacheMethod.first_block:
         return f"threshold {c.threshold}"
+    if c.method is CacheMethod.deepcache:
+        return f"full UNet every {c.interval} steps, branch {c.branch}"
+    if c.method is CacheMethod.tome:
+        return f"merge ratio {c.ratio}"
     return f"full step every {c.interval} after {c.warmup_steps}, Taylor order {c.order}"
 
 

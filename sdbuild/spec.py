@@ -124,6 +124,8 @@ class CacheMethod(enum.Enum):
     none = "none"
     first_block = "first_block"  # FirstBlockCacheConfig: skip the other blocks while the first one's residual barely moves
     taylorseer = "taylorseer"  # TaylorSeerCacheConfig: predict block outputs by a Taylor series between full steps
+    deepcache = "deepcache"  # DeepCache (UNets): reuse the deep UNet features between full steps
+    tome = "tome"  # token merging for SD (UNets): merge similar tokens before self-attention
 
 
 class Device(enum.Enum):
@@ -212,6 +214,8 @@ class CacheSpec:
     interval: int = 5  # taylorseer: a full computation every `interval` steps, predictions in between
     warmup_steps: int = 3  # taylorseer: full computation for the first steps (gathers the Taylor factors)
     order: int = 1  # taylorseer: highest order of the Taylor expansion
+    branch: int = 0  # deepcache: the skip branch whose shallow layers still run on cached steps (0: the shallowest)
+    ratio: float = 0.5  # tome: share of the self-attention tokens merged away
 
 
 @dataclass

@@ -22,7 +22,8 @@ from .errors import SpecError, problem
 from .models import model_problems
 from .spec import Device, Spec, value_problems
 
-OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao", "flash_attn", "flash_attn_interface", "sageattention")
+OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao", "flash_attn", "flash_attn_interface", "sageattention",
+                     "DeepCache", "tomesd")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The cache group on the tiny Flux: each option does less work over a 20-step call, exactly as it
+"""The cache group on the tiny Flux (and, for DeepCache and ToMe, the tiny SD 1.x): each option does less work over a 20-step call, exactly as it
 promises, and its image moves from the no-cache image by no more than the stated PSNR."""
 
 import numpy as np
@@ -10,13 +10,15 @@ from sdbuild.errors import SpecError
 from sdbuild.fidelity import compare
 from sdbuild.validate import validate
 
+from conftest import needs_packages
 from helpers import CPU, composed, run
 
 STEPS = 20
-# Measured on the tiny Flux (random weights, 20 steps, seed 0): first_block at threshold 0.5 ~52 dB,
-# taylorseer (interval 5, 3 warmup steps, order 1) ~61 dB. The bounds leave room for other
+# Measured (random weights, 20 steps, seed 0): on the tiny Flux first_block at threshold 0.5 ~52 dB,
+# taylorseer (interval 5, 3 warmup steps, order 1) ~61 dB; on the tiny SD 1.x deepcache (interval 3,
+# branch 0) ~36 dB, tome (ratio 0.5) ~41 dB. The bounds leave room for other
 # platforms' float rounding, not for a lever that breaks the image.
-MIN_PSNR_DB = {"first_block": 35.0, "taylorseer": 40.0}
+MIN_PSNR_DB = {"first_block": 35.0, "taylorseer": 40.0, "deepcache": 28.0, "tome": 33.0}
 # The tiny model's random weights move the first block's residual by more than diffusers' default
 # threshold (0.05) at every step, so nothing would be skipped; 0.5 lets it skip (see docs/models-and-caching.md).
 TINY_THRESHOLD = "cache.threshold=0.5"
@@ -117,3 +119,77 @@ def test_the_report_compares_a_cache_row_with_the_no_cache_baseline():
     cached = {"spec": spec_to_dict(sdbuild.compose(["model=tiny_flux", "cache=taylorseer"]))}
     older = {"spec": {k: v for k, v in plain["spec"].items() if k != "cache"}}  # a row from before the group
     assert is_reference(plain) and not is_reference(cached) and is_reference(older)
+
+
+# UNet caches (the unetcache extra): DeepCache and ToMe through their packages, on the tiny SD 1.x model.
+
+def unet_counts(pipe) -> dict:
+    """Forward calls of the UNet's down-block resnets and of its mid block's first resnet, and the token counts
+    self-attention sees in the first down block."""
+    count = {"down": 0, "mid": 0, "tokens": []}
+    for block in pipe.unet.down_blocks:
+        for resnet in block.resnets:
+            resnet.register_forward_hook(lambda *_: count.__setitem__("down", count["down"] + 1))
+    # inside the mid block: DeepCache wraps the block's own forward, so a hook on the block would see
+    # calls answered from its cache too
+    pipe.unet.mid_block.resnets[0].register_forward_hook(lambda *_: count.__setitem__("mid", count["mid"] + 1))
+    attn1 = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    attn1.register_forward_pre_hook(lambda module, args: count["tokens"].append(args[0].shape[1]))
+    return count
+
+
+def unet_run(*overrides, twice=False):
+    spec = sdbuild.compose(["model=tiny", f"run.steps={STEPS}", "run.warmup=0", "run.repeats=1", *overrides])
+    pipe, _ = build_pipeline(spec)
+    count = unet_counts(pipe)
+    images = run(spec, pipe)
+    if twice:
+        first = dict(count, tokens=list(count["tokens"]))
+        np.testing.assert_array_equal(images, run(spec, pipe))  # every call starts afresh
+        assert count["down"] == 2 * first["down"] and count["mid"] == 2 * first["mid"]
+        count = first
+    return count, images, pipe
+
+
+@pytest.fixture(scope="module")
+def unet_no_cache():
+    count, images, pipe = unet_run()
+    resnets = sum(len(b.resnets) for b in pipe.unet.down_blocks)
+    assert count["down"] == STEPS * resnets and count["mid"] == STEPS
+    return count, images, resnets
+
+
+@needs_packages("DeepCache", install='pip install -e ".[unetcache]"')
+@pytest.mark.parametrize("interval", [3, 5])
+def test_deepcache_runs_the_deep_unet_only_every_interval_steps(unet_no_cache, interval):
+    base, base_images, resnets = unet_no_cache
+    count, images, _ = unet_run("cache=deepcache", f"cache.interval={interval}", twice=interval == 3)
+    full_steps = len(range(0, STEPS, interval))  # steps 0, interval, 2 * interval, ...
+    # branch 0: on cached steps no down-block resnet and no mid block runs
+    assert count["mid"] == full_steps and count["down"] == full_steps * resnets < base["down"]
+    assert np.abs(images - base_images).max() > 0
+    assert psnr(images, base_images) >= MIN_PSNR_DB["deepcache"]
+
+
+@needs_packages("tomesd", install='pip install -e ".[unetcache]"')
+def test_tome_merges_the_tokens_self_attention_sees(unet_no_cache):
+    base, base_images, _ = unet_no_cache
+    count, images, _ = unet_run("cache=tome", "cache.ratio=0.5", twice=True)
+    assert set(base["tokens"]) == {64}  # 64x64 image: 8x8 latent tokens
+    assert set(count["tokens"]) == {32} and len(count["tokens"]) == STEPS  # half merged away (CFG: one batch)
+    assert count["down"] == base["down"]  # ToMe does not skip blocks
+    assert np.abs(images - base_images).max() > 0
+    assert psnr(images, base_images) >= MIN_PSNR_DB["tome"]
+
+
+@pytest.mark.parametrize("option", ["deepcache", "tome"])
+def test_a_unet_cache_on_a_transformer_is_refused(option):
+    with pytest.raises(SpecError) as err:
+        validate(composed("model=tiny_flux", f"cache={option}"), CPU)
+    assert "model family sd15/sdxl" in str(err.value) and "cache=first_block or taylorseer" in str(err.value)
+
+
+def test_deepcache_with_a_compiled_unet_is_refused():
+    with pytest.raises(SpecError) as err:
+        validate(composed("cache=deepcache", "compile=trace"), CPU)
+    assert "Use compile=none with cache=deepcache" in str(err.value)

@@ -1,7 +1,7 @@
-"""The `cache` group: step caching through diffusers' cache hooks (`CacheMixin.enable_cache`).
+"""The `cache` group: step caching through diffusers' cache hooks (`CacheMixin.enable_cache`) on
+transformers, and for UNets DeepCache and token merging (ToMe) through their packages.
 
-Each option reuses work of earlier denoising steps instead of computing every transformer block at
-every step, so each is lossy: a row's image moves away from the no-cache image of the same model,
+Each option skips or approximates work (earlier steps' block outputs, merged tokens), so each is lossy: a row's image moves away from the no-cache image of the same model,
 and the report and the ladder measure by how much (PSNR, SSIM). Which family each option needs is
 in sdbuild/capabilities.py; a wrong family is refused there before weights load.
 
@@ -10,8 +10,6 @@ every pipeline call (`maybe_free_model_hooks`), so warmup and timed calls all st
 """
 
 from __future__ import annotations
-
-from typing import Any, Dict
 
 from ..spec import CacheMethod, CacheSpec, Spec
 
@@ -31,10 +29,37 @@ def cache_config(cache: CacheSpec):
     raise ValueError(f"no diffusers cache config for cache={cache.method.name}")
 
 
-def apply_cache(pipe, spec: Spec) -> Dict[str, Any]:
-    """Enable the cache on the pipeline's transformer; returns what the row records (empty: none)."""
-    if spec.cache.method is CacheMethod.none:
-        return {}
-    config = cache_config(spec.cache)
-    pipe.transformer.enable_cache(config)
-    return {"method": spec.cache.method.name, "config": repr(config)}
+def apply_cache(pipe, spec: Spec) -> None:
+    """Install the chosen cache: diffusers' hooks on a transformer, DeepCache or ToMe on a UNet."""
+    method = spec.cache.method
+    if method is CacheMethod.none:
+        return
+    if method is CacheMethod.deepcache:
+        apply_deepcache(pipe, spec.cache)
+    elif method is CacheMethod.tome:
+        apply_tome(pipe, spec.cache)
+    else:
+        pipe.transformer.enable_cache(cache_config(spec.cache))
+
+
+def apply_deepcache(pipe, cache: CacheSpec) -> None:
+    """DeepCache (Ma, Fang, Wang, CVPR 2024, arXiv:2312.00858) through its package's helper: every
+    `cache.interval`-th step runs the whole UNet; the others run only the shallow layers of skip
+    branch `cache.branch` and reuse the deep features of the last full step. The helper wraps the
+    UNet's and its blocks' forward methods; the first step of every call is a full one, so each call
+    starts afresh."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=cache.interval, cache_branch_id=cache.branch)
+    helper.enable()
+
+
+def apply_tome(pipe, cache: CacheSpec) -> None:
+    """Token merging for SD (Bolya, Hoffman, 2023, arXiv:2303.17604) through the tomesd package: in
+    the UNet's highest-resolution transformer blocks, `cache.ratio` of the tokens are merged into
+    similar ones before self-attention and unmerged after. Deterministic merges (use_rand=False), so
+    every call of a run, and every run of the same spec, merges the same tokens."""
+    import tomesd
+
+    tomesd.apply_patch(pipe, ratio=cache.ratio, use_rand=False)
