@@ -274,6 +274,20 @@ def compile_cache_stats(spec: Spec, before: Dict[str, int]) -> Optional[Dict[str
     return {"dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), **{k: after[k] - before[k] for k in CACHE_COUNTERS}}
 
 
+def pipeline_call(spec: Spec, pipe):
+    """What the measurement calls: the pipeline, under torch.inference_mode when run.inference_mode."""
+    if not spec.run.inference_mode:
+        return pipe
+
+    def call(**kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return pipe(**kwargs)
+
+    return call
+
+
 def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool,
                        reuse_weights: bool) -> Dict[str, Any]:
     from .builder import build_pipeline
@@ -286,7 +300,7 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
                     "runs include compile time. Use run.warmup=1 or more for steady-state latency.", spec.compile.name)
     counters_before = inductor_counters()
     pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
-    m = measure(pipe, lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
+    m = measure(pipeline_call(spec, pipe), lambda: call_kwargs(spec, pipe, device), device, spec.run.warmup, spec.run.repeats,
                 label=label, show_progress=show_progress, max_warmup=spec.run.max_warmup)
     fields: Dict[str, Any] = dict(
         latency_s=results.latency_stats(m.runs_s), warmup_s=sum(m.warmup_s), warmup_runs_s=m.warmup_s,

@@ -233,6 +233,9 @@ class RunSpec:
     max_warmup: int = 5  # warmup goes on while a call still compiles / records CUDA graphs, up to this many
     repeats: int = 3
     save_image: bool = True
+    # Call the pipeline under torch.inference_mode (on top of its own no_grad): no version counters or
+    # view tracking. Pixels identical on every CPU path tested (tests/test_run.py); off: no_grad only.
+    inference_mode: bool = True
 
 
 @dataclass
