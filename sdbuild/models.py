@@ -239,6 +239,22 @@ def _text_encoder(cls, config: Dict[str, Any], vocab: Dict[str, int]):
     return cls(CLIPTextConfig(bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, **config)).eval()
 
 
+def seeded(**builders):
+    """name -> (seed, build) in, name -> built module out: each built right after `torch.manual_seed(seed)`,
+    in the order given, so random weights are the same on every machine; the caller's RNG is left as it was."""
+    import torch
+
+    state = torch.random.get_rng_state()
+    try:
+        built = {}
+        for name, (seed, build) in builders.items():
+            torch.manual_seed(seed)
+            built[name] = build()
+        return built
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def build_random_pipeline(name: str):
     """Build a pipeline with random weights (fixed seeds): SD 1.x or SDXL from RANDOM_MODELS, a
     transformer family from its own module (sdbuild/families)."""
@@ -249,32 +265,20 @@ def build_random_pipeline(name: str):
         return build_random_flux(name)
     if name in RANDOM_SD3:
         return build_random_sd3(name)
-    import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = RANDOM_MODELS[name]
     tokenizer, vocab = _random_tokenizer()
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**cfg["unet"])
-        torch.manual_seed(1)
-        vae = AutoencoderKL(**cfg["vae"])
-        torch.manual_seed(2)
-        text_encoder = _text_encoder(CLIPTextModel, cfg["text"], vocab)
-        torch.manual_seed(4)
-        text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, cfg["text_2"], vocab) if "text_2" in cfg else None
-    finally:
-        torch.random.set_rng_state(state)
+    parts = seeded(unet=(0, lambda: UNet2DConditionModel(**cfg["unet"])), vae=(1, lambda: AutoencoderKL(**cfg["vae"])),
+                   text_encoder=(2, lambda: _text_encoder(CLIPTextModel, cfg["text"], vocab)))
     scheduler = DDIMScheduler(**cfg["scheduler"])
-    if text_encoder_2 is not None:
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if "text_2" in cfg:
+        parts.update(seeded(text_encoder_2=(4, lambda: _text_encoder(CLIPTextModelWithProjection, cfg["text_2"], vocab))))
+        return StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler)
+    return StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
 
 
 def save_random_pipeline(name: str, folder: Path) -> None:

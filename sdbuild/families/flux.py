@@ -70,27 +70,17 @@ def t5_encoder(config: Dict[str, Any], tokenizer):
 
 def build_random_flux(name: str):
     """A FluxPipeline with random weights (fixed seeds) from RANDOM_FLUX."""
-    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    from ..models import _random_tokenizer, _text_encoder
+    from ..models import _random_tokenizer, _text_encoder, seeded
 
     cfg = RANDOM_FLUX[name]
     clip_tokenizer, vocab = _random_tokenizer()
     tokenizer_2 = t5_tokenizer()
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(0)
-        transformer = FluxTransformer2DModel(**cfg["transformer"])
-        torch.manual_seed(1)
-        vae = AutoencoderKL(**cfg["vae"])
-        torch.manual_seed(2)
-        text_encoder = _text_encoder(CLIPTextModel, cfg["clip"], vocab)
-        torch.manual_seed(4)
-        text_encoder_2 = t5_encoder(cfg["t5"], tokenizer_2)
-    finally:
-        torch.random.set_rng_state(state)
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]), vae=vae,
-                        text_encoder=text_encoder, tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2,
-                        tokenizer_2=tokenizer_2, transformer=transformer)
+    parts = seeded(transformer=(0, lambda: FluxTransformer2DModel(**cfg["transformer"])),
+                   vae=(1, lambda: AutoencoderKL(**cfg["vae"])),
+                   text_encoder=(2, lambda: _text_encoder(CLIPTextModel, cfg["clip"], vocab)),
+                   text_encoder_2=(4, lambda: t5_encoder(cfg["t5"], tokenizer_2)))
+    return FluxPipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]), tokenizer=clip_tokenizer,
+                        tokenizer_2=tokenizer_2)

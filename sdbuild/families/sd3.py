@@ -51,30 +51,18 @@ RANDOM_SD3: Dict[str, Dict[str, Any]] = {
 
 def build_random_sd3(name: str):
     """A StableDiffusion3Pipeline with random weights (fixed seeds) from RANDOM_SD3."""
-    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    from ..models import _random_tokenizer, _text_encoder
+    from ..models import _random_tokenizer, _text_encoder, seeded
 
     cfg = RANDOM_SD3[name]
     clip_tokenizer, vocab = _random_tokenizer()
     tokenizer_3 = t5_tokenizer(256)
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(0)
-        transformer = SD3Transformer2DModel(**cfg["transformer"])
-        torch.manual_seed(1)
-        vae = AutoencoderKL(**cfg["vae"])
-        torch.manual_seed(2)
-        text_encoder = _text_encoder(CLIPTextModelWithProjection, cfg["clip_l"], vocab)
-        torch.manual_seed(4)
-        text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, cfg["clip_g"], vocab)
-        torch.manual_seed(5)
-        text_encoder_3 = t5_encoder(cfg["t5"], tokenizer_3)
-    finally:
-        torch.random.set_rng_state(state)
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
-                                    vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer,
-                                    text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer,
-                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    parts = seeded(transformer=(0, lambda: SD3Transformer2DModel(**cfg["transformer"])),
+                   vae=(1, lambda: AutoencoderKL(**cfg["vae"])),
+                   text_encoder=(2, lambda: _text_encoder(CLIPTextModelWithProjection, cfg["clip_l"], vocab)),
+                   text_encoder_2=(4, lambda: _text_encoder(CLIPTextModelWithProjection, cfg["clip_g"], vocab)),
+                   text_encoder_3=(5, lambda: t5_encoder(cfg["t5"], tokenizer_3)))
+    return StableDiffusion3Pipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
+                                    tokenizer=clip_tokenizer, tokenizer_2=clip_tokenizer, tokenizer_3=tokenizer_3)
