@@ -12,7 +12,8 @@ The order is fixed and each step only does what its config group says:
 5. ``apply_vae_memory``     VAE slicing / tiling
 6. ``place``                moved to the device, or offloaded (``memory`` group): after every
                             change to the modules, which offload hooks would otherwise undo
-7. ``apply_cache``          step caching hooks on the transformer (sdbuild/levers/cache.py)
+7. ``apply_cache``          step caching: diffusers' hooks on a transformer, DeepCache or ToMe
+                            on a UNet (sdbuild/levers/cache.py)
 8. ``apply_compile``        torch.jit.trace or torch.export (AOTInductor) of the UNet, or
                             torch.compile of the chosen modules
 

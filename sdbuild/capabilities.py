@@ -376,6 +376,12 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use compile=inductor or compile=regional for a transformer",
     ),
     Exclusion(
+        "compile=regional with model family sd3",
+        lambda s: s.compile.regional and s.model.family is ModelFamily.sd3,
+        "SD3Transformer2DModel names no repeated blocks (_repeated_blocks) for compile_repeated_blocks in diffusers 0.42",
+        "Use compile=inductor (the whole transformer) for SD3",
+    ),
+    Exclusion(
         "vae=tiny with a transformer family (flux, sd3)",
         lambda s: s.vae.kind is VaeKind.tiny and _transformer(s),
         "AutoencoderTiny here is TAESD, for 4-channel latents; Flux's and SD3's latents have 16 channels",

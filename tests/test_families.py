@@ -76,6 +76,7 @@ def test_flux_guidance_is_an_embedding_not_a_second_batch(shared_pipeline):
     (("model=tiny_flux", "attention=sdpa_fused"), "attention=classic or sdpa"),
     (("model=tiny_flux", "vae=tiny"), "Use vae=full"),
     (("model=tiny_flux", "run.negative_prompt=blurry"), "Leave run.negative_prompt unset"),
+    (("model=tiny_sd3", "compile=regional"), "Use compile=inductor (the whole transformer) for SD3"),
 ])
 def test_wrong_family_combinations_are_refused_with_what_to_use(overrides, says):
     with pytest.raises(SpecError) as err:
@@ -145,3 +146,13 @@ def test_an_sd3_model_defaults_to_flow_matching_and_refuses_ddim():
     with pytest.raises(SpecError) as err:
         validate(composed("model=tiny_sd3", "cache=first_block"), CPU)
     assert "model family flux" in str(err.value) and "SD3's transformer has no CacheMixin" in str(err.value)
+
+
+def test_compile_targets_the_transformer(shared_pipeline):
+    """compile=inductor / regional reach Flux's transformer (read back without compiling: no call)."""
+    _, pipe, _ = shared_pipeline("model=tiny_flux", "compile=regional")
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert pipe.transformer._compiled_call_impl is None  # regional: the blocks, not the whole model
+    _, pipe, _ = shared_pipeline("model=tiny_flux", "compile=inductor")
+    assert pipe.transformer._compiled_call_impl is not None
