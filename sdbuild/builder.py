@@ -9,7 +9,8 @@ The order is fixed and each step only does what its config group says:
 3. ``apply_attention``      attention processor, fused QKV, slicing, SDPA kernel pin (UNets);
                             the transformer families' own processors, recorded
 4. ``apply_memory_format``  channels-last conv weights
-5. ``apply_vae_memory``     VAE slicing / tiling
+5. ``apply_vae_memory``     VAE slicing / tiling; the denoiser's weights stored in fp8
+                            (``apply_layerwise_casting``, sdbuild/levers/layerwise.py)
 6. ``place``                moved to the device, or offloaded (``memory`` group): after every
                             change to the modules, which offload hooks would otherwise undo
 7. ``apply_cache``          step caching: diffusers' hooks on a transformer, DeepCache or ToMe
@@ -36,6 +37,7 @@ import torch
 from .families import denoiser, family_of
 from .levers.attention import transformer_attention
 from .levers.cache import apply_cache
+from .levers.layerwise import apply_layerwise_casting
 from .models import ensure_model, local_folder
 from .quiet import quiet_imports
 from .spec import (
@@ -127,6 +129,7 @@ BUILD_STEPS = (
     _attention_step,
     lambda pipe, spec, device, info: apply_memory_format(pipe, spec),
     lambda pipe, spec, device, info: apply_vae_memory(pipe, spec),
+    lambda pipe, spec, device, info: apply_layerwise_casting(pipe, spec),
     lambda pipe, spec, device, info: place(pipe, spec, device),
     _cache_step,
     _compile_step,

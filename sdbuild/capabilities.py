@@ -162,6 +162,13 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         instead="Offloading moves weights between CPU and GPU; on CPU use memory=none",
     ),
     Requirement(
+        "memory.layerwise_fp8=true",
+        "memory",
+        lambda s: s.memory.layerwise_fp8,
+        diffusers="0.34",  # enable_layerwise_casting
+        instead="Use memory=none (or quant=int8wo for smaller weights)",
+    ),
+    Requirement(
         "memory.offload=group",
         "memory",
         lambda s: s.memory.offload is Offload.group,
@@ -374,6 +381,13 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         lambda s: _fixed_graph(s) and _transformer(s),
         "the fixed-shape graph recipes replace a UNet called with (sample, timestep, encoder_hidden_states)",
         "Use compile=inductor or compile=regional for a transformer",
+    ),
+    Exclusion(
+        "memory.layerwise_fp8=true with quant or compile=trace/export",
+        lambda s: s.memory.layerwise_fp8 and (s.quant.method is not Quant.none or _fixed_graph(s)),
+        "layerwise casting keeps float8 weights and casts them in hooks around each layer: quantized weights have "
+        "their own storage, and a fixed graph would bake in one cast",
+        "Use memory=layerwise_fp8 with quant=none and compile=none or inductor",
     ),
     Exclusion(
         "compile=regional with model family sd3",

@@ -176,6 +176,9 @@ class MemorySpec:
     vae_slicing: bool = False
     vae_tiling: bool = False
     offload: Offload = Offload.none
+    # The denoiser's weights stored in float8 (e4m3), each layer cast to the precision's dtype while it
+    # runs (diffusers enable_layerwise_casting): about half of bf16's weight memory, lossy.
+    layerwise_fp8: bool = False
 
 
 @dataclass
