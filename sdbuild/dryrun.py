@@ -48,7 +48,8 @@ def plan(spec: Spec, device: str) -> list[str]:
         + (f", SDPA kernel {a.sdpa_backend.value}" if a.sdpa_backend is not SdpaBackend.auto else "")
         + (", fused QKV" if a.fuse_qkv else "") + (f", slicing {a.slice_size}" if a.slice_size is not None else ""),
         f"5. memory format: {spec.memory_format.format.name}",
-        f"6. VAE memory: slicing {'on' if m.vae_slicing else 'off'}, tiling {'on' if m.vae_tiling else 'off'}",
+        f"6. VAE memory: slicing {'on' if m.vae_slicing else 'off'}, tiling {'on' if m.vae_tiling else 'off'}"
+        + ("; denoiser weights stored in float8 (layerwise casting)" if m.layerwise_fp8 else ""),
         f"7. cache: {spec.cache.method.name}" + (f" ({cache_knobs(spec)})" if spec.cache.method is not CacheMethod.none else ""),
         f"8. compile: {compiled}",
         f"run: {run.steps} steps at {h}x{w}, batch {run.batch_size}, guidance {run.guidance_scale}, seed {run.seed}; "
