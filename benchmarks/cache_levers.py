@@ -24,6 +24,7 @@ TRANSFORMER_CANDIDATES = {
     "first_block (threshold 0.5)": ["cache=first_block", "cache.threshold=0.5"],
     "first_block (threshold 0.05, default)": ["cache=first_block"],
     "taylorseer (interval 5, warmup 3)": ["cache=taylorseer"],
+    "pab (interval 2, timesteps 100-800)": ["cache=pab"],
 }
 UNET_CANDIDATES = {  # needs the unetcache extra
     "none": ["cache=none"],

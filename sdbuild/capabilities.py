@@ -213,6 +213,14 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         instead="SD 1.x and SDXL use scheduler=ddim, dpmpp_2m or euler",
     ),
     Requirement(
+        "cache=pab",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.pab,
+        diffusers="0.34",  # PyramidAttentionBroadcastConfig
+        families=CACHE_FAMILIES,
+        instead=_CACHE_INSTEAD,
+    ),
+    Requirement(
         "cache=deepcache",
         "cache",
         lambda s: s.cache.method is CacheMethod.deepcache,

@@ -124,6 +124,7 @@ class CacheMethod(enum.Enum):
     none = "none"
     first_block = "first_block"  # FirstBlockCacheConfig: skip the other blocks while the first one's residual barely moves
     taylorseer = "taylorseer"  # TaylorSeerCacheConfig: predict block outputs by a Taylor series between full steps
+    pab = "pab"  # PyramidAttentionBroadcastConfig: reuse attention outputs within a timestep range
     deepcache = "deepcache"  # DeepCache (UNets): reuse the deep UNet features between full steps
     tome = "tome"  # token merging for SD (UNets): merge similar tokens before self-attention
 
@@ -219,6 +220,8 @@ class CacheSpec:
     order: int = 1  # taylorseer: highest order of the Taylor expansion
     branch: int = 0  # deepcache: the skip branch whose shallow layers still run on cached steps (0: the shallowest)
     ratio: float = 0.5  # tome: share of the self-attention tokens merged away
+    timestep_low: int = 100  # pab: attention is reused only at timesteps strictly between low and high
+    timestep_high: int = 800
 
 
 @dataclass

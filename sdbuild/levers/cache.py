@@ -14,10 +14,10 @@ from __future__ import annotations
 from ..spec import CacheMethod, CacheSpec, Spec
 
 
-def cache_config(cache: CacheSpec):
+def cache_config(cache: CacheSpec, current_timestep=None):
     """The diffusers config object of the chosen cache, its knobs from the spec's fields."""
     import torch
-    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
 
     if cache.method is CacheMethod.first_block:
         return FirstBlockCacheConfig(threshold=cache.threshold)
@@ -26,6 +26,11 @@ def cache_config(cache: CacheSpec):
         # lever's error on an fp32 pipeline.
         return TaylorSeerCacheConfig(cache_interval=cache.interval, disable_cache_before_step=cache.warmup_steps,
                                      max_order=cache.order, taylor_factors_dtype=torch.float32)
+    if cache.method is CacheMethod.pab:
+        return PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=cache.interval,
+            spatial_attention_timestep_skip_range=(cache.timestep_low, cache.timestep_high),
+            current_timestep_callback=current_timestep)
     raise ValueError(f"no diffusers cache config for cache={cache.method.name}")
 
 
@@ -39,7 +44,7 @@ def apply_cache(pipe, spec: Spec) -> None:
     elif method is CacheMethod.tome:
         apply_tome(pipe, spec.cache)
     else:
-        pipe.transformer.enable_cache(cache_config(spec.cache))
+        pipe.transformer.enable_cache(cache_config(spec.cache, current_timestep=lambda: pipe.current_timestep))
 
 
 def apply_deepcache(pipe, cache: CacheSpec) -> None:
