@@ -25,6 +25,7 @@ TRANSFORMER_CANDIDATES = {
     "first_block (threshold 0.05, default)": ["cache=first_block"],
     "taylorseer (interval 5, warmup 3)": ["cache=taylorseer"],
     "pab (interval 2, timesteps 100-800)": ["cache=pab"],
+    "mag_cache (threshold 0.06, FLUX.1-dev ratios)": ["cache=mag_cache"],
 }
 UNET_CANDIDATES = {  # needs the unetcache extra
     "none": ["cache=none"],

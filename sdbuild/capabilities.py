@@ -221,6 +221,14 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         instead=_CACHE_INSTEAD,
     ),
     Requirement(
+        "cache=mag_cache",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.mag_cache,
+        diffusers="0.37",  # MagCacheConfig
+        families=CACHE_FAMILIES,
+        instead=_CACHE_INSTEAD,
+    ),
+    Requirement(
         "cache=deepcache",
         "cache",
         lambda s: s.cache.method is CacheMethod.deepcache,

@@ -65,6 +65,8 @@ def cache_knobs(spec: Spec) -> str:
         return f"full UNet every {c.interval} steps, branch {c.branch}"
     if c.method is CacheMethod.tome:
         return f"merge ratio {c.ratio}"
+    if c.method is CacheMethod.mag_cache:
+        return f"threshold {c.threshold}, at most {c.max_skip_steps} steps skipped in a row, first {c.retention_ratio:.0%} kept"
     if c.method is CacheMethod.pab:
         return f"attention reused except every {c.interval}th step between timesteps {c.timestep_low} and {c.timestep_high}"
     return f"full step every {c.interval} after {c.warmup_steps}, Taylor order {c.order}"

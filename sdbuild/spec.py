@@ -125,6 +125,7 @@ class CacheMethod(enum.Enum):
     first_block = "first_block"  # FirstBlockCacheConfig: skip the other blocks while the first one's residual barely moves
     taylorseer = "taylorseer"  # TaylorSeerCacheConfig: predict block outputs by a Taylor series between full steps
     pab = "pab"  # PyramidAttentionBroadcastConfig: reuse attention outputs within a timestep range
+    mag_cache = "mag_cache"  # MagCacheConfig: skip steps while the accumulated residual magnitude error is small
     deepcache = "deepcache"  # DeepCache (UNets): reuse the deep UNet features between full steps
     tome = "tome"  # token merging for SD (UNets): merge similar tokens before self-attention
 
@@ -222,6 +223,8 @@ class CacheSpec:
     ratio: float = 0.5  # tome: share of the self-attention tokens merged away
     timestep_low: int = 100  # pab: attention is reused only at timesteps strictly between low and high
     timestep_high: int = 800
+    max_skip_steps: int = 3  # mag_cache: most consecutive steps skipped
+    retention_ratio: float = 0.2  # mag_cache: share of the first steps never skipped
 
 
 @dataclass

@@ -15,10 +15,10 @@ from helpers import CPU, composed, run
 
 STEPS = 20
 # Measured (random weights, 20 steps, seed 0): on the tiny Flux first_block at threshold 0.5 ~52 dB,
-# taylorseer (interval 5, 3 warmup steps, order 1) ~61 dB, pab ~66 dB; on the tiny SD 1.x deepcache (interval 3,
+# taylorseer (interval 5, 3 warmup steps, order 1) ~61 dB, pab ~66 dB, mag_cache ~55 dB; on the tiny SD 1.x deepcache (interval 3,
 # branch 0) ~36 dB, tome (ratio 0.5) ~41 dB. The bounds leave room for other
 # platforms' float rounding, not for a lever that breaks the image.
-MIN_PSNR_DB = {"first_block": 35.0, "taylorseer": 40.0, "pab": 45.0, "deepcache": 28.0, "tome": 33.0}
+MIN_PSNR_DB = {"first_block": 35.0, "taylorseer": 40.0, "pab": 45.0, "mag_cache": 45.0, "deepcache": 28.0, "tome": 33.0}
 # The tiny model's random weights move the first block's residual by more than diffusers' default
 # threshold (0.05) at every step, so nothing would be skipped; 0.5 lets it skip (see docs/models-and-caching.md).
 TINY_THRESHOLD = "cache.threshold=0.5"
@@ -204,3 +204,12 @@ def test_pab_reuses_attention_inside_its_timestep_range(no_cache):
     assert len(timesteps) == STEPS and calls == blocks * computed < base_calls
     assert np.abs(images - base_images).max() > 0
     assert psnr(images, base_images) >= MIN_PSNR_DB["pab"]
+
+
+def test_mag_cache_skips_whole_steps_after_its_retention_steps(no_cache):
+    base_calls, base_images, blocks = no_cache
+    calls, images, _ = counted_run("cache=mag_cache", twice=True)
+    kept = int(0.2 * STEPS)  # retention_ratio: the first steps always run
+    assert calls % blocks == 0 and kept * blocks <= calls < base_calls  # a skipped step skips every block
+    assert np.abs(images - base_images).max() > 0
+    assert psnr(images, base_images) >= MIN_PSNR_DB["mag_cache"]

@@ -14,10 +14,10 @@ from __future__ import annotations
 from ..spec import CacheMethod, CacheSpec, Spec
 
 
-def cache_config(cache: CacheSpec, current_timestep=None):
+def cache_config(cache: CacheSpec, current_timestep=None, steps: int = 0):
     """The diffusers config object of the chosen cache, its knobs from the spec's fields."""
     import torch
-    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
 
     if cache.method is CacheMethod.first_block:
         return FirstBlockCacheConfig(threshold=cache.threshold)
@@ -31,6 +31,13 @@ def cache_config(cache: CacheSpec, current_timestep=None):
             spatial_attention_block_skip_range=cache.interval,
             spatial_attention_timestep_skip_range=(cache.timestep_low, cache.timestep_high),
             current_timestep_callback=current_timestep)
+    if cache.method is CacheMethod.mag_cache:
+        # Magnitude ratios calibrated by diffusers on FLUX.1-dev, interpolated to the run's steps.
+        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+        return MagCacheConfig(threshold=cache.threshold, max_skip_steps=cache.max_skip_steps,
+                              retention_ratio=cache.retention_ratio, num_inference_steps=steps,
+                              mag_ratios=FLUX_MAG_RATIOS)
     raise ValueError(f"no diffusers cache config for cache={cache.method.name}")
 
 
@@ -44,7 +51,8 @@ def apply_cache(pipe, spec: Spec) -> None:
     elif method is CacheMethod.tome:
         apply_tome(pipe, spec.cache)
     else:
-        pipe.transformer.enable_cache(cache_config(spec.cache, current_timestep=lambda: pipe.current_timestep))
+        pipe.transformer.enable_cache(cache_config(spec.cache, current_timestep=lambda: pipe.current_timestep,
+                                                   steps=spec.run.steps))
 
 
 def apply_deepcache(pipe, cache: CacheSpec) -> None:
