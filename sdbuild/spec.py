@@ -119,7 +119,8 @@ class SchedulerKind(enum.Enum):
 
 
 class CacheMethod(enum.Enum):
-    """Step caching: reuse work of earlier denoising steps (diffusers' cache hooks)."""
+    """Step caching: reuse or approximate work of earlier denoising steps (diffusers' cache hooks on
+    Flux; the DeepCache and tomesd packages on UNets)."""
 
     none = "none"
     first_block = "first_block"  # FirstBlockCacheConfig: skip the other blocks while the first one's residual barely moves
@@ -215,8 +216,8 @@ class SchedulerSpec:
 class CacheSpec:
     name: str = "none"
     method: CacheMethod = CacheMethod.none
-    threshold: float = 0.05  # first_block: relative change of the first block's residual below which the rest is reused
-    interval: int = 5  # taylorseer: a full computation every `interval` steps, predictions in between
+    threshold: float = 0.05  # first_block: relative residual change below which the other blocks are reused; mag_cache: error bound
+    interval: int = 5  # taylorseer, deepcache, pab: a full computation every `interval` steps, reuse in between
     warmup_steps: int = 3  # taylorseer: full computation for the first steps (gathers the Taylor factors)
     order: int = 1  # taylorseer: highest order of the Taylor expansion
     branch: int = 0  # deepcache: the skip branch whose shallow layers still run on cached steps (0: the shallowest)
@@ -243,7 +244,7 @@ class RunSpec:
     repeats: int = 3
     save_image: bool = True
     # Call the pipeline under torch.inference_mode (on top of its own no_grad): no version counters or
-    # view tracking. Pixels identical on every CPU path tested (tests/test_run.py); off: no_grad only.
+    # view tracking. Pixels identical on every CPU path tested (tests/test_inference_mode.py); off: no_grad only.
     inference_mode: bool = True
 
 
