@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -19,13 +18,9 @@ from omegaconf import DictConfig
 
 from . import results
 from .results import Status
-from .spec import GROUPS, Spec, to_spec
+from .spec import GROUPS, to_spec
 
 log = logging.getLogger("sdbuild")
-CHILD_GRACE_S = 30  # how long an interrupted isolate=true child gets to write its own row
-# run.timeout_s's default for a sweep job under the basic launcher: generous (an SDXL-sized job on a
-# CPU takes most of an hour), only there to end a job that hangs instead of stalling the sweep.
-SWEEP_TIMEOUT_S = 4 * 3600.0
 
 
 def summary_line(row: Dict[str, Any]) -> str:
@@ -66,108 +61,6 @@ def interrupts_as_exceptions() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choices: Dict[str, str],
-                         job: Dict[str, Any], timeout_s: Optional[float] = None) -> Dict[str, Any]:
-    """`isolate=true` (and every sweep job with a time limit): run this sweep job as a single run in
-    a new Python process, into the same folder, and read back its row. The row is composed here
-    first, so a process that dies without writing one (a segfault, the OOM killer) still leaves a
-    `failed` row with its spec. The child is ended (SIGTERM, then SIGKILL after CHILD_GRACE_S, at
-    once on a second signal) when this process is interrupted, or when it runs past `timeout_s`:
-    then the row is `failed`, "timed out after N s", with what the child had measured."""
-    from .job import Interrupted, base_row, environment, make_room, settle_from_resume, write_row
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    job = {**job, "isolated": True, **({"timeout_s": timeout_s} if timeout_s else {})}
-    row = base_row(spec, choices, overrides, job)
-    if (settled := settle_from_resume(spec, out_dir, row)) is not None:
-        return settled  # nothing to measure: no process to start
-    make_room(out_dir, row["spec_key"])  # the child's row, or none: never an earlier sweep's
-    command = [sys.executable, "-m", "sdbuild", *overrides, "isolate=false", f"hydra.run.dir={out_dir}"]
-    log_path = out_dir / results.PROCESS_LOG
-    interrupted = timed_out = None
-    with open(log_path, "w") as log_file:
-        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        try:
-            returncode = child.wait(timeout_s or None)
-        except subprocess.TimeoutExpired:
-            timed_out = timeout_s
-            log.warning("job %s ran past run.timeout_s=%g s: ending its process %d", job.get("num"), timeout_s, child.pid)
-            returncode, interrupted = end_child(child)
-        except KeyboardInterrupt as exc:
-            interrupted = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
-            returncode, _ = end_child(child)  # the child writes its own interrupted row
-    result = out_dir / results.RESULT_FILE
-    written = results.load_row(result) if result.is_file() else None
-    if written is not None and written["status"] != Status.unreadable.value:
-        row = written
-        row["job"] = {**(row.get("job") or {}), **job}
-    else:
-        tail = log_path.read_text(errors="replace").strip()[-300:]
-        why = ("was interrupted" if interrupted else f"ran past run.timeout_s={timed_out:g} s" if timed_out
-               else f"exited with code {returncode}")
-        row.update(status=Status.failed.value,
-                   error=f"the job's process {why} before writing a result (last output: {tail!r}); see "
-                         f"{results.PROCESS_LOG}" + (f"; its row was unreadable: {written['error']}" if written else ""),
-                   env=environment(None), job=job)
-    if timed_out:
-        row["job"].pop("interrupted", None)  # the child's word for the SIGTERM that ended it
-        row.update(status=Status.failed.value,
-                   error=f"timed out after {timed_out:g} s (run.timeout_s): the job's process was ended"
-                         + (f"; its own account: {row['error']}" if row.get("error") and written else ""))
-        row["job"]["timed_out"] = True
-    if interrupted:
-        row["job"]["interrupted"] = interrupted
-    write_row(out_dir, row)
-    if interrupted:
-        raise Interrupted(interrupted)
-    return row
-
-
-def _die_with_parent() -> None:
-    """In a job's child process, before it starts sdbuild: ask Linux for a SIGTERM when the sweep's
-    process dies, also by SIGKILL, so that no orphaned job runs on beside the next sweep."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # not Linux: the child outlives a killed parent, as before
-        pass
-
-
-def end_child(child: subprocess.Popen, grace_s: Optional[float] = None) -> tuple[int, Optional[str]]:
-    """End a job's child process: SIGTERM (it writes its own interrupted row), then SIGKILL after
-    `grace_s` (default CHILD_GRACE_S) if it still runs (stuck in native code, SIGTERM blocked), or
-    at once on a SIGTERM/SIGINT to this process meanwhile. Returns its exit code and the name of
-    that signal (None: none came)."""
-    from .job import Interrupted
-
-    grace_s = CHILD_GRACE_S if grace_s is None else grace_s
-    signame = None
-    child.terminate()
-    try:
-        return child.wait(grace_s), None
-    except subprocess.TimeoutExpired:
-        log.warning("job process %d did not end within %g s of SIGTERM: killing it", child.pid, grace_s)
-    except KeyboardInterrupt as exc:  # another signal: no more waiting
-        signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
-    child.kill()
-    return child.wait(), signame
-
-
-def sweep_timeout(spec: Spec) -> Optional[float]:
-    """The time limit of a sweep job in seconds (None: none): `run.timeout_s` when set (0: none),
-    else SWEEP_TIMEOUT_S where jobs run in the sweep's own process (the basic launcher); launchers
-    that give each job a process and a limit of their own (submitit's timeout_min) get none."""
-    import math
-
-    from .hardware import launcher
-
-    limit = spec.run.timeout_s
-    if limit is not None:  # 0, and a value validation refuses (negative, nan: an unsupported row), run in-process
-        return limit if math.isfinite(limit) and limit > 0 else None
-    return SWEEP_TIMEOUT_S if launcher() == "basic" else None
-
-
 def exit_code(row: Dict[str, Any], multirun: bool) -> int:
     """A single run's exit status: 0 ok, 2 unsupported (a user mistake), 1 otherwise. A sweep job's
     outcome is in its row, never in the sweep's exit status."""
@@ -181,7 +74,7 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .job import run_job
+    from .job import run_in_fresh_process, run_job, sweep_timeout
 
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices[g] for g in GROUPS if hc.runtime.choices.get(g)}

@@ -3,14 +3,19 @@
 The order is fixed and each step only does what its config group says:
 
 1. ``set_global_switches``  TF32 / cuDNN flags and compiler caches, set explicitly every build
-2. ``load``                 weights loaded directly in the precision's dtype (and quantized);
-                            SDXL's VAE kept in fp32 under fp16 (``upcast_sdxl_vae``)
-3. ``apply_attention``      attention processor, fused QKV, slicing, SDPA kernel pin
+2. ``load``                 the family's pipeline class (sdbuild/families), weights loaded
+                            directly in the precision's dtype (and quantized); SDXL's VAE kept
+                            in fp32 under fp16 (``upcast_sdxl_vae``)
+3. ``apply_attention``      attention processor, fused QKV, slicing, SDPA kernel pin (UNets);
+                            the transformer families' own processors, recorded
 4. ``apply_memory_format``  channels-last conv weights
-5. ``apply_vae_memory``     VAE slicing / tiling
+5. ``apply_vae_memory``     VAE slicing / tiling; the denoiser's weights stored in fp8
+                            (``apply_layerwise_casting``, sdbuild/levers/layerwise.py)
 6. ``place``                moved to the device, or offloaded (``memory`` group): after every
                             change to the modules, which offload hooks would otherwise undo
-7. ``apply_compile``        torch.jit.trace or torch.export (AOTInductor) of the UNet, or
+7. ``apply_cache``          step caching: diffusers' hooks on a transformer, DeepCache or ToMe
+                            on a UNet (sdbuild/levers/cache.py)
+8. ``apply_compile``        torch.jit.trace or torch.export (AOTInductor) of the UNet, or
                             torch.compile of the chosen modules
 
 Later steps see what earlier ones did: tracing records the final attention processors and
@@ -29,6 +34,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .families import denoiser, family_of
+from .levers.attention import transformer_attention
+from .levers.cache import apply_cache
+from .levers.layerwise import apply_layerwise_casting
 from .models import ensure_model, local_folder
 from .quiet import quiet_imports
 from .spec import (
@@ -103,6 +112,10 @@ def _attention_step(pipe, spec: Spec, device: str, info: BuildInfo) -> None:
                           f"torch); its ops run {info.attention_kernel.get('xformers_op')} instead")
 
 
+def _cache_step(pipe, spec: Spec, device: str, info: BuildInfo) -> None:
+    apply_cache(pipe, spec)
+
+
 def _compile_step(pipe, spec: Spec, device: str, info: BuildInfo) -> None:
     info.notes += apply_compile(pipe, spec, device, info.attention_kernel)
 
@@ -110,12 +123,15 @@ def _compile_step(pipe, spec: Spec, device: str, info: BuildInfo) -> None:
 # The order the loaded pipeline is changed in. Offload (`place`) comes after every change to the
 # modules (fused QKV needs real weights, not sequential offload's `meta` ones; channels-last must
 # be in place before offload copies the weights), and before the compile step, which traces or
-# exports on the device.
+# exports on the device. The cache hooks go on the placed model (as in diffusers' guides), before
+# torch.compile wraps it.
 BUILD_STEPS = (
     _attention_step,
     lambda pipe, spec, device, info: apply_memory_format(pipe, spec),
     lambda pipe, spec, device, info: apply_vae_memory(pipe, spec),
+    lambda pipe, spec, device, info: apply_layerwise_casting(pipe, spec),
     lambda pipe, spec, device, info: place(pipe, spec, device),
+    _cache_step,
     _compile_step,
 )
 
@@ -192,9 +208,7 @@ def global_switches() -> Dict[str, Any]:
 
 
 def pipeline_class(spec: Spec):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if spec.model.family is ModelFamily.sdxl else StableDiffusionPipeline
+    return family_of(spec).pipeline_class()
 
 
 def scheduler_from(spec: Spec, config: Any):
@@ -207,7 +221,7 @@ def scheduler_from(spec: Spec, config: Any):
 
 
 def quantization_config(spec: Spec):
-    """diffusers' own torchao integration, applied to the UNet while it loads."""
+    """diffusers' own torchao integration, applied to the denoiser (UNet or transformer) while it loads."""
     if spec.quant.method is Quant.none:
         return None
     from diffusers import PipelineQuantizationConfig, TorchAoConfig
@@ -222,7 +236,7 @@ def quantization_config(spec: Spec):
         Quant.int8dq: Int8DynamicActivationInt8WeightConfig,
         Quant.fp8dq: Float8DynamicActivationFloat8WeightConfig,
     }[spec.quant.method]()
-    return PipelineQuantizationConfig(quant_mapping={"unet": TorchAoConfig(ao_config)})
+    return PipelineQuantizationConfig(quant_mapping={family_of(spec).denoiser: TorchAoConfig(ao_config)})
 
 
 def dtype_keyword() -> str:
@@ -239,8 +253,7 @@ def load(spec: Spec):
     folder = ensure_model(spec.model, spec.cache_dir)
     dtype = torch_dtype(spec.precision.dtype.value)
     kwargs: Dict[str, Any] = {dtype_keyword(): dtype, "use_safetensors": True, "local_files_only": True}
-    if spec.model.family is ModelFamily.sd15:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs.update(family_of(spec).load_kwargs)
     if (quant := quantization_config(spec)) is not None:
         kwargs["quantization_config"] = quant
     pipe = pipeline_class(spec).from_pretrained(folder, **kwargs)
@@ -428,6 +441,8 @@ def apply_attention(pipe, spec: Spec) -> Dict[str, Any]:
     """
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    if family_of(spec).transformer:
+        return transformer_attention(pipe, spec)
     att = spec.attention
     modules = {name: m for name, m in (("unet", pipe.unet), ("vae", pipe.vae)) if hasattr(m, "set_attn_processor")}
     record: Dict[str, Any] = {"processor": att.processor.name, "requested": att.sdpa_backend.name,
@@ -482,9 +497,10 @@ def xformers_kernels() -> Dict[str, Any]:
 
 
 def apply_memory_format(pipe, spec: Spec) -> None:
-    """channels-last: NHWC conv weights in the UNet and VAE (activations follow)."""
+    """channels-last: NHWC conv weights in the denoiser and VAE (activations follow; a transformer's
+    only conv-like weights are its patch embedding's, if any)."""
     if spec.memory_format.format is MemoryFormat.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
+        denoiser(pipe).to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
 
 
@@ -548,10 +564,10 @@ def compile_modules(pipe, spec: Spec) -> None:
     c = spec.compile
     options = dict(mode=c.mode.value, fullgraph=c.fullgraph, dynamic=c.dynamic)
     for target in c.targets:
-        if target is CompileTarget.unet and c.regional:
-            pipe.unet.compile_repeated_blocks(**options)
+        if target is CompileTarget.unet and c.regional:  # `unet`: the denoiser, a UNet or a transformer
+            denoiser(pipe).compile_repeated_blocks(**options)
         elif target is CompileTarget.unet:
-            pipe.unet.compile(**options)
+            denoiser(pipe).compile(**options)
         elif target is CompileTarget.vae_decoder:
             pipe.vae.decoder.compile(**options)
         elif target is CompileTarget.text_encoder:

@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+from .families import CACHE_FAMILIES, DISPATCHER_FAMILIES, FAMILIES, TRANSFORMER_FAMILIES, UNET_FAMILIES, UNET_SCHEDULERS
 from .spec import (
+    AttentionBackend,
     AttentionProcessor,
+    CacheMethod,
     CompileMethod,
     CompileMode,
     CompileTarget,
@@ -23,6 +26,7 @@ from .spec import (
     ModelSource,
     Offload,
     Quant,
+    SchedulerKind,
     SdpaBackend,
     Spec,
     VaeKind,
@@ -63,6 +67,22 @@ def _fixed_graph(spec: Spec) -> bool:
 
 def _compiles(spec: Spec) -> bool:
     return spec.compile.method is CompileMethod.inductor
+
+
+def _transformer(spec: Spec) -> bool:
+    return FAMILIES[spec.model.family].transformer
+
+
+_CPU_BACKENDS = "On CPU use attention.backend=native, native_math, native_flash or flex"
+
+
+def _backend(spec: Spec, *backends: AttentionBackend) -> bool:
+    return spec.attention.backend in backends
+
+
+_CACHE_INSTEAD = ("diffusers' cache hooks run on Flux only (UNet2DConditionModel has no transformer blocks for them; "
+                  "in diffusers 0.42 SD3's transformer has no CacheMixin and its pipeline sets no cache context): use "
+                  "cache=none, or a Flux model (model=tiny_flux, flux, flux_arch)")
 
 
 REQUIREMENTS: Tuple[Requirement, ...] = (
@@ -142,6 +162,13 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         instead="Offloading moves weights between CPU and GPU; on CPU use memory=none",
     ),
     Requirement(
+        "memory.layerwise_fp8=true",
+        "memory",
+        lambda s: s.memory.layerwise_fp8,
+        diffusers="0.34",  # enable_layerwise_casting
+        instead="Use memory=none (or quant=int8wo for smaller weights)",
+    ),
+    Requirement(
         "memory.offload=group",
         "memory",
         lambda s: s.memory.offload is Offload.group,
@@ -170,6 +197,121 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         cuda=True,
         min_capability=(8, 9),
         instead="float8 matmuls need Ada/Hopper (compute capability >= 8.9); use quant=int8dq",
+    ),
+    Requirement(
+        "scheduler=ddim, dpmpp_2m, euler, pndm (discrete-time noise schedules)",
+        "scheduler",
+        lambda s: s.scheduler.kind in UNET_SCHEDULERS,
+        families=UNET_FAMILIES,
+        instead="Flux and SD3 are trained for flow matching: use scheduler=flow_euler (their model options' default)",
+    ),
+    Requirement(
+        "scheduler=flow_euler",
+        "scheduler",
+        lambda s: s.scheduler.kind is SchedulerKind.flow_euler,
+        families=TRANSFORMER_FAMILIES,
+        instead="SD 1.x and SDXL use scheduler=ddim, dpmpp_2m or euler",
+    ),
+    Requirement(
+        "cache=pab",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.pab,
+        diffusers="0.34",  # PyramidAttentionBroadcastConfig
+        families=CACHE_FAMILIES,
+        instead=_CACHE_INSTEAD,
+    ),
+    Requirement(
+        "cache=mag_cache",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.mag_cache,
+        diffusers="0.37",  # MagCacheConfig
+        families=CACHE_FAMILIES,
+        instead=_CACHE_INSTEAD,
+    ),
+    Requirement(
+        "cache=deepcache",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.deepcache,
+        package="DeepCache",
+        families=UNET_FAMILIES,
+        instead="pip install DeepCache (or the unetcache extra); on a transformer use cache=first_block or taylorseer",
+    ),
+    Requirement(
+        "cache=tome",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.tome,
+        package="tomesd",
+        families=UNET_FAMILIES,
+        instead="pip install tomesd (or the unetcache extra); on a transformer use cache=first_block or taylorseer",
+    ),
+    Requirement(
+        "attention.backend (diffusers' attention dispatcher)",
+        "attention",
+        lambda s: s.attention.backend is not AttentionBackend.default,
+        diffusers="0.35",  # set_attention_backend
+        families=DISPATCHER_FAMILIES,
+        instead="Only Flux's processors call diffusers' dispatcher (SD3's call torch SDPA directly; UNets use "
+                "attention.processor and attention.sdpa_backend): leave attention.backend=default there",
+    ),
+    Requirement(
+        "attention.backend=native_efficient, native_cudnn, flash, flash_3, sage, xformers",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.native_efficient, AttentionBackend.native_cudnn, AttentionBackend.flash,
+                           AttentionBackend.flash_3, AttentionBackend.sage, AttentionBackend.xformers),
+        cuda=True,
+        instead=_CPU_BACKENDS,
+    ),
+    Requirement(
+        "attention.backend=native_flash (on CUDA)",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.native_flash),
+        min_capability=(8, 0),
+        instead="Use attention.backend=native_efficient on pre-Ampere GPUs",
+    ),
+    Requirement(
+        "attention.backend=flash",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.flash),
+        package="flash_attn",
+        instead="pip install flash-attn (>= 2.6.3), or use attention.backend=native_flash",
+    ),
+    Requirement(
+        "attention.backend=flash_3",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.flash_3),
+        package="flash_attn_interface",
+        min_capability=(9, 0),
+        instead="FlashAttention-3 is built from source for Hopper; use attention.backend=flash or native_flash",
+    ),
+    Requirement(
+        "attention.backend=sage",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.sage),
+        package="sageattention",
+        instead="pip install sageattention (>= 2.1.1), or use attention.backend=native_flash",
+    ),
+    Requirement(
+        "attention.backend=xformers",
+        "attention",
+        lambda s: _backend(s, AttentionBackend.xformers),
+        package="xformers",
+        instead="pip install xformers, or use attention.backend=native_efficient",
+    ),
+    Requirement(
+        "cache=first_block",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.first_block,
+        diffusers="0.35",  # FirstBlockCacheConfig
+        families=CACHE_FAMILIES,
+        instead=_CACHE_INSTEAD,
+    ),
+    Requirement(
+        "cache=taylorseer",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.taylorseer,
+        diffusers="0.36",  # TaylorSeerCacheConfig
+        families=CACHE_FAMILIES,
+        instead=_CACHE_INSTEAD,
     ),
 )
 
@@ -243,6 +385,59 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use compile=inductor with quantization",
     ),
     Exclusion(
+        "attention=xformers or sliced, attention.sdpa_backend, attention.fuse_qkv with a transformer family (flux, sd3)",
+        lambda s: _transformer(s) and (s.attention.processor is AttentionProcessor.xformers or s.attention.fuse_qkv
+                                       or s.attention.slice_size is not None
+                                       or s.attention.sdpa_backend is not SdpaBackend.auto),
+        "those options set the UNet's attention processors; a transformer keeps diffusers' own processors for it",
+        "Use attention=classic or sdpa (both leave the transformer's own processors) with Flux and SD3",
+    ),
+    Exclusion(
+        "compile=trace or export with a transformer family (flux, sd3)",
+        lambda s: _fixed_graph(s) and _transformer(s),
+        "the fixed-shape graph recipes replace a UNet called with (sample, timestep, encoder_hidden_states)",
+        "Use compile=inductor or compile=regional for a transformer",
+    ),
+    Exclusion(
+        "memory.layerwise_fp8=true with quant or compile=trace/export",
+        lambda s: s.memory.layerwise_fp8 and (s.quant.method is not Quant.none or _fixed_graph(s)),
+        "layerwise casting keeps float8 weights and casts them in hooks around each layer: quantized weights have "
+        "their own storage, and a fixed graph would bake in one cast",
+        "Use memory=layerwise_fp8 with quant=none and compile=none or inductor",
+    ),
+    Exclusion(
+        "compile=regional with model family sd3",
+        lambda s: s.compile.regional and s.model.family is ModelFamily.sd3,
+        "SD3Transformer2DModel names no repeated blocks (_repeated_blocks) for compile_repeated_blocks in diffusers 0.42",
+        "Use compile=inductor (the whole transformer) for SD3",
+    ),
+    Exclusion(
+        "vae=tiny with a transformer family (flux, sd3)",
+        lambda s: s.vae.kind is VaeKind.tiny and _transformer(s),
+        "AutoencoderTiny here is TAESD, for 4-channel latents; Flux's and SD3's latents have 16 channels",
+        "Use vae=full",
+    ),
+    Exclusion(
+        "run.negative_prompt with a guidance-distilled family (flux)",
+        lambda s: s.run.negative_prompt is not None and FAMILIES[s.model.family].guidance_distilled,
+        "Flux is guidance-distilled: guidance_scale is an input embedding, there is no unconditional pass for a "
+        "negative prompt to steer",
+        "Leave run.negative_prompt unset with Flux",
+    ),
+    Exclusion(
+        "cache=deepcache with compile other than none",
+        lambda s: s.cache.method is CacheMethod.deepcache and s.compile.method is not CompileMethod.none,
+        "DeepCache decides in Python, step by step, which UNet blocks run; a traced, exported or compiled UNet "
+        "would freeze one path (or recompile at every switch)",
+        "Use compile=none with cache=deepcache",
+    ),
+    Exclusion(
+        "cache=tome with compile=trace or export",
+        lambda s: s.cache.method is CacheMethod.tome and _fixed_graph(s),
+        "ToMe chooses which tokens to merge from the activations at every call; a fixed graph would replay one choice",
+        "Use compile=none or inductor with cache=tome",
+    ),
+    Exclusion(
         "vae=tiny with a pretrained model and no vae.path",
         lambda s: s.vae.kind is VaeKind.tiny and s.model.source is ModelSource.pretrained and not s.vae.path,
         "a real model needs real AutoencoderTiny weights (madebyollin/taesd, or taesdxl for SDXL)",
@@ -286,7 +481,9 @@ def option_rows() -> list[tuple[str, str, str]]:
             comment = " ".join(line.lstrip("# ").strip() for line in path.read_text().splitlines()
                                if line.startswith("#") and "@package" not in line)
             spec = compose([f"{group}={path.stem}"])
-            needs = "; ".join(requirement_needs(r) for r in REQUIREMENTS if r.applies(spec)) or "nothing (runs on CPU)"
+            # the option's own group's needs (the defaults of the others, e.g. the scheduler's family, are not its)
+            needs = "; ".join(requirement_needs(r) for r in REQUIREMENTS if r.group == group and r.applies(spec)) \
+                or "nothing (runs on CPU)"
             rows.append((f"{group}={path.stem}", comment, needs))
     return rows
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .spec import CompileMethod, ModelSource, Offload, Quant, SdpaBackend, Spec, VaeKind, spec_to_dict
+from .families import family_of
+from .spec import CacheMethod, CompileMethod, ModelSource, Offload, Quant, SdpaBackend, Spec, VaeKind, spec_to_dict
 
 
 def plan(spec: Spec, device: str) -> list[str]:
@@ -36,20 +37,39 @@ def plan(spec: Spec, device: str) -> list[str]:
     return [
         f"device: {device} (run.device={run.device.name})",
         f"1. global switches: TF32 {'on' if p.tf32 else 'off'}",
-        f"2. load: {spec.model.family.name} pipeline ({spec.model.name}) from {source}, weights in {p.dtype.value}"
+        f"2. load: {spec.model.family.name} {family_of(spec).pipeline} ({spec.model.name}) from {source}, "
+        f"weights in {p.dtype.value}"
         + (f", VAE in {p.vae_dtype.value}" if p.vae_dtype else "")
         + (f", unet quantized {spec.quant.method.value} (torchao)" if spec.quant.method is not Quant.none else "")
         + f"; scheduler {spec.scheduler.kind.value}; VAE: {vae}",
         f"3. place: {'on ' + device if m.offload is Offload.none else m.offload.name + ' offload to ' + device}",
-        f"4. attention: {a.processor.value}"
+        ("4. attention: the transformer's own processors (diffusers' attention dispatcher)" if family_of(spec).transformer
+         else f"4. attention: {a.processor.value}")
         + (f", SDPA kernel {a.sdpa_backend.value}" if a.sdpa_backend is not SdpaBackend.auto else "")
         + (", fused QKV" if a.fuse_qkv else "") + (f", slicing {a.slice_size}" if a.slice_size is not None else ""),
         f"5. memory format: {spec.memory_format.format.name}",
-        f"6. VAE memory: slicing {'on' if m.vae_slicing else 'off'}, tiling {'on' if m.vae_tiling else 'off'}",
-        f"7. compile: {compiled}",
+        f"6. VAE memory: slicing {'on' if m.vae_slicing else 'off'}, tiling {'on' if m.vae_tiling else 'off'}"
+        + ("; denoiser weights stored in float8 (layerwise casting)" if m.layerwise_fp8 else ""),
+        f"7. cache: {spec.cache.method.name}" + (f" ({cache_knobs(spec)})" if spec.cache.method is not CacheMethod.none else ""),
+        f"8. compile: {compiled}",
         f"run: {run.steps} steps at {h}x{w}, batch {run.batch_size}, guidance {run.guidance_scale}, seed {run.seed}; "
         f"warmup {run.warmup}, timed runs {run.repeats}",
     ]
+
+
+def cache_knobs(spec: Spec) -> str:
+    c = spec.cache
+    if c.method is CacheMethod.first_block:
+        return f"threshold {c.threshold}"
+    if c.method is CacheMethod.deepcache:
+        return f"full UNet every {c.interval} steps, branch {c.branch}"
+    if c.method is CacheMethod.tome:
+        return f"merge ratio {c.ratio}"
+    if c.method is CacheMethod.mag_cache:
+        return f"threshold {c.threshold}, at most {c.max_skip_steps} steps skipped in a row, first {c.retention_ratio:.0%} kept"
+    if c.method is CacheMethod.pab:
+        return f"attention reused except every {c.interval}th step between timesteps {c.timestep_low} and {c.timestep_high}"
+    return f"full step every {c.interval} after {c.warmup_steps}, Taylor order {c.order}"
 
 
 def show(spec: Spec) -> str:

@@ -1,12 +1,12 @@
 """Where pipeline weights come from.
 
 Three sources (``model.source``), one loading path: every model ends up as a diffusers folder
-with safetensors weights, loaded by ``StableDiffusionPipeline.from_pretrained``.
+with safetensors weights, loaded by its family's pipeline class (``from_pretrained``).
 
 - ``pretrained``: a local folder, or a hub id already in the local Hugging Face cache (resolved
   to its snapshot folder here: sdbuild never downloads). Checked per component before loading.
 - ``tiny`` / ``arch``: a pipeline built from code with a fixed seed and random weights: the
-  embedded tiny model, or a published architecture (SD 1.5) at full size. It is saved once
+  embedded tiny model, or a published architecture (SD 1.5, SDXL, Flux, SD 3.5) at full size. It is saved once
   to the cache folder and loaded from there like any real model.
 """
 
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .errors import problem
-from .spec import ModelFamily, ModelSource, ModelSpec, Spec
+from .families import FAMILIES
+from .spec import ModelSource, ModelSpec, Spec
 
 # Bump when the code that builds a random model changes, so stale caches are not reused.
 RANDOM_MODEL_VERSION = 1
@@ -238,34 +239,46 @@ def _text_encoder(cls, config: Dict[str, Any], vocab: Dict[str, int]):
     return cls(CLIPTextConfig(bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, **config)).eval()
 
 
-def build_random_pipeline(name: str):
-    """Build an SD 1.x or SDXL pipeline with random weights (fixed seeds) from RANDOM_MODELS."""
+def seeded(**builders):
+    """name -> (seed, build) in, name -> built module out: each built right after `torch.manual_seed(seed)`,
+    in the order given, so random weights are the same on every machine; the caller's RNG is left as it was."""
     import torch
+
+    state = torch.random.get_rng_state()
+    try:
+        built = {}
+        for name, (seed, build) in builders.items():
+            torch.manual_seed(seed)
+            built[name] = build()
+        return built
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def build_random_pipeline(name: str):
+    """Build a pipeline with random weights (fixed seeds): SD 1.x or SDXL from RANDOM_MODELS, a
+    transformer family from its own module (sdbuild/families)."""
+    from .families.flux import RANDOM_FLUX, build_random_flux
+    from .families.sd3 import RANDOM_SD3, build_random_sd3
+
+    if name in RANDOM_FLUX:
+        return build_random_flux(name)
+    if name in RANDOM_SD3:
+        return build_random_sd3(name)
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = RANDOM_MODELS[name]
     tokenizer, vocab = _random_tokenizer()
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**cfg["unet"])
-        torch.manual_seed(1)
-        vae = AutoencoderKL(**cfg["vae"])
-        torch.manual_seed(2)
-        text_encoder = _text_encoder(CLIPTextModel, cfg["text"], vocab)
-        torch.manual_seed(4)
-        text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, cfg["text_2"], vocab) if "text_2" in cfg else None
-    finally:
-        torch.random.set_rng_state(state)
+    parts = seeded(unet=(0, lambda: UNet2DConditionModel(**cfg["unet"])), vae=(1, lambda: AutoencoderKL(**cfg["vae"])),
+                   text_encoder=(2, lambda: _text_encoder(CLIPTextModel, cfg["text"], vocab)))
     scheduler = DDIMScheduler(**cfg["scheduler"])
-    if text_encoder_2 is not None:
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if "text_2" in cfg:
+        parts.update(seeded(text_encoder_2=(4, lambda: _text_encoder(CLIPTextModelWithProjection, cfg["text_2"], vocab))))
+        return StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler)
+    return StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
 
 
 def save_random_pipeline(name: str, folder: Path) -> None:
@@ -284,10 +297,7 @@ def save_random_pipeline(name: str, folder: Path) -> None:
 
 
 # The components a pipeline folder must carry, each a subfolder with its own safetensors weights.
-COMPONENTS = {
-    ModelFamily.sd15: ("unet", "vae", "text_encoder"),
-    ModelFamily.sdxl: ("unet", "vae", "text_encoder", "text_encoder_2"),
-}
+COMPONENTS = {family: f.components for family, f in FAMILIES.items()}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from .families import denoiser, family_of
 from .spec import Spec
 
 
@@ -20,11 +21,18 @@ def image_size(spec: Spec) -> Tuple[int, int]:
 
 
 def initial_latents(spec: Spec, pipe, device: str) -> torch.Tensor:
+    """Noise of shape (batch, latent channels, height/8, width/8); a family whose pipeline takes
+    packed latents (Flux: 2x2 patches as tokens) gets the same noise packed, as its pipeline packs it."""
     height, width = image_size(spec)
-    scale = pipe.vae_scale_factor
-    shape = (spec.run.batch_size, pipe.unet.config.in_channels, height // scale, width // scale)
+    model, scale = denoiser(pipe), pipe.vae_scale_factor
+    packed = family_of(spec).packed_latents
+    channels = model.config.in_channels // 4 if packed else model.config.in_channels
+    h, w = (2 * (height // (scale * 2)), 2 * (width // (scale * 2))) if packed else (height // scale, width // scale)
+    shape = (spec.run.batch_size, channels, h, w)
     noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(spec.run.seed), dtype=torch.float32)
-    return noise.to(device=device, dtype=pipe.unet.dtype)
+    if packed:
+        noise = pipe._pack_latents(noise, spec.run.batch_size, channels, h, w)
+    return noise.to(device=device, dtype=model.dtype)
 
 
 def call_kwargs(spec: Spec, pipe, device: str) -> Dict[str, Any]:

@@ -41,6 +41,23 @@ class SdpaBackend(enum.Enum):
     cudnn = "CUDNN_ATTENTION"
 
 
+class AttentionBackend(enum.Enum):
+    """diffusers' attention dispatcher backend (`set_attention_backend`), for transformers whose
+    processors call it. Values are diffusers' names; `_hub` backends download kernels: not offered."""
+
+    default = "default"  # none set: the dispatcher's active backend (native SDPA)
+    native = "native"  # torch SDPA, PyTorch picks the kernel
+    native_math = "_native_math"  # torch SDPA pinned to its math kernel
+    native_flash = "_native_flash"  # torch SDPA pinned to FlashAttention (a CPU flash kernel too)
+    native_efficient = "_native_efficient"  # torch SDPA pinned to the memory-efficient kernel (CUDA)
+    native_cudnn = "_native_cudnn"  # torch SDPA pinned to cuDNN attention (CUDA)
+    flex = "flex"  # torch flex_attention (unfused without torch.compile)
+    flash = "flash"  # the flash-attn package (FlashAttention-2)
+    flash_3 = "_flash_3"  # FlashAttention-3 (flash_attn_interface, Hopper)
+    sage = "sage"  # the sageattention package (quantized QK)
+    xformers = "xformers"  # xformers.ops.memory_efficient_attention
+
+
 class CompileMethod(enum.Enum):
     none = "none"
     trace = "trace"  # torch.jit.trace, the seed's traced UNet
@@ -84,6 +101,8 @@ class ModelSource(enum.Enum):
 class ModelFamily(enum.Enum):
     sd15 = "sd15"
     sdxl = "sdxl"
+    flux = "flux"  # Flux.1: a diffusion transformer, CLIP + T5 encoders, guidance-distilled
+    sd3 = "sd3"  # Stable Diffusion 3.x: a joint-attention transformer, two CLIP + one T5 encoder
 
 
 class VaeKind(enum.Enum):
@@ -96,6 +115,20 @@ class SchedulerKind(enum.Enum):
     dpmpp_2m = "DPMSolverMultistepScheduler"
     euler = "EulerDiscreteScheduler"
     pndm = "PNDMScheduler"
+    flow_euler = "FlowMatchEulerDiscreteScheduler"  # flow matching (Flux, SD3)
+
+
+class CacheMethod(enum.Enum):
+    """Step caching: reuse or approximate work of earlier denoising steps (diffusers' cache hooks on
+    Flux; the DeepCache and tomesd packages on UNets)."""
+
+    none = "none"
+    first_block = "first_block"  # FirstBlockCacheConfig: skip the other blocks while the first one's residual barely moves
+    taylorseer = "taylorseer"  # TaylorSeerCacheConfig: predict block outputs by a Taylor series between full steps
+    pab = "pab"  # PyramidAttentionBroadcastConfig: reuse attention outputs within a timestep range
+    mag_cache = "mag_cache"  # MagCacheConfig: skip steps while the accumulated residual magnitude error is small
+    deepcache = "deepcache"  # DeepCache (UNets): reuse the deep UNet features between full steps
+    tome = "tome"  # token merging for SD (UNets): merge similar tokens before self-attention
 
 
 class Device(enum.Enum):
@@ -125,6 +158,7 @@ class AttentionSpec:
     sdpa_backend: SdpaBackend = SdpaBackend.auto
     fuse_qkv: bool = False  # pipe.fuse_qkv_projections()
     slice_size: Optional[str] = None  # attention slicing: "auto", "max" or a number of heads
+    backend: AttentionBackend = AttentionBackend.default  # the dispatcher's backend (Flux's transformer)
 
 
 @dataclass
@@ -145,6 +179,9 @@ class MemorySpec:
     vae_slicing: bool = False
     vae_tiling: bool = False
     offload: Offload = Offload.none
+    # The denoiser's weights stored in float8 (e4m3), each layer cast to the precision's dtype while it
+    # runs (diffusers enable_layerwise_casting): about half of bf16's weight memory, lossy.
+    layerwise_fp8: bool = False
 
 
 @dataclass
@@ -176,6 +213,22 @@ class SchedulerSpec:
 
 
 @dataclass
+class CacheSpec:
+    name: str = "none"
+    method: CacheMethod = CacheMethod.none
+    threshold: float = 0.05  # first_block: relative residual change below which the other blocks are reused; mag_cache: error bound
+    interval: int = 5  # taylorseer, deepcache, pab: a full computation every `interval` steps, reuse in between
+    warmup_steps: int = 3  # taylorseer: full computation for the first steps (gathers the Taylor factors)
+    order: int = 1  # taylorseer: highest order of the Taylor expansion
+    branch: int = 0  # deepcache: the skip branch whose shallow layers still run on cached steps (0: the shallowest)
+    ratio: float = 0.5  # tome: share of the self-attention tokens merged away
+    timestep_low: int = 100  # pab: attention is reused only at timesteps strictly between low and high
+    timestep_high: int = 800
+    max_skip_steps: int = 3  # mag_cache: most consecutive steps skipped
+    retention_ratio: float = 0.2  # mag_cache: share of the first steps never skipped
+
+
+@dataclass
 class RunSpec:
     prompt: str = "a photo of an astronaut riding a horse on mars"
     negative_prompt: Optional[str] = None
@@ -202,6 +255,9 @@ class RunSpec:
     # None: SWEEP_TIMEOUT_S under the basic launcher, no limit under launchers with their own
     # (submitit's timeout_min); 0: no limit (jobs in the sweep's process). A single run has no limit.
     timeout_s: Optional[float] = None
+    # Call the pipeline under torch.inference_mode (on top of its own no_grad): no version counters or
+    # view tracking. Pixels identical on every CPU path tested (tests/test_inference_mode.py); off: no_grad only.
+    inference_mode: bool = True
 
 
 @dataclass
@@ -217,6 +273,7 @@ class Spec:
     vae: VaeSpec = field(default_factory=VaeSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
     run: RunSpec = field(default_factory=RunSpec)
     # A finished sweep folder: combinations already measured there are copied, not re-run.
     resume: Optional[str] = None
@@ -233,7 +290,8 @@ class Spec:
 
 
 # The config groups, in the order the builder applies them (see sdbuild/builder.py).
-GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "vae", "model", "scheduler")
+GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "vae", "model", "scheduler",
+          "cache")
 
 
 def register_configs() -> None:
@@ -509,9 +567,16 @@ _NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir", "isolate", "dr
 # run fields added after rows were first written, with their defaults: left out of the identity at
 # their default, so a row measured before they existed still matches the same spec on resume.
 _UNSET = object()
-_LATER_RUN_FIELDS = {"threads": RunSpec.threads, "interval_target": RunSpec.interval_target,
-                     "max_measure_s": RunSpec.max_measure_s}
-_NOT_RUN_IDENTITY = {"timeout_s"}
+# Fields added after rows were first written, at the value that builds and runs what rows from before
+# them measured: left out of the identity at that value, so an older row still matches the same spec
+# on resume and in comparisons. (run.inference_mode is not among them: older rows ran without it.)
+_LATER_FIELDS = {
+    ("run", "threads"): RunSpec.threads, ("run", "interval_target"): RunSpec.interval_target,
+    ("run", "max_measure_s"): RunSpec.max_measure_s, ("attention", "backend"): AttentionBackend.default.name,
+    ("memory", "layerwise_fp8"): False,
+}
+_LATER_GROUPS = {"cache": CacheMethod.none.name}  # a group added later: left out while its method is off
+_NOT_RUN_IDENTITY = {"timeout_s"}  # how long a job may take is not what it builds
 
 
 def spec_key(spec_dict: dict) -> str:
@@ -519,10 +584,12 @@ def spec_key(spec_dict: dict) -> str:
     import hashlib
     import json
 
-    ident = {k: v for k, v in spec_dict.items() if k not in _NOT_IDENTITY}
-    if isinstance(ident.get("run"), dict):  # fields added later count only when set: older rows keep their keys;
-        # how long a job may take is not what it builds
-        ident["run"] = {k: v for k, v in ident["run"].items()
-                        if k not in _NOT_RUN_IDENTITY and _LATER_RUN_FIELDS.get(k, _UNSET) != v}
+    ident = {k: v for k, v in spec_dict.items() if k not in _NOT_IDENTITY
+             and not (k in _LATER_GROUPS and isinstance(v, dict) and v.get("method") == _LATER_GROUPS[k])}
+    for group, fields in ident.items():
+        if isinstance(fields, dict):
+            ident[group] = {k: v for k, v in fields.items()
+                            if not (group == "run" and k in _NOT_RUN_IDENTITY)
+                            and _LATER_FIELDS.get((group, k), _UNSET) != v}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -26,7 +26,8 @@ from .footprint import machine_memory_bytes, memory_problem
 from .models import model_problems
 from .spec import Device, Spec, value_problems
 
-OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao")
+OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao", "flash_attn", "flash_attn_interface", "sageattention",
+                     "DeepCache", "tomesd")
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,13 @@ def _unmet(req: Requirement, device: str, machine: Machine) -> Optional[str]:
     return None
 
 
+def _wrong_family(req: Requirement, spec: Spec) -> Optional[str]:
+    """Why the spec's model family does not meet `req` (said as "but ..."), or None."""
+    if req.families and spec.model.family not in req.families:
+        return f"model={spec.model.name} is family {spec.model.family.name}"
+    return None
+
+
 def _check_values(spec: Spec) -> list[str]:
     run, problems = spec.run, value_problems(spec)  # sizes and paths: spec-level rules (spec.py)
     for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("max_warmup", 1)):
@@ -166,7 +174,7 @@ def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
             problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
         device = resolve_device(spec, machine)
         for req in applicable:
-            if missing := _unmet(req, device, machine):
+            if missing := _unmet(req, device, machine) or _wrong_family(req, spec):
                 chosen = f"{req.group}={getattr(spec, req.group).name}"
                 option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
                 problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))

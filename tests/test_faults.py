@@ -127,7 +127,7 @@ def test_non_finite_floats_are_refused_before_anything_loads(value, tmp_path):
 
 
 def test_sweep_timeout_default_and_off(monkeypatch):
-    from sdbuild.app import SWEEP_TIMEOUT_S, sweep_timeout
+    from sdbuild.job import SWEEP_TIMEOUT_S, sweep_timeout
 
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
     assert sweep_timeout(sdbuild.compose(QUICK)) == SWEEP_TIMEOUT_S >= 3600
@@ -144,7 +144,7 @@ def test_sweep_timeout_default_and_off(monkeypatch):
 def test_a_job_past_its_time_limit_ends_in_a_failed_row(tmp_path):
     """The parent's side of a time limit: the job's process is ended at the limit (here still starting
     up, or measuring) and the job comes back as a row, never as an exception or a hang."""
-    from sdbuild.app import run_in_fresh_process
+    from sdbuild.job import run_in_fresh_process
 
     overrides = [*QUICK, "run.repeats=150"]  # minutes of timed runs (bounded, should the limit not work)
     started = time.monotonic()
@@ -198,7 +198,7 @@ def _stuck_child():
 
 
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace():
-    from sdbuild.app import end_child
+    from sdbuild.job import end_child
 
     child = _stuck_child()
     started = time.monotonic()
@@ -207,7 +207,8 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_grace():
 
 
 def test_a_second_signal_during_the_grace_kills_the_child_at_once():
-    from sdbuild.app import end_child, interrupts_as_exceptions
+    from sdbuild.app import interrupts_as_exceptions
+    from sdbuild.job import end_child
 
     child = _stuck_child()
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))

@@ -318,6 +318,23 @@ def test_new_run_fields_at_their_defaults_keep_older_rows_spec_keys():
     assert spec_key(spec_to_dict(sdbuild.compose(["run.steps=2", "run.threads=1"]))) != spec_key(new)
 
 
+def test_later_groups_and_fields_off_keep_older_rows_spec_keys():
+    """The cache group, attention.backend and memory.layerwise_fp8 came after rows were recorded: off,
+    they build what those rows built, so resume still finds them; on, the key changes. inference_mode
+    is not such a field (older rows ran without it)."""
+    from sdbuild.spec import spec_key, spec_to_dict
+
+    base = ["run.steps=2", "run.inference_mode=false"]
+    new = spec_to_dict(sdbuild.compose(base))
+    old = json.loads(json.dumps(new))
+    del old["cache"], old["attention"]["backend"], old["memory"]["layerwise_fp8"], old["run"]["inference_mode"]
+    assert spec_key(new) != spec_key(old)  # inference_mode=false is recorded: it was not there before
+    del new["run"]["inference_mode"]
+    assert spec_key(new) == spec_key(old)
+    for on in ("cache=deepcache", "memory=layerwise_fp8"):
+        assert spec_key(spec_to_dict(sdbuild.compose([*base, on]))) != spec_key(spec_to_dict(sdbuild.compose(base))), on
+
+
 def test_paired_noise_rule_without_interleaving_is_refused_before_any_job(tmp_path):
     out = run_cli("--multirun", "hydra/sweeper=ladder", "hydra.sweeper.noise=paired", "run.steps=2",
                   "attention=classic,sdpa", f"hydra.sweep.dir={tmp_path}")

@@ -247,7 +247,7 @@ def test_mistyped_resume_and_a_live_sweep_in_the_folder_are_refused(tmp_path):
 
 
 def test_isolated_job_never_reports_a_stale_row_and_a_crashed_one_keeps_its_spec(tmp_path):
-    from sdbuild.app import run_in_fresh_process
+    from sdbuild.job import run_in_fresh_process
     from sdbuild.config import compose
     from sdbuild.report import analyse
 

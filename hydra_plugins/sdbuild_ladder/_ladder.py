@@ -25,7 +25,7 @@ from sdbuild.stats import Interval, describe, distinguishable, interval_from_dic
 # built, and it is the dearest to measure). Swept keys not named here follow in command-line order.
 # run.threads (a CPU lever) goes first: the thread count changes every later step's timings.
 DEFAULT_ORDER = ("run.threads", "precision", "quant", "memory_format", "attention", "memory", "vae", "scheduler",
-                 "compile")
+                 "cache", "compile")
 
 
 class NoiseRule(enum.Enum):

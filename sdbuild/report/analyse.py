@@ -14,11 +14,11 @@ import numpy as np
 from .. import results
 from ..fidelity import FIDELITY_BOUND_DB, compare
 from ..results import COMPLETED, Status
-from ..spec import (AttentionProcessor, CompileMethod, Dtype, MemoryFormat, ModelSource, Offload, Quant,
+from ..spec import (AttentionProcessor, CacheMethod, CompileMethod, Dtype, MemoryFormat, ModelSource, Offload, Quant,
                     VaeKind)
 from .load import existing_dir, load
 
-BASELINE_NAME = "fp32/contiguous/classic attention/no compile/no offload/no quant/full VAE"
+BASELINE_NAME = "fp32/contiguous/classic attention/no compile/no offload/no quant/full VAE/no cache"
 # spec.run fields that define the workload: rows are only compared when these are equal.
 WORKLOAD_RUN_KEYS = ("prompt", "negative_prompt", "seed", "steps", "height", "width", "batch_size",
                      "guidance_scale", "device")
@@ -167,7 +167,8 @@ def _enum(enum_cls, value: Any):
 
 def is_reference(row: dict) -> bool:
     """Whether a row's spec is the unoptimised pipeline: fp32 (VAE too, no TF32), contiguous, classic
-    attention (unfused, unsliced), no compile, no offload or VAE slicing/tiling, no quant, full VAE.
+    attention (unfused, unsliced), no compile, no offload or VAE slicing/tiling, no quant, full VAE,
+    no step cache (rows from before the cache group have none).
     Decided on the typed spec values, never on option names."""
     s = row["spec"] or {}
     p, mf, a = s.get("precision") or {}, s.get("memory_format") or {}, s.get("attention") or {}
@@ -182,6 +183,7 @@ def is_reference(row: dict) -> bool:
         and _enum(Offload, m.get("offload")) is Offload.none and not m.get("vae_slicing") and not m.get("vae_tiling")
         and _enum(Quant, q.get("method")) is Quant.none
         and _enum(VaeKind, v.get("kind")) is VaeKind.full
+        and _enum(CacheMethod, (s.get("cache") or {}).get("method")) in (None, CacheMethod.none)
     )
 
 
