@@ -349,9 +349,10 @@ def write_csv(sweep: Sweep) -> Path:
 
 
 def _md(text: str) -> str:
-    """Text safe inside a Markdown table cell or list item: one line, HTML escaped (a prompt's
-    `<img onerror=...>` is shown, never rendered), pipes escaped."""
-    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
+    """Text safe inside a Markdown table cell or list item: one line, `&` and `<` escaped (a prompt's
+    `<img onerror=...>` is shown, never rendered: no tag can open without `<`; `>=` stays readable),
+    pipes escaped."""
+    return " ".join(str(text).split()).replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|")
 
 
 def _settings_lines(sweep: Sweep) -> list[str]:
