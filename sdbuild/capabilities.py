@@ -48,6 +48,12 @@ class Requirement:
     cuda_toolkit_on_cuda: bool = False  # AOTInductor compiles its CUDA wrapper with nvcc (CUDA_HOME)
     instead: str = ""  # what to use where the need is not met
 
+    @property
+    def asks_machine(self) -> bool:
+        """Whether checking it needs the machine's facts (a model-family rule needs only the spec)."""
+        return bool(self.cuda or self.min_capability or self.package or self.diffusers or self.c_compiler_on_cpu
+                    or self.triton_on_cuda or self.cuda_toolkit_on_cuda)
+
 
 @dataclass(frozen=True)
 class Exclusion:

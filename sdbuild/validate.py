@@ -166,20 +166,21 @@ def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
     problems = _check_values(spec)
     applicable = [req for req in REQUIREMENTS if req.applies(spec)]
     device = "unknown"
-    # A spec already refused, with no rule that asks the machine, is refused without probing it (on a
-    # machine with a GPU the probe imports torch, seconds).
-    if not problems or applicable or spec.run.device is Device.cuda:
+    # A spec already refused, with no rule that asks the machine (a model-family rule asks only the
+    # spec), is refused without probing it: on a machine with a GPU the probe imports torch, seconds.
+    if not problems or any(req.asks_machine for req in applicable) or spec.run.device is Device.cuda:
         machine = machine or Machine.probe()
         if spec.run.device is Device.cuda and not machine.cuda:
             problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
         device = resolve_device(spec, machine)
-        for req in applicable:
-            if missing := _unmet(req, device, machine) or _wrong_family(req, spec):
-                chosen = f"{req.group}={getattr(spec, req.group).name}"
-                option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
-                problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))
-        if (too_big := memory_problem(spec, device, machine.gpu_memory if device == "cuda" else machine.host_memory)):
-            problems.append(too_big)
+    for req in applicable:
+        if missing := (req.asks_machine and _unmet(req, device, machine)) or _wrong_family(req, spec):
+            chosen = f"{req.group}={getattr(spec, req.group).name}"
+            option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
+            problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))
+    if device != "unknown" and (too_big := memory_problem(spec, device, machine.gpu_memory if device == "cuda"
+                                                          else machine.host_memory)):
+        problems.append(too_big)
     for excl in EXCLUSIONS:
         if excl.applies(spec):
             problems.append(problem(excl.options, f"cannot be combined: {excl.why}", excl.instead))

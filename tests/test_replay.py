@@ -105,7 +105,7 @@ def test_dry_run_shows_the_plan_and_loads_nothing(tmp_path):
                   f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("would build (dry run: no weights loaded):\n  device: cpu")  # the plan first
-    assert out.stdout.index("7. compile:") < out.stdout.index("resolved spec") < out.stdout.index("name: sdpa_fused")
+    assert out.stdout.index(". compile:") < out.stdout.index("resolved spec") < out.stdout.index("name: sdpa_fused")
     assert "weights in bfloat16" in out.stdout and "AttnProcessor2_0, fused QKV" in out.stdout
     assert "torch.compile of unet" in out.stdout and "built from code with random weights on first use" in out.stdout
     assert not (tmp_path / "run" / "result.json").exists()
