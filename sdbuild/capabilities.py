@@ -227,6 +227,14 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         instead=_CACHE_INSTEAD,
     ),
     Requirement(
+        "cache=faster_cache",
+        "cache",
+        lambda s: s.cache.method is CacheMethod.faster_cache,
+        diffusers="0.34",  # FasterCacheConfig; like pab, reads FluxPipeline.current_timestep
+        families=CACHE_FAMILIES,
+        instead=_CACHE_INSTEAD,
+    ),
+    Requirement(
         "cache=mag_cache",
         "cache",
         lambda s: s.cache.method is CacheMethod.mag_cache,
@@ -429,6 +437,13 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Flux is guidance-distilled: guidance_scale is an input embedding, there is no unconditional pass for a "
         "negative prompt to steer",
         "Leave run.negative_prompt unset with Flux",
+    ),
+    Exclusion(
+        "cache=faster_cache with cache.timestep_high above 1000",
+        lambda s: s.cache.method is CacheMethod.faster_cache and s.cache.timestep_high > 1000,
+        "Flux's first step is at timestep 1000; inside the range diffusers' FasterCache skips attention from the "
+        "first call on, before it has any output to extrapolate from (TypeError in diffusers 0.42)",
+        "Keep cache.timestep_high <= 1000 with cache=faster_cache",
     ),
     Exclusion(
         "cache=deepcache with compile other than none",

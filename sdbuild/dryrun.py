@@ -69,6 +69,9 @@ def cache_knobs(spec: Spec) -> str:
         return f"threshold {c.threshold}, at most {c.max_skip_steps} steps skipped in a row, first {c.retention_ratio:.0%} kept"
     if c.method is CacheMethod.pab:
         return f"attention reused except every {c.interval}th step between timesteps {c.timestep_low} and {c.timestep_high}"
+    if c.method is CacheMethod.faster_cache:
+        return (f"attention extrapolated (weight {c.weight}) except every {c.interval}th step between timesteps "
+                f"{c.timestep_low} and {c.timestep_high}")
     return f"full step every {c.interval} after {c.warmup_steps}, Taylor order {c.order}"
 
 

@@ -126,6 +126,7 @@ class CacheMethod(enum.Enum):
     first_block = "first_block"  # FirstBlockCacheConfig: skip the other blocks while the first one's residual barely moves
     taylorseer = "taylorseer"  # TaylorSeerCacheConfig: predict block outputs by a Taylor series between full steps
     pab = "pab"  # PyramidAttentionBroadcastConfig: reuse attention outputs within a timestep range
+    faster_cache = "faster_cache"  # FasterCacheConfig: extrapolate attention outputs from the last two computed ones within a timestep range
     mag_cache = "mag_cache"  # MagCacheConfig: skip steps while the accumulated residual magnitude error is small
     deepcache = "deepcache"  # DeepCache (UNets): reuse the deep UNet features between full steps
     tome = "tome"  # token merging for SD (UNets): merge similar tokens before self-attention
@@ -217,13 +218,14 @@ class CacheSpec:
     name: str = "none"
     method: CacheMethod = CacheMethod.none
     threshold: float = 0.05  # first_block: relative residual change below which the other blocks are reused; mag_cache: error bound
-    interval: int = 5  # taylorseer, deepcache, pab: a full computation every `interval` steps, reuse in between
+    interval: int = 5  # taylorseer, deepcache, pab, faster_cache: a full computation every `interval` steps, reuse in between
     warmup_steps: int = 3  # taylorseer: full computation for the first steps (gathers the Taylor factors)
     order: int = 1  # taylorseer: highest order of the Taylor expansion
     branch: int = 0  # deepcache: the skip branch whose shallow layers still run on cached steps (0: the shallowest)
     ratio: float = 0.5  # tome: share of the self-attention tokens merged away
-    timestep_low: int = 100  # pab: attention is reused only at timesteps strictly between low and high
+    timestep_low: int = 100  # pab, faster_cache: attention is reused only at timesteps strictly between low and high
     timestep_high: int = 800
+    weight: float = 0.5  # faster_cache: w in out(t) + w * (out(t) - out(t-2)), the extrapolation of a skipped attention
     max_skip_steps: int = 3  # mag_cache: most consecutive steps skipped
     retention_ratio: float = 0.2  # mag_cache: share of the first steps never skipped
 
@@ -573,7 +575,7 @@ _UNSET = object()
 _LATER_FIELDS = {
     ("run", "threads"): RunSpec.threads, ("run", "interval_target"): RunSpec.interval_target,
     ("run", "max_measure_s"): RunSpec.max_measure_s, ("attention", "backend"): AttentionBackend.default.name,
-    ("memory", "layerwise_fp8"): False,
+    ("memory", "layerwise_fp8"): False, ("cache", "weight"): CacheSpec.weight,
 }
 _LATER_GROUPS = {"cache": CacheMethod.none.name}  # a group added later: left out while its method is off
 _NOT_RUN_IDENTITY = {"timeout_s"}  # how long a job may take is not what it builds

@@ -15,10 +15,10 @@ from helpers import CPU, composed, run
 
 STEPS = 20
 # Measured (random weights, 20 steps, seed 0): on the tiny Flux first_block at threshold 0.5 ~52 dB,
-# taylorseer (interval 5, 3 warmup steps, order 1) ~61 dB, pab ~66 dB, mag_cache ~55 dB; on the tiny SD 1.x deepcache (interval 3,
+# taylorseer (interval 5, 3 warmup steps, order 1) ~61 dB, pab ~66 dB, faster_cache ~67 dB, mag_cache ~55 dB; on the tiny SD 1.x deepcache (interval 3,
 # branch 0) ~36 dB, tome (ratio 0.5) ~41 dB. The bounds leave room for other
 # platforms' float rounding, not for a lever that breaks the image.
-MIN_PSNR_DB = {"first_block": 35.0, "taylorseer": 40.0, "pab": 45.0, "mag_cache": 45.0, "deepcache": 28.0, "tome": 33.0}
+MIN_PSNR_DB = {"first_block": 35.0, "taylorseer": 40.0, "pab": 45.0, "faster_cache": 45.0, "mag_cache": 45.0, "deepcache": 28.0, "tome": 33.0}
 # The tiny model's random weights move the first block's residual by more than diffusers' default
 # threshold (0.05) at every step, so nothing would be skipped; 0.5 lets it skip (see docs/models-and-caching.md).
 TINY_THRESHOLD = "cache.threshold=0.5"
@@ -204,6 +204,37 @@ def test_pab_reuses_attention_inside_its_timestep_range(no_cache):
     assert len(timesteps) == STEPS and calls == blocks * computed < base_calls
     assert np.abs(images - base_images).max() > 0
     assert psnr(images, base_images) >= MIN_PSNR_DB["pab"]
+
+
+def test_faster_cache_extrapolates_attention_inside_its_timestep_range(no_cache):
+    """FasterCache's attention skip (Flux is guidance-distilled: no unconditional batch to skip): attention computed
+    at step 0, outside (low, high), and every `interval`-th step inside; a skipped step's output is extrapolated
+    from the last two, so at weight 0 it is PAB's plain reuse, image for image."""
+    base_calls, base_images, blocks = no_cache
+    calls, images, pipe = counted_run("cache=faster_cache", "cache.interval=2", twice=True)
+    timesteps = [float(t) for t in pipe.scheduler.timesteps]
+    computed = sum(1 for i, t in enumerate(timesteps) if i == 0 or not 100 < t < 800 or i % 2 == 0)
+    assert len(timesteps) == STEPS and calls == blocks * computed < base_calls  # 56 of 80
+    assert np.abs(images - base_images).max() > 0
+    assert psnr(images, base_images) >= MIN_PSNR_DB["faster_cache"]
+    pab_calls, pab_images, _ = counted_run("cache=pab", "cache.interval=2")
+    reuse_calls, reuse_images, _ = counted_run("cache=faster_cache", "cache.interval=2", "cache.weight=0")
+    assert reuse_calls == pab_calls == calls
+    np.testing.assert_array_equal(reuse_images, pab_images)  # weight 0: the last computed output, as PAB
+    assert np.abs(images - pab_images).max() > 0  # the default weight extrapolates
+
+
+def test_faster_cache_on_a_unet_or_from_step_0_is_refused_before_any_weights_load(tmp_path):
+    with pytest.raises(SpecError) as err:
+        validate(composed("model=tiny", "cache=faster_cache"), CPU)
+    assert "cache=faster_cache" in str(err.value) and "model family flux" in str(err.value)
+    with pytest.raises(SpecError) as err:  # step 0 inside the range: nothing cached yet to extrapolate from
+        validate(composed("model=tiny_flux", "cache=faster_cache", "cache.timestep_high=1001"), CPU)
+    assert "cache.timestep_high <= 1000" in str(err.value)
+    spec = sdbuild.compose(["model=tiny", "cache=faster_cache", f"cache_dir={tmp_path / 'models'}", "run.steps=2"])
+    row = sdbuild.run(spec, tmp_path / "run")
+    assert row["status"] == "unsupported" and "cache=faster_cache" in row["error"]
+    assert not (tmp_path / "models").exists()
 
 
 def test_mag_cache_skips_whole_steps_after_its_retention_steps(no_cache):

@@ -17,7 +17,7 @@ from ..spec import CacheMethod, CacheSpec, Spec
 def cache_config(cache: CacheSpec, current_timestep=None, steps: int = 0):
     """The diffusers config object of the chosen cache, its knobs from the spec's fields."""
     import torch
-    from diffusers import FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+    from diffusers import FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
 
     if cache.method is CacheMethod.first_block:
         return FirstBlockCacheConfig(threshold=cache.threshold)
@@ -30,6 +30,20 @@ def cache_config(cache: CacheSpec, current_timestep=None, steps: int = 0):
         return PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=cache.interval,
             spatial_attention_timestep_skip_range=(cache.timestep_low, cache.timestep_high),
+            current_timestep_callback=current_timestep)
+    if cache.method is CacheMethod.faster_cache:
+        # Flux is guidance-distilled (one batch, no unconditional half): only FasterCache's attention
+        # reuse applies. Inside (timestep_low, timestep_high) each block's attention is computed every
+        # `interval`-th call; in between its output is extrapolated from the last two it kept,
+        # out(t) + weight * (out(t) - out(t-2)). The unconditional-batch (CFG-Cache) knobs are unused;
+        # is_guidance_distilled=False would split Flux's one batch in two and fail. A range reaching
+        # step 0 (timestep_high > 1000) is refused in capabilities.py: diffusers would skip before
+        # anything is cached.
+        return FasterCacheConfig(
+            spatial_attention_block_skip_range=cache.interval,
+            spatial_attention_timestep_skip_range=(cache.timestep_low, cache.timestep_high),
+            attention_weight_callback=lambda _module: cache.weight,
+            is_guidance_distilled=True,
             current_timestep_callback=current_timestep)
     if cache.method is CacheMethod.mag_cache:
         # Magnitude ratios calibrated by diffusers on FLUX.1-dev, interpolated to the run's steps.
