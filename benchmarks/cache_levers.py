@@ -26,6 +26,7 @@ TRANSFORMER_CANDIDATES = {
     "taylorseer (interval 5, warmup 3)": ["cache=taylorseer"],
     "pab (interval 2, timesteps 100-800)": ["cache=pab"],
     "mag_cache (threshold 0.06, FLUX.1-dev ratios)": ["cache=mag_cache"],
+    "faster_cache (interval 2, timesteps 100-800, weight 0.5)": ["cache=faster_cache"],
 }
 UNET_CANDIDATES = {  # needs the unetcache extra
     "none": ["cache=none"],
