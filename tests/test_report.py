@@ -623,7 +623,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-@needs_packages("playwright", install='pip install -e ".[browser]" (and Debian's chromium)')
+@needs_packages("playwright", install='pip install -e ".[browser]" and apt-get install chromium')
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs a Chromium browser: apt-get install chromium")
 def test_index_html_in_a_real_browser(grid: Path):
     """Every row is in the table, every image and the plot load, the fastest row is the first line and the
