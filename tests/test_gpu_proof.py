@@ -60,7 +60,7 @@ def test_gpu_proof_runs_every_step_in_cpu_mode(tmp_path):
         nxt_at = text.index(f"] {nxt} (limit" if nxt != "== done" else nxt, ended)
         assert text[ended:nxt_at].count(f"\n{step:8} ") == counts[step], text[ended:nxt_at]
     summary = (out / "summary.txt").read_text().splitlines()
-    assert len(summary) == len(rows) + 2 and summary[-1].startswith("targets: x")
+    assert len(summary) == len(rows) + 2 and summary[-1].startswith("targets: not judged: these rows ran on cpu")
     assert "x1.00 vs fp32" in summary[0]  # the seed table's first row is the baseline
     assert "[ok] versions" in (out / "preflight.log").read_text()
     assert "no failed or unsupported row" in (out / "errors.txt").read_text()
