@@ -287,12 +287,15 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
     ...: the order rotates so no candidate always runs first), so load that drifts during the
     measurement hits every candidate alike and call i of each can be paired.
 
-    `repeats`: timed calls per candidate; None (`run.repeats=auto`): at least MIN_AUTO_CALLS, then
+    `repeats`: timed calls per candidate; None (`run.repeats=auto`): at least MIN_AUTO_CALLS (and, before
+    the time cap may stop it, enough for a 95 % interval: stats.min_samples), then
     on until `auto_done` or until the timed calls took `max_measure_s`. `interleave=False` times
     each candidate's calls one after another instead (what separate jobs do). `catch_errors`: a
     candidate whose call raises leaves the group (see GroupMeasurement.failures); the others go on.
     `into`: one Measurement per candidate to fill as calls finish (what an interrupted caller keeps)."""
     import traceback
+
+    from .stats import min_samples
 
     results = list(into) if into is not None else [Measurement() for _ in candidates]
     failures: Dict[int, tuple] = {}
@@ -381,7 +384,9 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
             if (done := auto_done(results, reference, interval_target, skip=set(failures))):
                 stop = f"run.repeats=auto: {done} after {rounds} calls{each}"
                 break
-            if rounds >= MIN_AUTO_CALLS and time.perf_counter() - began >= max_measure_s:
+            # the cap stops no earlier than the fewest calls that can give a 95 % interval: cut
+            # sooner, the calls it took could decide nothing (a loaded machine hits it first)
+            if rounds >= max(MIN_AUTO_CALLS, min_samples()) and time.perf_counter() - began >= max_measure_s:
                 stop = (f"run.repeats=auto: stopped by run.max_measure_s={max_measure_s:g} after {rounds} calls"
                         f"{each}, before the interval reached +-{interval_target:.0%}")
                 break

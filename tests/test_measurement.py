@@ -163,6 +163,11 @@ def test_repeats_auto_stops_at_its_time_cap_and_says_so():
     m = measure(one, dict, "cpu", warmup=0, repeats=None, show_progress=False, interval_target=0.001,
                 max_measure_s=0.3)
     assert "max_measure_s=0.3" in m.stop_reason and len(m.runs_s) >= 3
+    # never cut before an interval can exist: the fewest calls that give one, even past the cap
+    # (3 calls of 10 ms already pass a 20 ms cap)
+    short = measure(one, dict, "cpu", warmup=0, repeats=None, show_progress=False, interval_target=0.001,
+                    max_measure_s=0.02)
+    assert len(short.runs_s) == min_samples() and median_interval(short.runs_s).low is not None
 
 
 def test_a_failing_candidate_leaves_the_group_and_the_others_go_on():
