@@ -1,5 +1,6 @@
 """Two sdbuild specs, A and B, built in one process and called in alternation (A B A B ...), so
-drift in machine speed hits both alike; prints each side's median and the paired ratios.
+drift in machine speed hits both alike; prints each side's median and B's paired speed-up on A
+with its exact 95 % interval (`sdbuild.stats`, the same rule as `hydra/sweeper=interleaved`).
 
     python benchmarks/ab.py                                        # the README's CPU example
     python benchmarks/ab.py --a precision=fp32 --b precision=bf16 --rounds 9
@@ -29,6 +30,7 @@ def main() -> None:
     from sdbuild.builder import build_pipeline
     from sdbuild.measure import timed_call
     from sdbuild.run_inputs import call_kwargs
+    from sdbuild.stats import describe, paired_ratios, paired_speedup
 
     sides = []
     for overrides in (args.a, args.b):
@@ -47,9 +49,9 @@ def main() -> None:
     print(f"machine: {name}; load average {load:.1f}; torch {torch.__version__}; {args.rounds} rounds")
     print(f"A {' '.join(args.a) or '(defaults)'}: median {statistics.median(a):.4f} s")
     print(f"B {' '.join(args.b) or '(defaults)'}: median {statistics.median(b):.4f} s")
-    ratios = sorted(x / y for x, y in zip(a, b))
-    print(f"speed-up of B over A, per round: median x{statistics.median(ratios):.2f}, "
-          f"min x{ratios[0]:.2f}, max x{ratios[-1]:.2f}")
+    ratios = sorted(paired_ratios(a, b))
+    print(f"speed-up of B over A, paired: {describe(paired_speedup(a, b))}; "
+          f"per round min x{ratios[0]:.2f}, max x{ratios[-1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -424,6 +424,25 @@ def busy_summary(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
     return ", ".join(parts)
 
 
+def threads_advice(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
+    """What to try when CPU rows were measured busy with several torch threads each (None otherwise).
+
+    Two processes each running one torch thread per core fight for every core: a call waits for its
+    slowest thread. On a busy 2-core machine one thread was 14x faster than torch's default 2
+    (BENCHMARKS.md), more than any other lever, and its calls are far steadier."""
+    from .spec import Device
+
+    cpu = [r for r in rows if r and is_completed(r) and (r.get("env") or {}).get("device") == Device.cpu.value]
+    if not any(is_busy_row(r) for r in cpu):
+        return None
+    threads = [(r.get("env") or {}).get("torch_threads") for r in cpu]
+    if not threads or any(not isinstance(n, int) or n <= 1 for n in threads):
+        return None  # one thread was run (or is unknown): the sweep already looked at it
+    return (f"busy CPU and every row ran {min(threads)}+ torch threads: on a shared CPU the thread count is "
+            f"often the largest lever (1 thread was x14 over 2 on a busy 2-core machine) and its calls are "
+            f"steadier; sweep run.threads=auto,1 (the ladder walks it first)")
+
+
 def noise_reasons(row: Dict[str, Any]) -> List[str]:
     """Why a completed row's timings are unreliable (empty when they look sound)."""
     lat = row.get("latency_s")

@@ -264,6 +264,30 @@ def test_ladder_markdown_html_and_preset_carry_the_busy_flag():
     assert caution(quiet) is None and "quiet: no row was busy or noisy" in render_markdown(quiet)
 
 
+def test_a_busy_cpu_with_several_threads_per_row_is_told_to_sweep_run_threads():
+    from types import SimpleNamespace
+
+    from hydra_plugins.sdbuild_ladder._render import preset_notes, render_html, render_markdown
+    from sdbuild.report.render import machine_lines
+
+    def with_env(ladder, device="cpu", threads=(2, 2)):
+        for m, n in zip((ladder.baseline, ladder.steps[0].trials[1].m), threads):
+            m.row["env"] = {"device": device, "torch_threads": n}
+        return ladder
+
+    advice = "sweep run.threads=auto,1"
+    busy = with_env(_ladder(busy=True, interleaved=True))
+    for text in (render_markdown(busy), render_html(busy), preset_notes(busy)):
+        assert advice in text and "every row ran 2+ torch threads" in text
+    rows = [busy.baseline.row, busy.steps[0].trials[1].m.row]
+    assert any(advice in text for _, text in machine_lines(SimpleNamespace(readable=rows)))
+    # not said: a quiet machine, a row at 1 thread (threads already looked at), a GPU
+    for ladder in (with_env(_ladder(busy=False, interleaved=True)),
+                   with_env(_ladder(busy=True, interleaved=True), threads=(2, 1)),
+                   with_env(_ladder(busy=True, interleaved=True), device="cuda")):
+        assert advice not in render_markdown(ladder) and advice not in preset_notes(ladder)
+
+
 # ---------------------------------------------------------------------------------------------
 # The interleaved ladder, end to end on the tiny model
 

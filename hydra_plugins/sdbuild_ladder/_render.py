@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from sdbuild.results import busy_summary, noise_reasons
+from sdbuild.results import busy_summary, noise_reasons, threads_advice
 from sdbuild.stats import describe
 
 from ._ladder import Bounds, Measured, NoiseRule, Step, Trial
@@ -115,8 +115,11 @@ def _decisive(ladder: Ladder) -> List[Measured]:
 
 
 def load_summary(ladder: Ladder) -> Optional[str]:
-    """How many of the ladder's rows were measured on a busy machine or are noisy (None: none)."""
-    return busy_summary([m.row for m in _all_measured(ladder) if m.row])
+    """How many of the ladder's rows were measured on a busy machine or are noisy, and on a busy CPU
+    what to try about threads (None: every row quiet)."""
+    rows = [m.row for m in _all_measured(ladder) if m.row]
+    said = [text for text in (busy_summary(rows), threads_advice(rows)) if text]
+    return "; ".join(said) or None
 
 
 def caution(ladder: Ladder) -> Optional[str]:

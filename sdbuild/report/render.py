@@ -178,6 +178,8 @@ def machine_lines(sweep: Sweep) -> list[tuple[str, str]]:
     if busy:
         lines.append(("Warning", f"{busy} row(s) measured on a busy machine (other processes running): "
                                  "their timings are not those of a quiet machine"))
+    if (advice := results.threads_advice(sweep.readable)):
+        lines.append(("Threads", advice))
     return lines
 
 
