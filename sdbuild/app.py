@@ -103,6 +103,8 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
     if not multirun:
         if row["status"] == Status.ok.value:
             print(f"result: {out_dir / results.RESULT_FILE}", flush=True)
+            if (advice := results.threads_advice([row])):
+                print(f"note: {advice}", flush=True)
         else:  # the refusal first, then where its row is: no `result:` line that reads like success
             print(f"sdbuild: {row['status']}:\n{row['error']}\n"
                   f"(its {row['status']} row is recorded in {out_dir / results.RESULT_FILE})",

@@ -211,6 +211,21 @@ print(json.dumps(dict(default=default, one=one, after_one=threads_after_one, aut
     assert got["after_auto"] == got["auto"]["env"]["torch_threads"] == got["default"]
 
 
+def test_a_single_run_on_a_busy_cpu_is_told_to_try_one_thread(tmp_path):
+    """A real busy machine: a spinning process runs beside the job for its whole length."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        done = run_cli("run.steps=2", "run.warmup=0", "run.repeats=1", "run.threads=2", f"hydra.run.dir={tmp_path}")
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads((tmp_path / "result.json").read_text())
+    assert row["machine_load"]["busy"] and row["env"]["torch_threads"] == 2
+    assert "note: busy CPU and every row ran 2+ torch threads" in done.stdout
+    assert "sweep run.threads=auto,1" in done.stdout
+
+
 def test_rapl_counters_are_read_and_their_wrap_handled(tmp_path):
     zone = tmp_path / "intel-rapl:0"
     zone.mkdir()
