@@ -436,7 +436,7 @@ def threads_advice(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
     if not any(is_busy_row(r) for r in cpu):
         return None
     threads = [(r.get("env") or {}).get("torch_threads") for r in cpu]
-    if not threads or any(not isinstance(n, int) or n <= 1 for n in threads):
+    if any(not isinstance(n, int) or n <= 1 for n in threads):
         return None  # one thread was run (or is unknown): the sweep already looked at it
     return (f"busy CPU and every row ran {min(threads)}+ torch threads: on a shared CPU the thread count is "
             f"often the largest lever (1 thread was x14 over 2 on a busy 2-core machine) and its calls are "

@@ -174,7 +174,7 @@ def machine_lines(sweep: Sweep) -> list[tuple[str, str]]:
     reasons = {(r.get("energy") or {}).get("reason") for r in sweep.readable if r.get("energy")}
     if reasons and not any(_energy(r) is not None for r in sweep.readable):
         lines.append(("Energy", "not measured: " + "; ".join(sorted(x for x in reasons if x))))
-    busy = sum(bool((r.get("machine_load") or {}).get("busy")) for r in sweep.readable)
+    busy = sum(results.is_busy_row(r) for r in sweep.readable)
     if busy:
         lines.append(("Warning", f"{busy} row(s) measured on a busy machine (other processes running): "
                                  "their timings are not those of a quiet machine"))
