@@ -114,15 +114,11 @@ def dry_run(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .dryrun import show
-    from .spec import to_spec
+    from .dryrun import say
 
-    try:
-        print(show(to_spec(cfg)), flush=True)
-    except SpecError as exc:
-        print(f"sdbuild: refused (dry run):\n{exc}", file=sys.stderr, flush=True)
-        return 0 if HydraConfig.get().mode == RunMode.MULTIRUN else 2
-    return 0
+    if say(cfg):
+        return 0
+    return 0 if HydraConfig.get().mode == RunMode.MULTIRUN else 2
 
 
 if __name__ == "__main__":

@@ -86,3 +86,19 @@ def show(spec: Spec) -> str:
     resolved = OmegaConf.to_yaml(OmegaConf.create(spec_to_dict(spec)))
     return ("would build (dry run: no weights loaded):\n" + "\n".join("  " + line for line in plan(spec, device))
             + "\n\nresolved spec (Hydra's `--cfg job` prints the composed config alone):\n" + resolved.rstrip("\n"))
+
+
+def say(cfg) -> bool:
+    """Print the plan of the composed config `cfg` on stdout, or its refusal on stderr; whether it
+    was accepted. The one dry run of a job, whatever launched it (a run, a sweep, the ladder)."""
+    import sys
+
+    from .errors import SpecError
+    from .spec import to_spec
+
+    try:
+        print(show(to_spec(cfg)), flush=True)
+    except SpecError as exc:
+        print(f"sdbuild: refused (dry run):\n{exc}", file=sys.stderr, flush=True)
+        return False
+    return True

@@ -378,6 +378,19 @@ def test_a_dry_run_sweep_writes_nothing_into_the_sweep_folder(tmp_path):
     assert results.read_row(tmp_path / "0" / "result.json")["latency_s"]["runs"] == [0.5]
 
 
+@pytest.mark.parametrize("sweeper", ["ladder", "interleaved"])
+def test_a_dry_run_ladder_or_interleaved_sweep_shows_every_plan_and_measures_nothing(tmp_path, sweeper):
+    """These sweepers build pipelines themselves (the interleaved ones in their own process), so the
+    job's dry run alone would not stop them."""
+    folder = tmp_path / "sweep"
+    out = run_cli("--multirun", f"hydra/sweeper={sweeper}", "dry_run=true", *FAST, "attention=classic,xformers",
+                  "run.seed=1,2", f"hydra.sweep.dir={folder}", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"[{sweeper}] dry run: 4 combinations checked, none measured" in out.stdout
+    assert out.stdout.count("would build") == 2 and out.stderr.count("refused (dry run)") == 2  # xformers on CPU
+    assert "run 1/" not in out.stderr + out.stdout and not folder.exists()
+
+
 def test_a_spec_whose_decode_cannot_fit_the_machine_is_refused_with_the_figure():
     import dataclasses
 

@@ -13,7 +13,6 @@ pipelines must share one process), so `isolate=true` and cluster launchers do no
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -30,16 +29,18 @@ class InterleavedSweeper(LadderSweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.hydra_context is not None
-        self.sweep_dir = Path(self.config.hydra.sweep.dir)
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
         self._check_measurement_settings()
         self.axes, self.fixed = self._axes(arguments)
         if not self.axes:
             raise LadderError("hydra/sweeper=interleaved: nothing is swept; give at least one key=a,b")
-        combos = [dict(zip(self.axes, values)) for values in itertools.product(*self.axes.values())]
+        combos = self._grid()
         for choices in combos:  # a misspelt option fails here, before any pipeline is built
             self._compose(self._overrides(choices))
+        if self.config.get("dry_run"):
+            return self._dry_run("interleaved")
+        self.sweep_dir = Path(self.config.hydra.sweep.dir)
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
         if self.config.get("isolate"):
             print("[interleaved] isolate=true does not apply: the grid's pipelines share this process", flush=True)
         self.state = LadderState.load(self.sweep_dir)

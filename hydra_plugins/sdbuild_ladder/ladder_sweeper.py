@@ -19,6 +19,7 @@ sweep callback, over every row the ladder measured.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -135,6 +136,22 @@ class LadderSweeper(Sweeper):
     def _compose(self, overrides: List[str]) -> DictConfig:
         return self.hydra_context.config_loader.load_sweep_config(master_config=self.config, sweep_overrides=overrides)
 
+    def _grid(self) -> List[Dict[str, str]]:
+        """Every combination of the swept options, in the basic sweeper's order."""
+        return [dict(zip(self.axes, values)) for values in itertools.product(*self.axes.values())]
+
+    def _dry_run(self, name: str) -> List[Any]:
+        """`dry_run=true`: every combination's build plan or refusal (a ladder's later steps depend on
+        measurements, so it shows the whole grid it could walk); nothing is built, measured or written."""
+        from sdbuild.dryrun import say
+
+        combos = self._grid()
+        print(f"[{name}] dry run: {len(combos)} combinations checked, none measured", flush=True)
+        for i, choices in enumerate(combos, 1):
+            print(f"[{name}] {i}/{len(combos)}: {' '.join(self._overrides(choices))}", flush=True)
+            say(self._compose(self._overrides(choices)))
+        return []
+
     def _spec_key(self, overrides: List[str]) -> str:
         """The recipe's identity, from its composed spec (so two spellings of one recipe are one)."""
         from sdbuild.spec import spec_key, spec_to_dict, to_spec
@@ -216,16 +233,17 @@ class LadderSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         started = time.perf_counter()
-        self.sweep_dir = Path(self.config.hydra.sweep.dir)
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
-
         self._check_measurement_settings()
         self.axes, self.fixed = self._axes(arguments)
         order, start = self._walk_order(self.axes), self._start(self.axes)
         for key in order:  # a misspelt option fails here, before any job runs
             for option in self.axes[key]:
                 self._compose(self._overrides({**start, key: option}))
+        if self.config.get("dry_run"):
+            return self._dry_run("ladder")
+        self.sweep_dir = Path(self.config.hydra.sweep.dir)
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
         self.state = LadderState.load(self.sweep_dir)
         self.run = self.state.start_run()
         self.found = index_sweep_dir(self.sweep_dir)
