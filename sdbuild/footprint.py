@@ -21,7 +21,7 @@ TAESD_CHANNELS = 64  # AutoencoderTiny's decoder width at full resolution
 
 def vae_channels(spec: Spec) -> int:
     """The VAE decoder's width at full resolution (its first block_out_channels)."""
-    from .models import SD15_VAE, TINY_VAE
+    from .families.sd15 import SD15_VAE, TINY_VAE
 
     if spec.vae.kind is VaeKind.tiny:
         return TAESD_CHANNELS

@@ -57,7 +57,8 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
     """Measure `members` interleaved; write and return one row per member (in the order given).
 
     The reference's run settings (warmup, repeats, interval target, time cap) hold for the group."""
-    from .builder import build_pipeline, set_numeric_flags
+    from .builder import build_pipeline
+    from .levers.precision import set_numeric_flags
     from .job import base_row, environment, measured_fields, release_memory, write_row
     from .measure import Candidate, apply_threads, measure_group
     from .run_inputs import call_kwargs

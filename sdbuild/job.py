@@ -80,7 +80,7 @@ def environment(device: Optional[str]) -> Dict[str, Any]:
     try:
         import torch
 
-        from .builder import global_switches
+        from .levers.precision import global_switches
 
         cuda = device == "cuda"
         env.update(

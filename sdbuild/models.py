@@ -6,8 +6,12 @@ with safetensors weights, loaded by its family's pipeline class (``from_pretrain
 - ``pretrained``: a local folder, or a hub id already in the local Hugging Face cache (resolved
   to its snapshot folder here: sdbuild never downloads). Checked per component before loading.
 - ``tiny`` / ``arch``: a pipeline built from code with a fixed seed and random weights: the
-  embedded tiny model, or a published architecture (SD 1.5, SDXL, Flux, SD 3.5) at full size. It is saved once
-  to the cache folder and loaded from there like any real model.
+  embedded tiny model, or a published architecture (SD 1.5, SDXL, Flux, SD 3.5) at full size, each
+  laid out and built by its family (sdbuild/families/<family>.py). It is saved once to the cache
+  folder and loaded from there like any real model.
+
+Loading a folder into a pipeline (dtype, quantization, scheduler) is the `model` lever's
+(sdbuild/levers/model.py); this module only says which folder, and checks it.
 """
 
 from __future__ import annotations
@@ -18,164 +22,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Optional
 
 from .errors import problem
-from .families import FAMILIES
+from .families import FAMILIES, random_family
 from .spec import ModelSource, ModelSpec, Spec
 
 # Bump when the code that builds a random model changes, so stale caches are not reused.
 RANDOM_MODEL_VERSION = 1
-
-# Published Stable Diffusion 1.5 component configs (runwayml/stable-diffusion-v1-5).
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    downsample_padding=1,
-    act_fn="silu",
-)
-SD15_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
-SD15_TEXT = dict(  # CLIP ViT-L/14 text tower
-    hidden_size=768,
-    intermediate_size=3072,
-    num_attention_heads=12,
-    num_hidden_layers=12,
-    max_position_embeddings=77,
-    vocab_size=49408,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
-
-# The embedded tiny model: the SD 1.x layout (cross-attention and plain blocks, a VAE that
-# downsamples 8x, a CLIP text encoder) at dimensions that run 50 steps in seconds on a CPU.
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=16,
-)
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 16, 32, 32),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=64,
-    scaling_factor=0.18215,
-)
-TINY_TEXT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_hidden_layers=2,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=32,
-)
-
-# Published Stable Diffusion XL base 1.0 component configs (stabilityai/stable-diffusion-xl-base-1.0).
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    act_fn="silu",
-)
-SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-SDXL_TEXT_2 = dict(  # OpenCLIP ViT-bigG/14 text tower, with projection
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_attention_heads=20,
-    num_hidden_layers=32,
-    max_position_embeddings=77,
-    vocab_size=49408,
-    hidden_act="gelu",
-    projection_dim=1280,
-)
-
-# The tiny SDXL: SDXL's layout (two text encoders, added time/text conditioning, linear
-# projections, multi-layer transformer blocks) at CPU-test dimensions.
-TINY_SDXL_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2),
-    attention_head_dim=(2, 4),
-    cross_attention_dim=64,  # the two text encoders' hidden states, concatenated
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
-    norm_num_groups=16,
-)
-TINY_SDXL_TEXT_2 = dict(TINY_TEXT, hidden_act="gelu")
-
-RANDOM_MODELS: Dict[str, Dict[str, Any]] = {
-    "tiny-sd15": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SD15_SCHEDULER),
-    "sd15-arch": dict(unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, scheduler=SD15_SCHEDULER),
-    "tiny-sdxl": dict(unet=TINY_SDXL_UNET, vae=TINY_VAE, text=TINY_TEXT, text_2=TINY_SDXL_TEXT_2,
-                      scheduler=SD15_SCHEDULER),
-    "sdxl-arch": dict(unet=SDXL_UNET, vae=SDXL_VAE, text=SD15_TEXT, text_2=SDXL_TEXT_2, scheduler=SD15_SCHEDULER),
-}
-
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SDBUILD_CACHE", Path.home() / ".cache" / "sdbuild"))
@@ -203,82 +57,9 @@ def ensure_model(model: ModelSpec, cache_dir: str | None) -> str:
     return folder
 
 
-def _byte_level_vocab() -> Dict[str, int]:
-    """A complete byte-level BPE vocabulary with no merges: every string tokenizes, one
-    token per character. Real CLIP has 49k merges; the encoder does not care which ids it sees."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}
-
-
-def _random_tokenizer():
-    """A CLIPTokenizer over the byte-level vocabulary, and the vocabulary itself."""
-    from transformers import CLIPTokenizer
-
-    vocab = _byte_level_vocab()
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        # Positional file paths: accepted by transformers 4.x and 5.x alike.
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77), vocab
-
-
-def _text_encoder(cls, config: Dict[str, Any], vocab: Dict[str, int]):
-    from transformers import CLIPTextConfig
-
-    eos = vocab["<|endoftext|>"]
-    config = dict(config, vocab_size=max(config.get("vocab_size", 0), len(vocab)))
-    return cls(CLIPTextConfig(bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos, **config)).eval()
-
-
-def seeded(**builders):
-    """name -> (seed, build) in, name -> built module out: each built right after `torch.manual_seed(seed)`,
-    in the order given, so random weights are the same on every machine; the caller's RNG is left as it was."""
-    import torch
-
-    state = torch.random.get_rng_state()
-    try:
-        built = {}
-        for name, (seed, build) in builders.items():
-            torch.manual_seed(seed)
-            built[name] = build()
-        return built
-    finally:
-        torch.random.set_rng_state(state)
-
-
 def build_random_pipeline(name: str):
-    """Build a pipeline with random weights (fixed seeds): SD 1.x or SDXL from RANDOM_MODELS, a
-    transformer family from its own module (sdbuild/families)."""
-    from .families.flux import RANDOM_FLUX, build_random_flux
-    from .families.sd3 import RANDOM_SD3, build_random_sd3
-
-    if name in RANDOM_FLUX:
-        return build_random_flux(name)
-    if name in RANDOM_SD3:
-        return build_random_sd3(name)
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    cfg = RANDOM_MODELS[name]
-    tokenizer, vocab = _random_tokenizer()
-    parts = seeded(unet=(0, lambda: UNet2DConditionModel(**cfg["unet"])), vae=(1, lambda: AutoencoderKL(**cfg["vae"])),
-                   text_encoder=(2, lambda: _text_encoder(CLIPTextModel, cfg["text"], vocab)))
-    scheduler = DDIMScheduler(**cfg["scheduler"])
-    if "text_2" in cfg:
-        parts.update(seeded(text_encoder_2=(4, lambda: _text_encoder(CLIPTextModelWithProjection, cfg["text_2"], vocab))))
-        return StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler)
-    return StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    """Build the random-weight pipeline `name` (fixed seeds) with the family that owns its layout."""
+    return random_family(name).build_random(name)
 
 
 def save_random_pipeline(name: str, folder: Path) -> None:

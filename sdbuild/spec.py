@@ -291,7 +291,8 @@ class Spec:
     dry_run: bool = False
 
 
-# The config groups, in the order the builder applies them (see sdbuild/builder.py).
+# The config groups, in the order labels and the option tables list them (the order the builder
+# applies their levers in is its own: sdbuild/builder.py STEPS).
 GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "vae", "model", "scheduler",
           "cache")
 

@@ -77,7 +77,8 @@ def shared_pipeline():
     import json
 
     import sdbuild
-    from sdbuild.builder import build_pipeline, set_global_switches
+    from sdbuild.builder import build_pipeline
+    from sdbuild.levers.precision import set_global_switches
     from sdbuild.spec import spec_to_dict
 
     cache = {}

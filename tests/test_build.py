@@ -12,7 +12,9 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import sdbuild
-from sdbuild.builder import GraphUNet, build_pipeline, global_switches
+from sdbuild.builder import build_pipeline
+from sdbuild.levers.graphs import GraphUNet
+from sdbuild.levers.precision import global_switches
 from sdbuild.models import ensure_model
 from sdbuild.run_inputs import call_kwargs
 

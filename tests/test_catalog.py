@@ -10,7 +10,7 @@ from diffusers import AutoencoderTiny
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0, SlicedAttnProcessor
 
 import sdbuild
-from sdbuild.builder import GraphUNet
+from sdbuild.levers.graphs import GraphUNet
 
 from conftest import needs_packages, package_marks, run_cli
 from helpers import built, compiled_with, first_attention, mode_config, run, unet_processors

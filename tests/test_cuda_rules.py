@@ -3,6 +3,7 @@ profiler), where a pin cannot hold, build order, what validation refuses on a CU
 warmup until steady, peak memory after warmup, steps per second, SDXL's fp16 VAE."""
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,7 +17,12 @@ from torch.profiler import ProfilerActivity, profile
 
 import sdbuild
 from sdbuild import builder
-from sdbuild.builder import BuildInfo, GraphUNet, apply_attention, attention_modules, build_pipeline, load
+from sdbuild.builder import BuildInfo, build_pipeline
+from sdbuild.levers import compile as compile_lever
+from sdbuild.levers import memory, precision, vae
+from sdbuild.levers.attention import apply_attention, attention_modules
+from sdbuild.levers.graphs import GraphUNet
+from sdbuild.levers.model import load
 from sdbuild.errors import SpecError
 from sdbuild.measure import StepClock, fatal_cuda_error, measure
 from sdbuild.run_inputs import call_kwargs
@@ -81,7 +87,7 @@ def test_traced_unet_replays_under_the_pin(tiny_fp32):
     pipe = copy.deepcopy(tiny_fp32)
     info = BuildInfo(device="cpu")
     info.attention_kernel = apply_attention(pipe, spec)
-    notes = builder.apply_compile(pipe, spec, "cpu", info.attention_kernel)
+    notes = compile_lever.apply_compile(pipe, spec, "cpu", info.attention_kernel)
     assert isinstance(pipe.unet, GraphUNet) and pipe.unet.sdpa_backend is SdpaBackend.math
     assert any("replays under sdpa_kernel(math)" in n for n in notes)
     seen = sdpa_kernels(pipe)  # the GraphUNet, called as the pipeline calls it
@@ -120,12 +126,12 @@ def test_trace_refuses_a_unet_only_partly_pinned(tiny_fp32):
     spec = spec_of("attention=sdpa_flash", "compile=trace")  # fp32 UNet: flash cannot run any of it
     record = apply_attention(pipe, spec)
     with pytest.raises(SpecError, match="compile=trace with attention.sdpa_backend=flash"):
-        builder.apply_compile(pipe, spec, "cpu", record)
+        compile_lever.apply_compile(pipe, spec, "cpu", record)
 
 
 def test_sdpa_fused_with_the_tiny_vae_fuses_the_unet_only(tiny_fp32):
     pipe = copy.deepcopy(tiny_fp32)
-    pipe.vae = builder.tiny_autoencoder(spec_of("vae=tiny"), torch.float32)
+    pipe.vae = vae.tiny_autoencoder(spec_of("vae=tiny"), torch.float32)
     record = apply_attention(pipe, spec_of("attention=sdpa_fused", "vae=tiny"))
     assert record["fused_modules"] == ["unet"]
 
@@ -136,15 +142,16 @@ def test_sdpa_fused_with_the_tiny_vae_fuses_the_unet_only(tiny_fp32):
 def test_offload_is_installed_after_attention_fusion_and_channels_last(monkeypatch):
     """`place` (where offload hooks go) runs once, and sees the modules already final."""
     seen = []
-    real_place = builder.place
+    real_place = memory.place
 
-    def watching_place(pipe, spec, device):
+    def watching_place(pipe, spec, device, info):
         seen.append({"processors": {type(a.processor) for _, a in attention_modules(pipe.unet)},
                      "channels_last": pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
                      "slicing": pipe.vae.use_slicing})
         real_place(pipe, spec, device)
 
-    monkeypatch.setattr(builder, "place", watching_place)
+    monkeypatch.setattr(builder, "STEPS", tuple(dataclasses.replace(step, apply=watching_place)
+                                                if step.apply is memory.apply_place else step for step in builder.STEPS))
     build_pipeline(spec_of("attention=sdpa_fused", "memory_format=channels_last", "memory=vae_slicing"), "cpu")
     assert seen == [{"processors": {FusedAttnProcessor2_0}, "channels_last": True, "slicing": True}]
 
@@ -270,12 +277,12 @@ def test_fatal_cuda_errors_are_told_from_out_of_memory():
 def test_sdxl_fp16_keeps_the_vae_in_fp32_and_says_so():
     spec = sdbuild.compose(["model=tiny_sdxl", "precision=fp16"])
     pipe = load(spec)
-    notes = builder.upcast_sdxl_vae(pipe, spec)
+    notes = precision.upcast_sdxl_vae(pipe, spec)
     assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == torch.float16
     assert notes and "VAE kept in float32" in notes[0]
     chosen = sdbuild.compose(["model=tiny_sdxl", "precision=fp16", "precision.vae_dtype=fp16"])
     pipe = load(chosen)
-    assert builder.upcast_sdxl_vae(pipe, chosen) == [] and pipe.vae.dtype == torch.float16
+    assert precision.upcast_sdxl_vae(pipe, chosen) == [] and pipe.vae.dtype == torch.float16
 
 
 # 10. Inductor's cache switches reach Inductor even when it is already imported -------------------
@@ -284,7 +291,7 @@ def test_sdxl_fp16_keeps_the_vae_in_fp32_and_says_so():
 def test_cache_dir_turns_inductors_caches_on_after_import(tmp_path):
     code = (
         "import sdbuild, torch._inductor.config as ic, torch._functorch.config as fc\n"
-        "from sdbuild.builder import set_global_switches\n"
+        "from sdbuild.levers.precision import set_global_switches\n"
         "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
         "assert not ic.fx_graph_cache\n"
         f"set_global_switches(sdbuild.compose(['compile=inductor_cached', 'compile.cache_dir={tmp_path}']))\n"

@@ -83,12 +83,12 @@ def toolchain():
             f"CUDA toolkit {m.cuda_toolkit} (CUDA_HOME {cpp_extension.CUDA_HOME}), packages {sorted(m.packages)}")
 
 
-@probe("TF32 flags (sdbuild.builder.set_global_switches) vs the torch>=2.9 fp32_precision API")
+@probe("TF32 flags (sdbuild.levers.precision.set_global_switches) vs the torch>=2.9 fp32_precision API")
 def tf32_flags():
     import torch
 
     import sdbuild
-    from sdbuild.builder import global_switches, set_global_switches
+    from sdbuild.levers.precision import global_switches, set_global_switches
 
     out = []
     for precision in ("tf32", "fp32", "tf32"):
@@ -184,7 +184,7 @@ def xformers_check():
     import xformers
     import xformers.ops as xops
 
-    from sdbuild.builder import xformers_kernels
+    from sdbuild.levers.attention import xformers_kernels
 
     out = [f"sdbuild sees {xformers_kernels()}"]
     q = torch.randn((1, 2, 40), device="cuda")

@@ -1,4 +1,4 @@
-"""Flux.1 with random weights: the embedded tiny model and the published FLUX.1-dev architecture.
+"""Flux.1: its record, and with random weights the embedded tiny model and the published FLUX.1-dev architecture.
 
 Every component of the real layout: FluxTransformer2DModel (double-stream then single-stream
 blocks, guidance embedding, 3-axis RoPE), a CLIP text encoder (pooled prompt embedding) and a T5
@@ -11,6 +11,10 @@ resolution-dependent shift. Saved as safetensors and loaded back through `from_p
 from __future__ import annotations
 
 from typing import Any, Dict
+
+from ..spec import ModelFamily
+from .common import clip_text_encoder, clip_tokenizer, seeded, t5_encoder, t5_tokenizer
+from .family import FLOW_SCHEDULERS, Family
 
 # FLUX.1-dev (black-forest-labs/FLUX.1-dev), component configs as published.
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -47,40 +51,22 @@ RANDOM_FLUX: Dict[str, Dict[str, Any]] = {
 }
 
 
-def t5_tokenizer(max_length: int = 512):
-    """A T5 tokenizer (SentencePiece-style Unigram) over single characters, built from code: every
-    printable Latin-1 character is a piece, with and without the word-start marker; T5's special
-    tokens keep their ids (pad 0, eos 1, unk 2). Real T5 has 32k pieces; the encoder does not care
-    which ids it sees."""
-    from transformers import T5Tokenizer
-
-    chars = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 256)]
-    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-             + [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars])
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
-
-
-def t5_encoder(config: Dict[str, Any], tokenizer):
-    from transformers import T5Config, T5EncoderModel
-
-    config = dict(config, vocab_size=config["vocab_size"] or len(tokenizer))
-    return T5EncoderModel(T5Config(is_encoder_decoder=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                                   **config)).eval()
-
-
-def build_random_flux(name: str):
+def build_random(name: str):
     """A FluxPipeline with random weights (fixed seeds) from RANDOM_FLUX."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    from ..models import _random_tokenizer, _text_encoder, seeded
-
     cfg = RANDOM_FLUX[name]
-    clip_tokenizer, vocab = _random_tokenizer()
+    clip_tok, vocab = clip_tokenizer()
     tokenizer_2 = t5_tokenizer()
     parts = seeded(transformer=(0, lambda: FluxTransformer2DModel(**cfg["transformer"])),
                    vae=(1, lambda: AutoencoderKL(**cfg["vae"])),
-                   text_encoder=(2, lambda: _text_encoder(CLIPTextModel, cfg["clip"], vocab)),
+                   text_encoder=(2, lambda: clip_text_encoder(CLIPTextModel, cfg["clip"], vocab)),
                    text_encoder_2=(4, lambda: t5_encoder(cfg["t5"], tokenizer_2)))
-    return FluxPipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]), tokenizer=clip_tokenizer,
+    return FluxPipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]), tokenizer=clip_tok,
                         tokenizer_2=tokenizer_2)
+
+
+FAMILY = Family(ModelFamily.flux, "FluxPipeline", "transformer", ("transformer", "vae", "text_encoder", "text_encoder_2"),
+                FLOW_SCHEDULERS, guidance_distilled=True, packed_latents=True, cache_hooks=True, dispatcher=True,
+                random_models=RANDOM_FLUX, build_random=build_random)

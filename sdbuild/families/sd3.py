@@ -1,4 +1,4 @@
-"""Stable Diffusion 3.5 with random weights: the embedded tiny model and the published SD 3.5 Large architecture.
+"""Stable Diffusion 3.5: its record, and with random weights the embedded tiny model and the published SD 3.5 Large architecture.
 
 Every component of the real layout: SD3Transformer2DModel (joint-attention MMDiT blocks, 2x2 patches,
 RMS-normed QK), three text encoders, each with a tokenizer built from code (no downloads): CLIP-L and
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from .flux import FLUX_T5, t5_encoder, t5_tokenizer
+from ..spec import ModelFamily
+from .common import clip_text_encoder, clip_tokenizer, seeded, t5_encoder, t5_tokenizer
+from .family import FLOW_SCHEDULERS, Family
+from .flux import FLUX_T5
 
 # stabilityai/stable-diffusion-3.5-large, component configs as published.
 SD35_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
@@ -49,20 +52,25 @@ RANDOM_SD3: Dict[str, Dict[str, Any]] = {
 }
 
 
-def build_random_sd3(name: str):
+def build_random(name: str):
     """A StableDiffusion3Pipeline with random weights (fixed seeds) from RANDOM_SD3."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    from ..models import _random_tokenizer, _text_encoder, seeded
-
     cfg = RANDOM_SD3[name]
-    clip_tokenizer, vocab = _random_tokenizer()
+    clip_tok, vocab = clip_tokenizer()
     tokenizer_3 = t5_tokenizer(256)
     parts = seeded(transformer=(0, lambda: SD3Transformer2DModel(**cfg["transformer"])),
                    vae=(1, lambda: AutoencoderKL(**cfg["vae"])),
-                   text_encoder=(2, lambda: _text_encoder(CLIPTextModelWithProjection, cfg["clip_l"], vocab)),
-                   text_encoder_2=(4, lambda: _text_encoder(CLIPTextModelWithProjection, cfg["clip_g"], vocab)),
+                   text_encoder=(2, lambda: clip_text_encoder(CLIPTextModelWithProjection, cfg["clip_l"], vocab)),
+                   text_encoder_2=(4, lambda: clip_text_encoder(CLIPTextModelWithProjection, cfg["clip_g"], vocab)),
                    text_encoder_3=(5, lambda: t5_encoder(cfg["t5"], tokenizer_3)))
     return StableDiffusion3Pipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
-                                    tokenizer=clip_tokenizer, tokenizer_2=clip_tokenizer, tokenizer_3=tokenizer_3)
+                                    tokenizer=clip_tok, tokenizer_2=clip_tok, tokenizer_3=tokenizer_3)
+
+
+# diffusers 0.42: SD3Transformer2DModel has no CacheMixin and StableDiffusion3Pipeline sets no cache context;
+# its JointAttnProcessor2_0 calls torch's SDPA directly, not the dispatcher.
+FAMILY = Family(ModelFamily.sd3, "StableDiffusion3Pipeline", "transformer",
+                ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), FLOW_SCHEDULERS,
+                random_models=RANDOM_SD3, build_random=build_random)

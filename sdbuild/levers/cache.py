@@ -55,6 +55,11 @@ def cache_config(cache: CacheSpec, current_timestep=None, steps: int = 0):
     raise ValueError(f"no diffusers cache config for cache={cache.method.name}")
 
 
+def apply(pipe, spec: Spec, device: str, info) -> None:
+    """The builder's cache step (on the placed pipeline, before torch.compile wraps it)."""
+    apply_cache(pipe, spec)
+
+
 def apply_cache(pipe, spec: Spec) -> None:
     """Install the chosen cache: diffusers' hooks on a transformer, DeepCache or ToMe on a UNet."""
     method = spec.cache.method
@@ -90,3 +95,28 @@ def apply_tome(pipe, cache: CacheSpec) -> None:
     import tomesd
 
     tomesd.apply_patch(pipe, ratio=cache.ratio, use_rand=False)
+
+
+def describe(spec: Spec, device: str) -> str:
+    """The chosen cache and its knobs, as the dry run prints them."""
+    c = spec.cache
+    if c.method is CacheMethod.none:
+        return "none"
+    return f"{c.method.name} ({knobs(c)})"
+
+
+def knobs(c: CacheSpec) -> str:
+    if c.method is CacheMethod.first_block:
+        return f"threshold {c.threshold}"
+    if c.method is CacheMethod.deepcache:
+        return f"full UNet every {c.interval} steps, branch {c.branch}"
+    if c.method is CacheMethod.tome:
+        return f"merge ratio {c.ratio}"
+    if c.method is CacheMethod.mag_cache:
+        return f"threshold {c.threshold}, at most {c.max_skip_steps} steps skipped in a row, first {c.retention_ratio:.0%} kept"
+    if c.method is CacheMethod.pab:
+        return f"attention reused except every {c.interval}th step between timesteps {c.timestep_low} and {c.timestep_high}"
+    if c.method is CacheMethod.faster_cache:
+        return (f"attention extrapolated (weight {c.weight}) except every {c.interval}th step between timesteps "
+                f"{c.timestep_low} and {c.timestep_high}")
+    return f"full step every {c.interval} after {c.warmup_steps}, Taylor order {c.order}"
