@@ -14,7 +14,8 @@ released and each one left over is alternated with the reference alone, in its o
 (`measurement.mode = pairs`, with the reason in `measurement.fallback`).
 
 Before each call the member's own process-wide switches (TF32, cuDNN flags) and thread count are
-set again. Peak memory is that of the shared process (its other pipelines included).
+set again; each call goes through `job.pipeline_call`, as a single job's do (under
+`torch.inference_mode` when `run.inference_mode`). Peak memory is that of the shared process (its other pipelines included).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
     The reference's run settings (warmup, repeats, interval target, time cap) hold for the group."""
     from .builder import build_pipeline
     from .levers.precision import set_numeric_flags
-    from .job import base_row, environment, measured_fields, release_memory, write_row
+    from .job import base_row, environment, measured_fields, pipeline_call, release_memory, write_row
     from .measure import Candidate, apply_threads, measure_group
     from .run_inputs import call_kwargs
     from .spec import repeat_count, thread_count
@@ -101,8 +102,9 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
             threads.update(apply_threads(thread_count(spec.run)))
 
         label = " ".join(f"{k}={v}" for k, v in results.parse_overrides(members[i].overrides).items())
-        return Candidate(pipe, lambda: call_kwargs(spec, pipe, devices[i]), label or f"member {i}", prepare,
-                         spec.run.batch_size)
+        # through job.pipeline_call, as a single job's calls: under torch.inference_mode when run.inference_mode
+        return Candidate(pipeline_call(spec, pipe), lambda: call_kwargs(spec, pipe, devices[i]), label or f"member {i}",
+                         prepare, spec.run.batch_size)
 
     def measure_batch(batch: List[int], mode: MeasureMode) -> None:
         group = measure_group([candidate(i) for i in batch], devices[batch[0]], run.warmup, repeat_count(run),

@@ -385,3 +385,62 @@ def test_paired_noise_rule_without_interleaving_is_refused_before_any_job(tmp_pa
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "hydra.sweeper.noise=paired needs paired calls: add hydra.sweeper.interleave=true" in out.stderr
     assert not list(tmp_path.glob("*/result.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# What is in effect inside an interleaved member's call (read back from torch, not from the spec)
+
+_GROUP_PROBE = r"""
+import json, sys, torch, sdbuild, sdbuild.builder
+from pathlib import Path
+from sdbuild.interleave import Member, run_group
+
+out, seen = Path(sys.argv[1]), []
+real_build = sdbuild.builder.build_pipeline
+
+def build_pipeline(spec, device, **kwargs):  # the real build; a hook on its denoiser reads torch's state per call
+    pipe, info = real_build(spec, device, **kwargs)
+    name = "threads=%s tf32=%s inference_mode=%s" % (spec.run.threads, spec.precision.tf32, spec.run.inference_mode)
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(dict(
+        member=name, threads=torch.get_num_threads(), precision=torch.get_float32_matmul_precision(),
+        tf32=torch.backends.cuda.matmul.allow_tf32, inference=torch.is_inference_mode_enabled())))
+    return pipe, info
+
+sdbuild.builder.build_pipeline = build_pipeline
+members = []
+for i, extra in enumerate(sys.argv[2:]):
+    overrides = ["run.steps=1", "run.warmup=1", "run.repeats=6", "run.save_image=false", *extra.split()]
+    members.append(Member(sdbuild.compose(overrides), out / str(i), {}, overrides))
+rows = run_group(members)
+print(json.dumps(dict(seen=seen, rows=[dict(status=r["status"], error=r.get("error"),
+                                            inference_mode=r["spec"]["run"]["inference_mode"]) for r in rows])))
+"""
+
+
+def _probe_group(tmp_path, *members: str):
+    done = subprocess.run([sys.executable, "-c", _GROUP_PROBE, str(tmp_path), *members], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(r["status"] == "ok" for r in got["rows"]), got["rows"]
+    return got
+
+
+def test_each_interleaved_members_calls_run_under_its_own_threads_tf32_and_inference_mode(tmp_path):
+    """In a process of its own (run.threads changes torch's inter-op threads for good). Two members
+    whose threads and TF32 differ, built one after the other (so the second's build set its values
+    last): call by call, inside the denoiser, each member's own values are in effect, and every call
+    runs under torch.inference_mode, as a single job's calls do (run.inference_mode=true)."""
+    got = _probe_group(tmp_path, "run.threads=1 precision.tf32=false", "run.threads=2 precision.tf32=true")
+    seen = got["seen"]
+    by_member = {m: [s for s in seen if s["member"] == m] for m in {s["member"] for s in seen}}
+    assert len(by_member) == 2 and all(len(calls) >= 7 for calls in by_member.values()), by_member.keys()
+    # the members alternated (so a member's values had to be set again before its call)
+    assert any(a["member"] != b["member"] for a, b in zip(seen, seen[1:]))
+    for s in seen:
+        if s["member"].startswith("threads=1"):
+            assert (s["threads"], s["tf32"], s["precision"]) == (1, False, "highest"), s
+        else:
+            assert (s["threads"], s["tf32"], s["precision"]) == (2, True, "high"), s
+        assert s["inference"] is True, s
+    assert all(r["inference_mode"] is True for r in got["rows"])
