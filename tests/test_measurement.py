@@ -158,13 +158,29 @@ def test_repeats_auto_keeps_a_20_percent_gain_with_3_percent_noise_within_its_ca
     assert s.relative_half_width() <= 0.03 and distinguishable(s) and s.median == pytest.approx(1.2, rel=0.1)
 
 
+class Bounded(SleepPipeline):
+    """A SleepPipeline that raises once it has been called for `limit_s`: a measurement that ignores
+    its time cap fails in seconds instead of running on toward 10,000 calls."""
+
+    def __init__(self, *args, limit_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.limit_s, self.began = limit_s, None
+
+    def __call__(self, **kwargs):
+        self.began = self.began or time.perf_counter()
+        if time.perf_counter() - self.began > self.limit_s:
+            raise AssertionError(f"still called after {self.limit_s} s: the time cap did not stop the measurement")
+        return super().__call__(**kwargs)
+
+
 def test_repeats_auto_stops_at_its_time_cap_and_says_so():
-    one = SleepPipeline(0.01, noise=0.9, seed=3)  # far too noisy for +-0.1 %
+    one = Bounded(0.01, noise=0.9, seed=3, limit_s=5.0)  # far too noisy for +-0.1 %
     m = measure(one, dict, "cpu", warmup=0, repeats=None, show_progress=False, interval_target=0.001,
                 max_measure_s=0.3)
     assert "max_measure_s=0.3" in m.stop_reason and len(m.runs_s) >= 3
     # never cut before an interval can exist: the fewest calls that give one, even past the cap
     # (3 calls of 10 ms already pass a 20 ms cap)
+    one = Bounded(0.01, noise=0.9, seed=3, limit_s=5.0)
     short = measure(one, dict, "cpu", warmup=0, repeats=None, show_progress=False, interval_target=0.001,
                     max_measure_s=0.02)
     assert len(short.runs_s) == min_samples() and median_interval(short.runs_s).low is not None
@@ -444,3 +460,40 @@ def test_each_interleaved_members_calls_run_under_its_own_threads_tf32_and_infer
             assert (s["threads"], s["tf32"], s["precision"]) == (2, True, "high"), s
         assert s["inference"] is True, s
     assert all(r["inference_mode"] is True for r in got["rows"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The busy flag's two halves, each on its own
+
+
+def test_the_busy_flag_sees_another_running_process_with_a_quiet_load_average():
+    """The process half alone: a real spinning process is counted (state R in /proc) and makes the
+    machine busy even when the load average says quiet (it lags by a minute)."""
+    from sdbuild import results
+
+    quiet = {"loadavg_1m": 0.0, "cpu_count": 2, "busy_processes": 0}
+    assert not results.is_busy(quiet)
+    assert results.is_busy({**quiet, "busy_processes": 1})
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline, counted = time.monotonic() + 5, 0
+        while time.monotonic() < deadline and not counted:  # the spinner runs once it has started
+            time.sleep(0.1)
+            counted = results.machine_load()["busy_processes"]
+        snapshot = {**results.machine_load(), "loadavg_1m": 0.0}  # the load average ruled out
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert counted >= 1
+    assert results.is_busy(snapshot), snapshot
+
+
+def test_the_busy_flag_sees_a_high_load_average_with_no_other_process_running():
+    """The load half alone: no other process running, the load average above one per CPU."""
+    from sdbuild import results
+
+    none_running = {"cpu_count": 2, "busy_processes": 0}
+    assert results.is_busy({**none_running, "loadavg_1m": 2.5})
+    assert not results.is_busy({**none_running, "loadavg_1m": 1.5})
+    assert not results.is_busy({**none_running, "loadavg_1m": None, "busy_processes": None})  # off Linux
+    assert results.load_record({**none_running, "loadavg_1m": 0.1}, {**none_running, "loadavg_1m": 4.0})["busy"]
