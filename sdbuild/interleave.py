@@ -14,8 +14,9 @@ released and each one left over is alternated with the reference alone, in its o
 (`measurement.mode = pairs`, with the reason in `measurement.fallback`).
 
 Before each call the member's own process-wide switches (TF32, cuDNN flags) and thread count are
-set again; each call goes through `job.pipeline_call`, as a single job's do (under
-`torch.inference_mode` when `run.inference_mode`). Peak memory is that of the shared process (its other pipelines included).
+set again; each call goes through `job.pipeline_call`, as a single job's calls do (under
+`torch.inference_mode` when `run.inference_mode`). Peak memory is that of the shared process (its
+other pipelines included).
 """
 
 from __future__ import annotations
