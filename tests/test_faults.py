@@ -453,3 +453,60 @@ def test_no_job_runs_or_reuses_what_an_earlier_job_compiled(order, tmp_path):
     found = {r["choices"]["compile"]: r for r in rows(tmp_path / "sweep").values()}
     assert all(r["status"] == "ok" for r in found.values())
     assert found["none"]["warmup_calls"] == 1 and found["none"]["steady"]  # no compile work in the eager job
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """The pids of other processes whose command line contains `text` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="PR_SET_PDEATHSIG and /proc: Linux only")
+def test_a_sweeps_child_job_dies_with_the_sweep_even_by_kill_9(tmp_path):
+    """docs/robustness.md: a child gets SIGTERM when the sweep's process dies, even by kill -9. The
+    sweep (each job in a child process, run.timeout_s's default) is killed while its first child
+    measures a long job: a few seconds later no process of that job is left."""
+    sweep_dir = tmp_path / "sweep"
+    args = [sys.executable, "-m", "sdbuild", "--multirun", f"hydra.sweep.dir={sweep_dir}", "run.steps=2",
+            "run.warmup=0", "run.repeats=100000", "run.timeout_s=600", "precision=fp32,bf16"]
+    sweep = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not children:  # the first job's own process has started
+            time.sleep(0.2)
+            children = [p for p in _processes_mentioning(f"hydra.run.dir={sweep_dir}") if p != sweep.pid]
+        assert children, "no child job process started"
+        time.sleep(1.0)  # in the middle of the job (importing or building: alive either way)
+        assert all(Path(f"/proc/{p}").exists() for p in children)
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _alive(children):
+            time.sleep(0.2)
+        assert not _alive(children), f"the child job outlived its killed sweep: {_alive(children)}"
+    finally:
+        sweep.kill()
+        for pid in _alive(children):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still running (a zombie counts as gone: it runs nothing)."""
+    alive = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if not stat[stat.rfind(")") + 2:].startswith("Z"):
+            alive.append(pid)
+    return alive
