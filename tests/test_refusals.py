@@ -56,6 +56,9 @@ REFUSALS = [
     # ranges (issue 27, defect 8): refused before loading, not a ZeroDivisionError / OverflowError after
     (["model.resolution=63"], "model.resolution=63: must be a multiple of 8", True),
     (["cache=deepcache", "cache.interval=0"], "cache.interval=0: must be >= 1", True),
+    # a path hub ids cannot have (defect 9): the folder message, not huggingface_hub's traceback
+    (["dry_run=true", "model=sd15", "model.path=../nope"], "model.path=../nope: does not exist and is not a hub id",
+     False),
     (["run.seed=99999999999999999999999"], "run.seed=99999999999999999999999: must be <= 18446744073709551615", True),
 ]
 
