@@ -90,11 +90,19 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         check_keys(cfg)  # before anything runs: an unknown key is a user mistake, not a row
     except SpecError as exc:
-        print(f"sdbuild: refused:\n{exc}", file=sys.stderr)
-        sys.exit(2)
+        if not multirun:
+            print(f"sdbuild: refused:\n{exc}", file=sys.stderr)
+            sys.exit(2)
+        if cfg.get("dry_run") is True:
+            print(f"sdbuild: refused:\n{exc}", flush=True)
+            return None
+        from .app import refused_job  # in a sweep a refused job is an `unsupported` row; the sweep goes on
+
+        return refused_job(exc)
     if cfg.get("dry_run"):
         if code := dry_run(cfg):
             sys.exit(code)

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterator, Optional
 from omegaconf import DictConfig
 
 from . import results
+from .errors import SpecError
 from .results import Status
 from .spec import GROUPS, to_spec
 
@@ -69,6 +70,34 @@ def exit_code(row: Dict[str, Any], multirun: bool) -> int:
     return 2 if row["status"] == Status.unsupported.value else 1
 
 
+def refused_job(exc: SpecError) -> Dict[str, Any]:
+    """`refused_row` for the sweep job Hydra is running now, said on its line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    choices = {g: hc.runtime.choices[g] for g in GROUPS if hc.runtime.choices.get(g)}
+    row = refused_row(Path(hc.runtime.output_dir), choices, list(hc.overrides.task),
+                      {"num": hc.job.num, "output_dir": hc.runtime.output_dir}, exc)
+    print(summary_line(row), flush=True)
+    return row
+
+
+def refused_row(out_dir: Path, choices: Dict[str, str], overrides: list[str], job: Dict[str, Any],
+                exc: SpecError) -> Dict[str, Any]:
+    """The `unsupported` row of a sweep job whose composed config was refused before it had a spec
+    (an unknown key, a resolver, a value of the wrong type): written, so the sweep goes on and its
+    report lists the job with its reason."""
+    from .job import environment, make_room, write_row
+
+    from .hardware import job_facts
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    make_room(out_dir, None)
+    row = results.new_row(status=Status.unsupported.value, error=str(exc), choices=dict(choices),
+                          overrides=list(overrides), job={**job, **job_facts()}, env=environment(None))
+    return write_row(out_dir, row)
+
+
 def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
     """Run the job Hydra composed and return its row."""
     from hydra.core.hydra_config import HydraConfig
@@ -81,8 +110,13 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     job = {"num": hc.job.num if multirun else None, "output_dir": str(out_dir)}
-    spec = to_spec(cfg)
     overrides = list(hc.overrides.task)
+    try:
+        spec = to_spec(cfg)
+    except SpecError as exc:  # composed but refused: in a sweep a row, and the sweep goes on
+        if not multirun:
+            raise
+        return refused_job(exc)
     timeout_s = sweep_timeout(spec) if multirun else None
     with interrupts_as_exceptions():
         try:

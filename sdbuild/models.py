@@ -82,6 +82,21 @@ COMPONENTS = {family: f.components for family, f in FAMILIES.items()}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+def is_hub_id(path: str) -> bool:
+    """Whether `path` is a valid hub id (org/name), by huggingface_hub's own rule (no `..`, no leading
+    or trailing `-`/`.`, at most 96 characters), not only its shape."""
+    if not HUB_ID.match(path):
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
 class NotLocal(FileNotFoundError):
     """A path that is neither a local folder nor a hub id in the local Hugging Face cache."""
 
@@ -96,7 +111,7 @@ def local_folder(path: str) -> Path:
     folder = Path(path).expanduser()
     if folder.exists():
         return folder
-    if not HUB_ID.match(path):
+    if not is_hub_id(path):
         raise NotLocal(path, "does not exist and is not a hub id (org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -121,7 +136,7 @@ def folder_problems(option: str, path: str | None, index: str, components: tuple
     try:
         folder = local_folder(path)
     except NotLocal as exc:
-        instead = f"Download it once yourself (`hf download {path}`), or set {fix}" if HUB_ID.match(path) else f"Set {fix}"
+        instead = f"Download it once yourself (`hf download {path}`), or set {fix}" if is_hub_id(path) else f"Set {fix}"
         return [problem(f"{option}={path}", exc.why, instead)]
     parts = ", ".join([index] + [f"{c}/" for c in components if c])
     if not (folder / index).is_file():

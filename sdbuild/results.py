@@ -17,6 +17,7 @@ import enum
 import json
 import math
 import os
+import re
 import secrets
 import statistics
 from pathlib import Path
@@ -280,6 +281,7 @@ def validate(data: Any) -> Dict[str, Any]:
         _finite(data.get(name), name)
     if data.get("peak_memory_scope") is not None and data["peak_memory_scope"] not in {m.value for m in MemoryScope}:
         raise RowError(f"unknown peak_memory_scope {data['peak_memory_scope']!r}")
+    untrusted_fields(data)
     spec = data.get("spec") or {}
     for section in ("run", "model"):
         if spec.get(section) is not None and not isinstance(spec[section], dict):
@@ -291,6 +293,60 @@ def validate(data: Any) -> Dict[str, Any]:
     row["spec"] = spec
     row["choices"] = {str(k): (None if v is None else str(v)) for k, v in data["choices"].items()}
     return row
+
+
+# A row read back is untrusted input (a teammate's folder, a planted file): every field that is used
+# as a path or a number is checked before use. A key is the hex `spec.spec_key` writes (it names a
+# set-aside folder); an image is a file name inside the job folder (it is copied by resume=); numbers
+# are finite and within what a measurement can be (statistics over 1e308 overflows).
+SPEC_KEY = re.compile(r"[0-9a-f]{8,64}")
+MAX_SECONDS = 1e7  # about 4 months: no call, warmup, load or job takes longer
+MAX_MB = 1e9  # a petabyte
+NUMBER_RANGES = {"warmup_s": MAX_SECONDS, "load_s": MAX_SECONDS, "build_s": MAX_SECONDS, "peak_memory_mb": MAX_MB,
+                 "warmup_peak_memory_mb": MAX_MB, "peak_memory_reserved_mb": MAX_MB, "steps_per_s": 1e9}
+MAX_COUNT = 2 ** 31
+
+
+def _bounded(value: Any, name: str, high: float, low: float = 0.0, whole: bool = False) -> None:
+    """RowError unless `value` is None or a finite number (an int when `whole`) between low and high."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int if whole else NUMBER) or not math.isfinite(value):
+        raise RowError(f"{name} should be a finite {'whole ' if whole else ''}number, got {value!r}")
+    if not low <= value <= high:
+        raise RowError(f"{name} is {value!r}, outside {low:g}..{high:g}")
+
+
+def untrusted_fields(data: Dict[str, Any]) -> None:
+    """RowError naming the first field of a read-back row that is unsafe to use as a path or number."""
+    key = data.get("spec_key")
+    if key is not None and not SPEC_KEY.fullmatch(key):
+        raise RowError(f"spec_key {key[:80]!r} is not a spec key (hex digits)")
+    image = data.get("image")
+    if image is not None and (image in ("", ".", "..") or Path(image).name != image or "\\" in image):
+        raise RowError(f"image {image[:200]!r} is not a file name inside the job folder")
+    for name, high in NUMBER_RANGES.items():
+        _bounded(data.get(name), name, high)
+    _bounded(data.get("preset_order"), "preset_order", MAX_COUNT, -MAX_COUNT, whole=True)
+    latency = data.get("latency_s") or {}
+    for name in LATENCY_STATS:
+        _bounded(latency.get(name), f"latency_s.{name}", MAX_SECONDS if name != "cv" else 1e6)
+    for what, runs in (("latency_s.runs", latency.get("runs")), ("warmup_runs_s", data.get("warmup_runs_s"))):
+        if runs is not None and not isinstance(runs, list):
+            raise RowError(f"{what} should be a list")
+        if runs is not None and len(runs) > 10 ** 6:
+            raise RowError(f"{what} holds {len(runs)} values")
+        for value in runs or []:
+            _bounded(value, f"{what}[]", MAX_SECONDS)
+    job = data.get("job") or {}
+    _bounded(job.get("num"), "job.num", MAX_COUNT, whole=True)
+    for name in ("wall_s", "timeout_s"):
+        _bounded(job.get(name), f"job.{name}", MAX_SECONDS)
+    for name, value in (data.get("paired") or {}).items():
+        if name in ("median", "low", "high", "confidence"):
+            _bounded(value, f"paired.{name}", 1e6)
+        elif name == "n":
+            _bounded(value, "paired.n", MAX_COUNT, whole=True)
 
 
 def _finite(value: Any, name: str) -> Optional[float]:

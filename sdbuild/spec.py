@@ -473,7 +473,7 @@ def value_problems(spec: Spec) -> list[str]:
     for option, value in (("cache_dir", spec.cache_dir), ("compile.cache_dir", spec.compile.cache_dir)):
         if value is not None and (why := _unwritable(value)):
             problems.append(problem(f"{option}={value}", why, f"Set {option} to a folder you can write, or leave it unset"))
-    problems += measurement_problems(run)
+    problems += measurement_problems(run) + range_problems(spec)
     if spec.resume is not None and not os.path.isdir(os.path.expanduser(spec.resume)):
         problems.append(problem(f"resume={spec.resume}", "is not a folder", "Point resume at an earlier sweep's folder "
                                 "(outputs/multirun/<time>)"))
@@ -497,6 +497,78 @@ def _count(value: Any) -> Optional[int]:
 def repeat_count(run: RunSpec) -> Optional[int]:
     """`run.repeats` as a number of timed calls; None for `auto` (call until the interval is narrow)."""
     return None if run.repeats == AUTO else _count(run.repeats)
+
+
+# The range of every numeric spec field not checked above (sizes, measurement settings): (low, high,
+# what to use instead), both ends included; `None` is the field left unset where it may be. Checked
+# with the other spec-level rules, before anything loads: a value out of range would otherwise fail
+# after the weights loaded (a division by zero, an overflowing seed) or be taken silently.
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+TINY = 1e-9  # the low end of a field that must be > 0
+RANGES: dict = {
+    "model.resolution": (8, MAX_SIDE, "Use the model's native side, e.g. model.resolution=512 (a multiple of 8)"),
+    "run.steps": (1, 1000, "Use run.steps=1 or more, at most 1000 (the schedulers' training timesteps; 50 is typical)"),
+    "run.batch_size": (1, 10 ** 9, "Use run.batch_size=1 or more"),  # above MAX_BATCH: its own message above
+    "run.warmup": (0, 100, "Use run.warmup=0 or more, at most 100 (1 is typical)"),
+    "run.max_warmup": (1, 100, "Use run.max_warmup=1 or more, at most 100 (5 is typical)"),
+    "run.guidance_scale": (0, 100, "Use 7.5 (typical) or 1.0 (no classifier-free guidance)"),
+    "run.seed": (*SEED_RANGE, "Use a seed between 0 and 2**64-1, e.g. run.seed=0"),
+    "run.max_measure_s": (0, 7 * 24 * 3600, "Use run.max_measure_s=120"),
+    # A relative change of a residual: it can pass 1 where features move fast (the random tiny model).
+    "cache.threshold": (TINY, 100.0, "Use cache.threshold=0.05 (a relative change, > 0)"),
+    "cache.interval": (1, 1000, "Use cache.interval=5 (a full computation every 5 steps)"),
+    "cache.warmup_steps": (0, 1000, "Use cache.warmup_steps=3"),
+    "cache.order": (0, 8, "Use cache.order=1"),
+    "cache.branch": (0, 64, "Use cache.branch=0 (the shallowest skip branch)"),
+    "cache.ratio": (0.0, 0.99, "Use cache.ratio=0.5 (the share of tokens merged, below 1)"),
+    "cache.timestep_low": (0, 1000, "Use cache.timestep_low=100"),
+    "cache.timestep_high": (0, 100000, "Use cache.timestep_high=800"),  # faster_cache's <= 1000: capabilities.py
+    "cache.weight": (0.0, 1.0, "Use cache.weight=0.5"),
+    "cache.max_skip_steps": (1, 1000, "Use cache.max_skip_steps=3"),
+    "cache.retention_ratio": (0.0, 1.0, "Use cache.retention_ratio=0.2 (a share, between 0 and 1)"),
+}
+MAX_SLICE = 4096  # attention.slice_size as a number of heads / slices
+
+
+def range_problems(spec: Spec) -> list[str]:
+    """A problem for every numeric field outside its range (RANGES), for model.resolution when it is not
+    a multiple of 8, for attention.slice_size when it is not auto, max or a count >= 1, and for
+    run.threads above this machine's CPU count (oversubscribed threads make every call many times
+    slower). No torch: os.cpu_count() only."""
+    import math
+
+    from .errors import problem
+
+    problems = []
+    for name, (low, high, instead) in RANGES.items():
+        section, field = name.split(".")
+        value = getattr(getattr(spec, section), field)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue  # float_problems says so
+        if value < low:
+            problems.append(problem(f"{name}={value}", "must be > 0" if low == TINY else f"must be >= {low}", instead))
+        elif value > high:
+            problems.append(problem(f"{name}={value}", f"must be <= {high}", instead))
+    res = spec.model.resolution
+    if isinstance(res, int) and 8 <= res <= MAX_SIDE and res % 8:
+        problems.append(problem(f"model.resolution={res}", "must be a multiple of 8 (the VAE downsamples 8x)",
+                                f"Use model.resolution={max(8, round(res / 8) * 8)}"))
+    size = spec.attention.slice_size
+    if size is not None and size not in ("auto", "max"):
+        if not str(size).isdigit():
+            problems.append(problem(f"attention.slice_size={size}", "must be auto, max or a number of heads",
+                                    "Use attention.slice_size=auto"))
+        elif not 1 <= int(size) <= MAX_SLICE:
+            problems.append(problem(f"attention.slice_size={size}", f"must be a number of heads from 1 to {MAX_SLICE}",
+                                    "Use attention.slice_size=auto, or a number such as 2"))
+    threads, cores = thread_count(spec.run), os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        problems.append(problem(f"run.threads={threads}", f"is more than this machine's {cores} CPU cores "
+                                "(oversubscribed threads make each call many times slower)",
+                                f"Use run.threads=auto or a number from 1 to {cores}"))
+    return problems
 
 
 def thread_count(run: RunSpec) -> Optional[int]:

@@ -148,15 +148,8 @@ def _wrong_family(req: Requirement, spec: Spec) -> Optional[str]:
 
 
 def _check_values(spec: Spec) -> list[str]:
-    run, problems = spec.run, value_problems(spec)  # sizes and paths: spec-level rules (spec.py)
-    for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("max_warmup", 1)):
-        value = getattr(run, name)
-        if value < low:
-            problems.append(problem(f"run.{name}={value}", f"must be >= {low}", f"Use run.{name}={low} or more"))
-    if run.guidance_scale < 0:
-        problems.append(problem(f"run.guidance_scale={run.guidance_scale}", "must be >= 0", "Use 7.5 (typical) or 1.0 (no classifier-free guidance)"))
-    if spec.attention.slice_size is not None and spec.attention.slice_size not in ("auto", "max") and not str(spec.attention.slice_size).isdigit():
-        problems.append(problem(f"attention.slice_size={spec.attention.slice_size}", "must be auto, max or a number of heads", "Use attention.slice_size=auto"))
+    problems = value_problems(spec)  # sizes and paths: spec-level rules (spec.py)
+    # every numeric field's range, attention.slice_size: spec.range_problems, inside value_problems
     problems += model_problems(spec)  # weight folders, per component (models.py)
     return problems
 

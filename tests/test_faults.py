@@ -510,3 +510,18 @@ def _alive(pids: list[int]) -> list[int]:
         if not stat[stat.rfind(")") + 2:].startswith("Z"):
             alive.append(pid)
     return alive
+
+
+def test_a_job_refused_while_composing_is_a_row_and_the_sweep_goes_on(tmp_path):
+    """A sweep value the resolver check refuses (`${oc.env:HOME}`) or that interpolates a key that does not
+    exist (`${run.nosuch}`) is refused before the job has a spec: each is an `unsupported` row saying
+    why, the other jobs run, the report is written and the lock released (default sweep settings)."""
+    out = run_cli("--multirun", f"hydra.sweep.dir={tmp_path}", *QUICK,
+                  "run.negative_prompt=ok,${oc.env:HOME},${run.nosuch}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    table = csv_rows(tmp_path)
+    assert table["0"]["status"] == "ok"
+    assert table["1"]["status"] == "unsupported" and "oc.env" in table["1"]["error"]
+    assert table["2"]["status"] == "unsupported" and "run.nosuch" in table["2"]["error"]
+    assert (tmp_path / "report.md").is_file() and not (tmp_path / results.LOCK_FILE).exists()

@@ -53,6 +53,13 @@ REFUSALS = [
     (["+precison=fp16"], "precison: is not a spec field", False),
     (["--multirun", "run.stepz=3,4"], "run.stepz: is not a spec field", False),
     (["dry_run=true", "precision=fp16"], "needs CUDA", False),
+    # ranges (issue 27, defect 8): refused before loading, not a ZeroDivisionError / OverflowError after
+    (["model.resolution=63"], "model.resolution=63: must be a multiple of 8", True),
+    (["cache=deepcache", "cache.interval=0"], "cache.interval=0: must be >= 1", True),
+    # a path hub ids cannot have (defect 9): the folder message, not huggingface_hub's traceback
+    (["dry_run=true", "model=sd15", "model.path=../nope"], "model.path=../nope: does not exist and is not a hub id",
+     False),
+    (["run.seed=99999999999999999999999"], "run.seed=99999999999999999999999: must be <= 18446744073709551615", True),
 ]
 
 

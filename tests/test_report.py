@@ -88,7 +88,7 @@ def write_job(
     row = results.new_row(
         status=status, error=error, choices=choices, preset=preset, preset_order=preset_order,
         overrides=overrides if overrides is not None else [f"precision={precision}", f"attention={attention}"],
-        spec_key=f"key-{job}", spec=spec or make_spec(precision, attention), latency_s=latency,
+        spec_key=hex_key(f"key-{job}"), spec=spec or make_spec(precision, attention), latency_s=latency,
         warmup_s=0.5 if latency else None, build_s=0.1, load_s=0.2,
         peak_memory_mb=peak_memory_mb if latency else None, image=image,
         env={"device_name": "Test GPU 9000", "torch": "2.9.0", "diffusers": "0.99.0", "python": "3.11.7",
@@ -96,8 +96,16 @@ def write_job(
         job={"num": int(job) if job.isdigit() else None},
     )
     row.update(extra)
+    if isinstance(extra.get("spec_key"), str):  # a label in the test, hex in the row (as spec_key writes)
+        row["spec_key"] = hex_key(extra["spec_key"])
     results.write_row(folder, row)
     return folder
+
+
+def hex_key(label: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(label.encode()).hexdigest()[:16]
 
 
 def read_csv(sweep: Path) -> dict[str, dict]:
@@ -694,3 +702,57 @@ def test_an_unreadable_plan_is_said_and_every_row_is_unplanned(grid: Path):
     md = (grid / "report.md").read_text()
     assert "plan.json is unreadable" in md and "unplanned: plan.json cannot be read (JSONDecodeError" in md
     assert "9" in read_csv(grid)  # listed, as unplanned: nothing says which sweep it belongs to
+
+
+# A row read back is untrusted input (issue 27, defect 6): one hostile value per field that is used as a
+# path or a number. Each makes the row `unreadable` with the field named; nothing outside the job folder
+# is touched when a rerun sets the row aside, resume= never copies from it, and the report renders.
+HOSTILE = {
+    "spec_key=abs": ({"spec_key": "/tmp/elsewhere"}, "spec_key"),
+    "spec_key=up": ({"spec_key": "../../x"}, "spec_key"),
+    "image=abs": ({"image": "/etc/passwd.png"}, "image"),
+    "image=up": ({"image": "../0b/image.png"}, "image"),
+    "image=dotdot": ({"image": ".."}, "image"),
+    "latency.runs": ({"latency_s": {"median": 1e308, "mean": 1e308, "runs": [1e308, 1e308, 1e308]}}, "latency_s"),
+    "latency.median": ({"latency_s": {"median": -1.0, "mean": -1.0, "runs": [-1.0]}}, "latency_s"),
+    "warmup_s": ({"warmup_s": 1e300}, "warmup_s"),
+    "peak_memory_mb": ({"peak_memory_mb": -5.0}, "peak_memory_mb"),
+    "warmup_runs_s": ({"warmup_runs_s": [1e308]}, "warmup_runs_s"),
+    "preset_order": ({"preset_order": 10 ** 30}, "preset_order"),
+    "job.num": ({"job": {"num": -3}}, "job.num"),
+    "job.wall_s": ({"job": {"num": 0, "wall_s": "soon"}}, "job.wall_s"),
+    "paired.median": ({"paired": {"median": 1e300}}, "paired.median"),
+}
+
+
+@pytest.fixture(params=sorted(HOSTILE), ids=sorted(HOSTILE))
+def hostile_row(request, tmp_path: Path):
+    fields, name = HOSTILE[request.param]
+    sweep = tmp_path / "sweep"
+    write_job(sweep, "0")
+    (sweep / "0b").mkdir()
+    Image.fromarray(noise_image()).save(sweep / "0b" / "image.png")  # a PNG the planted path points at
+    path = sweep / "0" / "result.json"
+    data = json.loads(path.read_text())
+    data.update(fields)
+    path.write_text(json.dumps(data))
+    return sweep, path, name
+
+
+def test_a_hostile_row_is_unreadable_and_touches_nothing_outside_its_folder(hostile_row, tmp_path: Path):
+    from sdbuild.job import find_reusable
+
+    sweep, path, name = hostile_row
+    with pytest.raises(results.RowError, match=name.replace(".", r"\.")):
+        results.read_row(path)
+    row = results.load_row(path)
+    assert row["status"] == "unreadable" and name in row["error"]
+    md = report.aggregate(sweep).read_text()  # no crash, and the row listed with its reason
+    assert read_csv(sweep)["0"]["status"] == "unreadable" and name in md
+    key = json.loads(path.read_text()).get("spec_key")
+    assert find_reusable(sweep, key) is None  # resume= reuses (and copies) nothing from it
+    before = sorted(p for p in tmp_path.rglob("*") if "sweep/0/" not in str(p) + "/")
+    moved = results.make_room(sweep / "0", "0123456789abcdef")  # a rerun of another spec sets it aside
+    assert moved is not None and moved.resolve().is_relative_to((sweep / "0").resolve())
+    after = sorted(p for p in tmp_path.rglob("*") if "sweep/0/" not in str(p) + "/")
+    assert after == before

@@ -298,7 +298,8 @@ def test_several_problems_are_listed_one_a_line():
     text = problems(["run.steps=0", "run.repeats=0"])
     assert text == ("- run.repeats=0: must be auto or a whole number >= 1. Use run.repeats=auto (call until the "
                     "interval is narrow) or run.repeats=3\n"
-                    "- run.steps=0: must be >= 1. Use run.steps=1 or more")
+                    "- run.steps=0: must be >= 1. Use run.steps=1 or more, at most 1000 (the schedulers' training timesteps; "
+                    "50 is typical)")
 
 
 def test_measurement_options_are_checked_before_any_weights_load():
@@ -351,3 +352,38 @@ def test_the_probe_on_a_gpu():
     machine = Machine.probe()
     assert machine.cuda and machine.capability == torch.cuda.get_device_capability(0)
     assert machine.device_name == torch.cuda.get_device_name(0)
+
+
+# Every numeric field has its range, checked with the other spec-level rules before anything loads
+# (issue 27, defect 8): each of these once failed after the weights loaded or was taken silently.
+OUT_OF_RANGE = [
+    (["model.resolution=63"], "model.resolution=63: must be a multiple of 8"),
+    (["model.resolution=0"], "model.resolution=0: must be >= 8"),
+    (["model.resolution=-64"], "model.resolution=-64: must be >= 8"),
+    (["model.resolution=12000"], "model.resolution=12000: must be <= 4096"),
+    (["attention=sliced", "attention.slice_size=0"], "attention.slice_size=0: must be a number of heads from 1"),
+    (["cache=deepcache", "cache.interval=0"], "cache.interval=0: must be >= 1"),
+    (["run.seed=18446744073709551616"], "run.seed=18446744073709551616: must be <= 18446744073709551615"),
+    (["cache=tome", "cache.ratio=5"], "cache.ratio=5.0: must be <= 0.99"),
+    (["cache=first_block", "cache.threshold=-1"], "cache.threshold=-1.0: must be > 0"),
+    (["cache=mag_cache", "cache.retention_ratio=1.5"], "cache.retention_ratio=1.5: must be <= 1.0"),
+    (["run.steps=5000"], "run.steps=5000: must be <= 1000"),
+    (["run.guidance_scale=1e6"], "run.guidance_scale=1000000.0: must be <= 100"),
+    (["run.threads=4096"], "run.threads=4096: is more than this machine's"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", OUT_OF_RANGE, ids=[" ".join(o) for o, _ in OUT_OF_RANGE])
+def test_every_numeric_field_is_checked_against_its_range(overrides, needle):
+    assert needle in problems(overrides)
+
+
+def test_every_range_names_a_spec_field_and_its_default_is_inside():
+    """RANGES cannot drift from the spec: each entry is a field, and the default spec passes them all."""
+    from sdbuild.spec import RANGES, Spec, range_problems
+
+    spec = Spec()
+    for name in RANGES:
+        section, field = name.split(".")
+        assert hasattr(getattr(spec, section), field), name
+    assert range_problems(spec) == []
