@@ -455,20 +455,6 @@ def test_no_job_runs_or_reuses_what_an_earlier_job_compiled(order, tmp_path):
     assert found["none"]["warmup_calls"] == 1 and found["none"]["steady"]  # no compile work in the eager job
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """The pids of other processes whose command line contains `text` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline and int(entry.name) != os.getpid():
-                found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="PR_SET_PDEATHSIG and /proc: Linux only")
 def test_a_sweeps_child_job_dies_with_the_sweep_even_by_kill_9(tmp_path):
     """docs/robustness.md: a child gets SIGTERM when the sweep's process dies, even by kill -9. The
