@@ -160,8 +160,41 @@ def weights_file_problem(path: Path) -> Optional[str]:
     return None if path.is_file() else f"{path} is not a regular file"
 
 
+# Weight formats that are Python pickles: loading one runs whatever code it carries.
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+def pickle_problem(option: str, path: str) -> Optional[str]:
+    """The refusal for a pickle weights file (by its suffix), with the conversion to use instead."""
+    if Path(path).suffix.lower() not in PICKLE_SUFFIXES:
+        return None
+    return problem(f"{option}={path}", f"is a pickle file ({Path(path).suffix}): loading it runs any code it carries, "
+                   "and sdbuild loads only safetensors",
+                   "Convert it once in a trusted sandbox to .safetensors (safetensors.torch.save_file(torch.load(f, "
+                   "weights_only=True)['state_dict'], 'model.safetensors'), or diffusers' from_single_file(...)"
+                   ".save_pretrained(folder, safe_serialization=True)) and point the option at that")
+
+
+def ignored_path_problem(spec: Spec) -> Optional[str]:
+    """A `model.path` the chosen source would drop: tiny/arch models build random weights from code,
+    so the path would be silently ignored while the row claims to measure it."""
+    model = spec.model
+    if model.source is ModelSource.pretrained or not model.path:
+        return None
+    pretrained = model.family.value  # conf/model/<family>.yaml is each family's pretrained model
+    return problem(f"model.path={model.path}", f"model={model.name} (source={model.source.value}) builds its weights "
+                   "from code with a fixed seed and would ignore this path",
+                   f"Choose the family's pretrained model with it: model={pretrained} model.path={model.path}, "
+                   f"or drop model.path to measure the random model")
+
+
 def model_problems(spec: Spec) -> list[str]:
     """Problems with the spec's weight folders, found before anything loads."""
+    if (ignored := ignored_path_problem(spec)):
+        return [ignored]  # the folder checks below assume a pretrained source
+    for option, path in (("model.path", spec.model.path), ("vae.path", spec.vae.path)):
+        if path and (pickled := pickle_problem(option, path)):
+            return [pickled]
     problems = []
     if spec.model.source is ModelSource.pretrained:
         problems += folder_problems("model.path", spec.model.path, "model_index.json", COMPONENTS[spec.model.family],
