@@ -45,3 +45,46 @@ def test_pickle_weight_files_are_refused_with_the_conversion(suffix, option, tmp
     text = refusal("model=sd15", *extra, f"{option}={weights}")
     assert f"{option}={weights}" in text and "is a pickle file" in text and "runs any code" in text
     assert ".safetensors" in text
+
+
+# --- single-file checkpoints -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_single_file(tmp_path_factory):
+    """The embedded tiny SD 1.5 pipeline's weights as one file in the original (LDM) key layout,
+    and its diffusers folder (the layout the file is loaded with)."""
+    from ldm_layout import write_single_file
+    from sdbuild.models import ensure_model
+
+    import shutil
+
+    folder = Path(ensure_model(sdbuild.compose().model, None))
+    root = tmp_path_factory.mktemp("ckpt")
+    layout = shutil.copytree(folder, root / "layout", ignore=shutil.ignore_patterns("*.safetensors"))  # configs only
+    return write_single_file(folder, root / "tiny-sd15.safetensors"), folder, layout
+
+
+def test_a_single_file_checkpoint_loads_offline_and_gives_the_folders_image(tiny_single_file, monkeypatch):
+    import numpy as np
+
+    from helpers import run
+
+    checkpoint, folder, layout = tiny_single_file
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the layout comes from model.config, never from a hub
+    common = ["run.steps=2", "run.device=cpu", "run.height=64", "run.width=64"]
+    file_spec = sdbuild.compose(["model=sd15", f"model.path={checkpoint}", f"model.config={layout}", *common])  # no weights in it
+    folder_spec = sdbuild.compose(["model=sd15", f"model.path={folder}", *common])
+    assert validate(file_spec, CPU) == "cpu"
+    images = [run(spec, sdbuild.build(spec)) for spec in (file_spec, folder_spec)]
+    assert images[0].std() > 0 and np.array_equal(images[0], images[1])
+
+
+def test_a_single_file_checkpoint_needs_a_local_layout(tiny_single_file, tmp_path):
+    checkpoint, folder, _ = tiny_single_file
+    text = refusal("model=sd15", f"model.path={checkpoint}")
+    assert f"model.path={checkpoint}" in text and "model.config=" in text and "never asks a hub" in text
+    text = refusal("model=sd15", f"model.path={checkpoint}", f"model.config={tmp_path}")
+    assert f"model.config={tmp_path}" in text and "is not a diffusers folder" in text
+    missing = tmp_path / "absent.safetensors"
+    assert "does not exist" in refusal("model=sd15", f"model.path={missing}", f"model.config={folder}")
