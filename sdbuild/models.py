@@ -41,8 +41,16 @@ def random_model_name(model: ModelSpec) -> str:
     return f"{model.family.name}-arch"
 
 
+def single_file(model: ModelSpec) -> bool:
+    """Whether `model.path` names one checkpoint file (loaded with the family's from_single_file)."""
+    return model.source is ModelSource.pretrained and bool(model.path) and Path(model.path).suffix.lower() == ".safetensors"
+
+
 def model_folder(model: ModelSpec, cache_dir: str | None) -> str:
-    """The local folder `from_pretrained` reads for this model spec (a hub id: its cached snapshot)."""
+    """The local folder `from_pretrained` reads for this model spec (a hub id: its cached snapshot;
+    a single-file checkpoint: the folder `model.config` names, which gives its layout)."""
+    if single_file(model):
+        return str(Path(model.config).expanduser())
     if model.source is ModelSource.pretrained:
         return str(local_folder(model.path))
     root = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -175,13 +183,73 @@ def weights_file_problem(path: Path) -> Optional[str]:
     return None if path.is_file() else f"{path} is not a regular file"
 
 
+# Weight formats that are Python pickles: loading one runs whatever code it carries.
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+def pickle_problem(option: str, path: str) -> Optional[str]:
+    """The refusal for a pickle weights file (by its suffix), with the conversion to use instead."""
+    if Path(path).suffix.lower() not in PICKLE_SUFFIXES:
+        return None
+    return problem(f"{option}={path}", f"is a pickle file ({Path(path).suffix}): loading it runs any code it carries, "
+                   "and sdbuild loads only safetensors",
+                   "Convert it once in a trusted sandbox to .safetensors (safetensors.torch.save_file(torch.load(f, "
+                   "weights_only=True)['state_dict'], 'model.safetensors'), or diffusers' from_single_file(...)"
+                   ".save_pretrained(folder, safe_serialization=True)) and point the option at that")
+
+
+def ignored_path_problem(spec: Spec) -> Optional[str]:
+    """A `model.path` the chosen source would drop: tiny/arch models build random weights from code,
+    so the path would be silently ignored while the row claims to measure it."""
+    model = spec.model
+    if model.source is ModelSource.pretrained or not model.path:
+        return None
+    pretrained = model.family.value  # conf/model/<family>.yaml is each family's pretrained model
+    return problem(f"model.path={model.path}", f"model={model.name} (source={model.source.value}) builds its weights "
+                   "from code with a fixed seed and would ignore this path",
+                   f"Choose the family's pretrained model with it: model={pretrained} model.path={model.path}, "
+                   f"or drop model.path to measure the random model")
+
+
 def model_problems(spec: Spec) -> list[str]:
     """Problems with the spec's weight folders, found before anything loads."""
+    if (ignored := ignored_path_problem(spec)):
+        return [ignored]  # the folder checks below assume a pretrained source
+    for option, path in (("model.path", spec.model.path), ("vae.path", spec.vae.path)):
+        if path and (pickled := pickle_problem(option, path)):
+            return [pickled]
     problems = []
-    if spec.model.source is ModelSource.pretrained:
+    if single_file(spec.model):
+        problems += single_file_problems(spec.model)
+    elif spec.model.source is ModelSource.pretrained:
         problems += folder_problems("model.path", spec.model.path, "model_index.json", COMPONENTS[spec.model.family],
                                     "model.path=/path/to/a/diffusers/folder")
     if spec.vae.path:
         problems += folder_problems("vae.path", spec.vae.path, "config.json", ("",),
                                     "vae.path=/path/to/taesd (a folder with config.json and safetensors weights)")
     return problems
+
+
+def single_file_problems(model: ModelSpec) -> list[str]:
+    """A single-file checkpoint loads offline: the file is a regular file, and its layout comes from
+    a local diffusers folder (`model.config`: its model_index.json and each component's config),
+    never from a hub at run time."""
+    path = Path(model.path).expanduser()
+    if not path.exists():
+        return [problem(f"model.path={model.path}", "does not exist", "Point it at a .safetensors checkpoint file")]
+    if (why := weights_file_problem(path)):
+        return [problem(f"model.path={model.path}", why, "Point it at a .safetensors checkpoint file")]
+    fix = ("model.config=/path/to/a/diffusers/folder of the same architecture (its model_index.json and component "
+           "configs give the checkpoint's layout; its weights are not read)")
+    if not model.config:
+        return [problem(f"model.path={model.path}", "is a single-file checkpoint, and its layout (the components' "
+                        "configs) must come from a local folder: sdbuild never asks a hub at run time", f"Set {fix}")]
+    folder = Path(model.config).expanduser()
+    if not folder.is_dir() or (why := config_file_problem(folder / "model_index.json")):
+        return [problem(f"model.config={model.config}", "is not a diffusers folder" +
+                        (f" ({why})" if folder.is_dir() else ""), f"Set {fix}")]
+    missing = [c for c in COMPONENTS[model.family] if c and not (folder / c / "config.json").is_file()]
+    if missing:
+        return [problem(f"model.config={model.config}", f"has no config.json in {', '.join(c + '/' for c in missing)}",
+                        f"Set {fix}")]
+    return []

@@ -196,7 +196,8 @@ class ModelSpec:
     name: str = "tiny"
     source: ModelSource = ModelSource.tiny
     family: ModelFamily = ModelFamily.sd15
-    path: Optional[str] = None  # hub id or local folder (source=pretrained)
+    path: Optional[str] = None  # hub id, local folder, or one .safetensors checkpoint file (source=pretrained)
+    config: Optional[str] = None  # a single-file checkpoint's layout: a local diffusers folder of the same architecture
     resolution: int = 64  # native image size, used when run.height/width are not set
 
 

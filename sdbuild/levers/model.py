@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from ..families import family_of
-from ..models import ensure_model, model_folder
+from ..models import ensure_model, model_folder, single_file
 from ..spec import ModelSource, Quant, Spec
 from . import precision, quant, scheduler, vae
 
@@ -29,7 +29,11 @@ def load(spec: Spec):
     kwargs.update(family_of(spec).load_kwargs)
     if (config := quant.quantization_config(spec)) is not None:
         kwargs["quantization_config"] = config
-    pipe = pipeline_class(spec).from_pretrained(folder, **kwargs)
+    if single_file(spec.model):  # one checkpoint file, its layout from the local folder model.config names
+        kwargs.pop("use_safetensors")
+        pipe = pipeline_class(spec).from_single_file(str(Path(spec.model.path).expanduser()), config=folder, **kwargs)
+    else:
+        pipe = pipeline_class(spec).from_pretrained(folder, **kwargs)
     scheduler.apply(pipe, spec)
     vae.apply(pipe, spec, dtype)
     precision.apply_vae_dtype(pipe, spec)
@@ -41,7 +45,7 @@ _LOADED: Dict[tuple, Any] = {}  # load key -> pristine pipeline on the CPU (one 
 
 def load_key(spec: Spec) -> tuple:
     """Everything `load` depends on."""
-    return (spec.model.source, spec.model.family, spec.model.path, spec.cache_dir, spec.precision.dtype,
+    return (spec.model.source, spec.model.family, spec.model.path, spec.model.config, spec.cache_dir, spec.precision.dtype,
             spec.precision.vae_dtype, spec.vae.kind, spec.vae.path, spec.scheduler.kind)
 
 
@@ -67,7 +71,9 @@ def apply(pipe, spec: Spec, device: str, info):
 
 def describe(spec: Spec, device: str) -> str:
     folder = model_folder(spec.model, spec.cache_dir)
-    if spec.model.source is ModelSource.pretrained:
+    if single_file(spec.model):
+        source = f"{spec.model.path} (single-file safetensors, layout from {folder})"
+    elif spec.model.source is ModelSource.pretrained:
         source = f"{folder} (local safetensors)"
     else:
         cached = (Path(folder) / "model_index.json").exists()
