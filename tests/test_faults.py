@@ -417,15 +417,26 @@ import sdbuild.measure
 
 original = sdbuild.measure.measure
 
-def observed(pipe, *args, **kwargs):  # observe (not replace) what each job's pipeline runs and compiles
-    from torch._dynamo.utils import counters
+def observed(call, *args, **kwargs):  # observe (not replace) what each job's pipeline runs and compiles
+    import os
 
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    pipe = getattr(call, "__wrapped__", call)  # job.pipeline_call's inference_mode wrapper, or the pipeline
     modules = {{"unet": pipe.unet, "vae_decoder": pipe.vae.decoder, "text_encoder": pipe.text_encoder}}
+    # Dynamo's compiled code for these modules' forward, before this job has called anything: what an
+    # earlier job left (its guards do not name the module object, so a new pipeline would reuse it).
+    stale = sum(len(_debug_get_cache_entry_list(type(m).forward.__code__)) for m in modules.values())
     before = counters["stats"]["unique_graphs"]
-    result = original(pipe, *args, **kwargs)
+    result = original(call, *args, **kwargs)
     with open({log!r}, "a") as f:
         f.write(json.dumps({{"compiled": sorted(n for n, m in modules.items() if m._compiled_call_impl is not None),
-                            "graphs": counters["stats"]["unique_graphs"] - before}}) + "\\n")
+                            "graphs": counters["stats"]["unique_graphs"] - before, "stale": stale,
+                            "cache_dir": cache_dir(), "fx_graph_cache": inductor_config.fx_graph_cache,
+                            "env": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}}) + "\\n")
     return result
 
 sdbuild.measure.measure = observed
@@ -434,25 +445,60 @@ runpy.run_module("sdbuild", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("order", [("inductor_all", "none", "inductor"), ("inductor", "inductor_all", "none")])
-def test_no_job_runs_or_reuses_what_an_earlier_job_compiled(order, tmp_path):
-    """One in-process sweep: an eager job after compiled ones compiles and runs nothing compiled; a job
-    compiled otherwise than the one before it compiles its own modules (and only those)."""
+def observe_sweep(tmp_path, *overrides) -> tuple[list[dict], dict]:
+    """Run one in-process sweep (FAST: run.timeout_s=0) under OBSERVE_COMPILE: what each job compiled, in
+    job order, and its rows by job number."""
     log, script = tmp_path / "observed.jsonl", tmp_path / "observe.py"
     script.write_text(OBSERVE_COMPILE.format(root=str(ROOT), log=str(log)))
     out = subprocess.run([sys.executable, str(script), "--multirun", f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST,
-                          "run.steps=2", "run.warmup=1", f"compile={','.join(order)}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                          "run.steps=2", "run.warmup=1", *overrides], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
-    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    found = rows(tmp_path / "sweep")
+    assert all(r["status"] == "ok" for r in found.values()), {k: r.get("error") for k, r in found.items()}
+    return [json.loads(line) for line in log.read_text().splitlines()], found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", [("inductor_all", "none", "inductor"), ("inductor", "inductor_all", "none"),
+                                   ("inductor", "inductor")])
+def test_no_job_runs_or_reuses_what_an_earlier_job_compiled(order, tmp_path):
+    """One in-process sweep: an eager job after compiled ones compiles and runs nothing compiled; a job
+    compiled otherwise than the one before it compiles its own modules (and only those); a job compiled
+    exactly as the one before it (another seed) compiles again rather than reusing the earlier job's
+    graphs. Every job starts with no compiled code of an earlier job (torch.compiler.reset between builds)."""
+    sweep = [f"compile={order[0]}", "run.seed=0,1"] if len(set(order)) == 1 else [f"compile={','.join(order)}"]
+    seen, found = observe_sweep(tmp_path, *sweep)
     expected = {"none": [], "inductor": ["unet"], "inductor_all": ["text_encoder", "unet", "vae_decoder"]}
     assert [s["compiled"] for s in seen] == [expected[o] for o in order]
     for option, s in zip(order, seen):
+        assert s["stale"] == 0, s  # nothing compiled by an earlier job is left to run
         assert (s["graphs"] > 0) == (option != "none"), (option, s)  # compiled its own graphs, or none at all
-    found = {r["choices"]["compile"]: r for r in rows(tmp_path / "sweep").values()}
-    assert all(r["status"] == "ok" for r in found.values())
-    assert found["none"]["warmup_calls"] == 1 and found["none"]["steady"]  # no compile work in the eager job
+    eager = [r for r in found.values() if r["choices"]["compile"] == "none"]
+    assert all(r["warmup_calls"] == 1 and r["steady"] for r in eager)  # no compile work in the eager job
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first_cached", [True, False])
+def test_a_jobs_inductor_cache_folder_does_not_outlive_it(first_cached, tmp_path):
+    """One in-process sweep of two compiled jobs, one with its own compile.cache_dir: the job with it
+    compiles into that folder (Inductor's own cache_dir() says so, and files appear there); the job
+    without it, before or after, compiles into the folder the process started with (Inductor's
+    setting restored), and each row names the folder its job used."""
+    folder = tmp_path / "job_cache"
+    values = [str(folder), "null"] if first_cached else ["null", str(folder)]
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    start = os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())  # Inductor's own choice
+    seen, found = observe_sweep(tmp_path, "compile=inductor", f"compile.cache_dir={','.join(values)}")
+    cached, plain = (seen[0], seen[1]) if first_cached else (seen[1], seen[0])
+    assert cached["cache_dir"] == str(folder) and cached["fx_graph_cache"], cached
+    assert plain["cache_dir"] == plain["env"] == start, plain
+    assert cached["graphs"] > 0 and plain["graphs"] > 0 and cached["stale"] == plain["stale"] == 0
+    files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    assert files, "the cached job wrote nothing into its compile.cache_dir"
+    by_dir = {r["compile_cache"]["dir"] for r in found.values()}
+    assert by_dir == {str(folder), start}, by_dir  # each row says where its cache went
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="PR_SET_PDEATHSIG and /proc: Linux only")
