@@ -279,6 +279,8 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
         raise
     except Exception as exc:
         row.update(status=Status.failed.value, error=_failure_reason(exc))
+        if (rank_errors := getattr(exc, "ranks", None)) is not None:  # sdbuild.distributed.RankFailure
+            row["parallel"] = {"world_size": spec.parallel.world_size, "errors": rank_errors}
         try:
             (out_dir / ERROR_LOG).write_text(traceback.format_exc())
         except OSError as log_exc:
@@ -289,6 +291,8 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
         _PROCESS["cuda_poisoned"] |= row["fatal_cuda_error"]
     finally:
         row["env"] = environment(device)
+        if ranks := (row.get("parallel") or {}).get("ranks"):  # the ranks computed, not this process
+            row["env"].update(torch_threads=ranks[0]["threads"]["torch_threads"], torch_threads_of="each rank")
         row["job"]["wall_s"] = time.perf_counter() - started
         row["machine_load"] = results.load_record(load_before, results.machine_load())
         if row["peak_memory_mb"] is not None:
@@ -368,6 +372,8 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     if spec.compile.method is CompileMethod.inductor and spec.run.warmup == 0:
         log.warning("compile=%s with run.warmup=0: torch.compile compiles on the first call, so the timed "
                     "runs include compile time. Use run.warmup=1 or more for steady-state latency.", spec.compile.name)
+    if spec.parallel.world_size > 1:  # N ranks, each its own process: sdbuild.distributed
+        return _launch_and_record(spec, device, out_dir, label)
     threads = apply_threads(thread_count(spec.run))  # before the build: tracing and compiling use them too
     counters_before = inductor_counters()
     pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
@@ -381,6 +387,21 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     fields = measured_fields(spec, m, info, out_dir, compile_cache_stats(spec, counters_before))
     fields["measurement"] = results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
                                                        calls=len(m.runs_s), stop=m.stop_reason, threads=threads)
+    return fields
+
+
+def _launch_and_record(spec: Spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
+    """A parallel job: its ranks started by torch's elastic launcher (sdbuild.distributed); the row's
+    fields from rank 0's measurement and every rank's facts. A failed rank raises with each one's error."""
+    from . import distributed
+
+    answer = distributed.launch(spec, device, out_dir, label)
+    m, info = distributed.fields_from(answer, out_dir)
+    fields = measured_fields(spec, m, info, out_dir, None)
+    fields["parallel"] = distributed.parallel_record(spec, device, answer)
+    fields["measurement"] = results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
+                                                       calls=len(m.runs_s), stop=m.stop_reason,
+                                                       threads=answer["ranks"]["0"]["facts"]["threads"])
     return fields
 
 
