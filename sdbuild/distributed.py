@@ -201,8 +201,6 @@ def rank_main(request_path: str) -> Dict[str, Any]:
     threads = apply_threads(rank_threads(spec) if device == "cpu" else None)
     dist.init_process_group(comm_backend(spec, device), timeout=datetime.timedelta(seconds=request["timeout_s"]))
     try:
-        if os.environ.get("SDBUILD_TEST_RANK_FAILS") == str(rank):  # tests/test_parallel.py: a rank that fails mid-build
-            raise RuntimeError(f"rank {rank} fails on purpose (SDBUILD_TEST_RANK_FAILS)")
         pipe, info = build_pipeline(spec, device)
         call = pipeline_call(spec, pipe)
         group = measure_group([Candidate(call, lambda: call_kwargs(spec, pipe, device), request["label"],
