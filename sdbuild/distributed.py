@@ -87,13 +87,13 @@ def launch(spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
     request = ranks / "request.json"
     limit = timeout_of(spec)
     request.write_text(json.dumps({"spec": spec_to_dict(spec), "device": device, "label": label, "timeout_s": limit}))
-    from .job import _die_with_parent
+    from .hardware import die_with_parent
 
     log.info("%s: %d ranks (%s) started by torch's elastic launcher", label or "parallel", spec.parallel.world_size,
              comm_backend(spec, device))
     with open(ranks / "launcher.log", "w") as out:
         child = subprocess.Popen([sys.executable, "-m", "sdbuild.distributed", str(request)], stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         timed_out = False
         try:
             child.wait(limit)
@@ -188,9 +188,8 @@ def rank_main(request_path: str) -> Dict[str, Any]:
     import torch.distributed as dist
 
     from .builder import build_pipeline
-    from .job import pipeline_call
     from .measure import Candidate, apply_threads, measure_group
-    from .run_inputs import call_kwargs
+    from .run_inputs import call_kwargs, pipeline_call
     from .spec import repeat_count, to_spec
 
     request = json.loads(Path(request_path).read_text())

@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 
 from . import results
 from .errors import SpecError, problem
+from .hardware import die_with_parent as _die_with_parent
 from .hardware import job_facts
 from .results import ERROR_LOG, IMAGE_FILE, RESULT_FILE, Status
 from .spec import CompileMethod, Spec, spec_key, spec_to_dict
@@ -348,17 +349,11 @@ class _Partial:
 
 
 def pipeline_call(spec: Spec, pipe):
-    """What the measurement calls: the pipeline, under torch.inference_mode when run.inference_mode."""
-    if not spec.run.inference_mode:
-        return pipe
+    """What the measurement calls (sdbuild.run_inputs.pipeline_call: under torch.inference_mode when
+    run.inference_mode), here for the job's callers without importing torch with this module."""
+    from .run_inputs import pipeline_call as call
 
-    def call(**kwargs):
-        import torch
-
-        with torch.inference_mode():
-            return pipe(**kwargs)
-
-    return call
+    return call(spec, pipe)
 
 
 def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool,
@@ -474,17 +469,6 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     if interrupted:
         raise Interrupted(interrupted)
     return row
-
-
-def _die_with_parent() -> None:
-    """In a job's child process, before it starts sdbuild: ask Linux for a SIGTERM when the sweep's
-    process dies, also by SIGKILL, so that no orphaned job runs on beside the next sweep."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # not Linux: the child outlives a killed parent, as before
-        pass
 
 
 def end_child(child: subprocess.Popen, grace_s: Optional[float] = None) -> tuple[int, Optional[str]]:
