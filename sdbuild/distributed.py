@@ -259,7 +259,9 @@ def main(request_path: str) -> int:
 def _failure_text(failure) -> str:
     """A rank's error from torch elastic's ProcessFailure: the exception `record` wrote to its error
     file (its first line), else the signal that killed it or its exit code."""
-    message = failure.message if isinstance(failure.message, str) else json.dumps(failure.message)
+    message = failure.message
+    if isinstance(message, dict):  # the error file's {"message": "ZeroDivisionError: ...", "extraInfo": {...}}
+        message = str(message.get("message") or json.dumps(message))
     if failure.exitcode is not None and failure.exitcode < 0:
         return f"killed by {failure.signal_name()} (exit code {failure.exitcode})"
     if not message or message.startswith("To enable traceback"):
