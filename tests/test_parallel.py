@@ -213,3 +213,17 @@ def test_a_rank_killed_mid_run_fails_the_job_with_each_ranks_error_and_leaves_no
     errors = row["parallel"]["errors"]
     assert sorted(errors) == ["0", "1"] and any("SIGKILL" in why for why in errors.values()), errors
     assert session_processes(launcher_pid(out)) == []
+
+
+def test_a_ranks_error_is_read_from_torch_elastics_own_error_file(tmp_path):
+    """What the launcher says for a rank: the exception line `record` wrote (torch's ProcessFailure reads
+    the file), or the signal that killed it."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from sdbuild.distributed import _failure_text
+
+    error_file = tmp_path / "error.json"
+    error_file.write_text(json.dumps({"message": {"message": "ZeroDivisionError: integer modulo by zero",
+                                                  "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "0"}}}))
+    assert _failure_text(ProcessFailure(0, 123, 1, str(error_file))) == "ZeroDivisionError: integer modulo by zero"
+    assert _failure_text(ProcessFailure(1, 124, -9, str(tmp_path / "none.json"))) == "killed by SIGKILL (exit code -9)"
