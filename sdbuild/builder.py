@@ -13,8 +13,9 @@ description, so the plan and the build cannot disagree.
 5. VAE memory     VAE slicing / tiling (memory)
 6. layerwise      the denoiser's weights stored in float8 (memory.layerwise_fp8)
 7. place          moved to the device, or offloaded (memory.offload)
-8. cache          step caching: diffusers' hooks on a transformer, DeepCache or ToMe on a UNet
-9. compile        torch.jit.trace / torch.export of the UNet, or torch.compile of chosen modules
+8. parallel       context / tensor parallelism of the denoiser (diffusers' enable_parallelism), on this rank
+9. cache          step caching: diffusers' hooks on a transformer, DeepCache or ToMe on a UNet
+10. compile       torch.jit.trace / torch.export of the UNet, or torch.compile of chosen modules
 
 Why this order: offload (`place`) comes after every change to the modules (fused QKV needs real
 weights, not sequential offload's `meta` ones; channels-last must be in place before offload copies
@@ -29,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-from .levers import attention, cache, memory, memory_format, model, precision
+from .levers import attention, cache, memory, memory_format, model, parallel, precision
 from .levers import compile as compile_lever
 from .spec import Spec
 from .validate import validate
@@ -45,6 +46,7 @@ class BuildInfo:
     attention_kernel: Dict[str, Any] = field(default_factory=dict)  # what attention runs, per module
     notes: List[str] = field(default_factory=list)  # decisions the user should see (row: build_notes)
     steps: List[str] = field(default_factory=list)  # the steps run, in order (the dry run prints the same)
+    parallel: Dict[str, Any] = field(default_factory=dict)  # the device mesh of a parallel job (levers/parallel.py)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ STEPS = (
     Step("VAE memory", memory.apply_vae_memory, memory.describe_vae_memory),
     Step("layerwise casting", memory.apply_layerwise_casting, memory.describe_layerwise_casting),
     Step("place", memory.apply_place, memory.describe_place),
+    Step("parallel", parallel.apply, parallel.describe),
     Step("cache", cache.apply, cache.describe),
     Step("compile", compile_lever.apply, compile_lever.describe),
 )

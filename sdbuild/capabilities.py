@@ -12,11 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from .families import CACHE_FAMILIES, DISPATCHER_FAMILIES, FAMILIES, TRANSFORMER_FAMILIES, UNET_FAMILIES, UNET_SCHEDULERS
+from .families import (
+    CACHE_FAMILIES,
+    CONTEXT_PARALLEL_FAMILIES,
+    DISPATCHER_FAMILIES,
+    FAMILIES,
+    TENSOR_PARALLEL_FAMILIES,
+    TRANSFORMER_FAMILIES,
+    UNET_FAMILIES,
+    UNET_SCHEDULERS,
+)
 from .spec import (
     AttentionBackend,
     AttentionProcessor,
     CacheMethod,
+    CommBackend,
     CompileMethod,
     CompileMode,
     CompileTarget,
@@ -25,6 +35,7 @@ from .spec import (
     ModelFamily,
     ModelSource,
     Offload,
+    ParallelMethod,
     Quant,
     SchedulerKind,
     SdpaBackend,
@@ -46,13 +57,14 @@ class Requirement:
     c_compiler_on_cpu: bool = False  # inductor writes and builds C++ on CPU
     triton_on_cuda: bool = False  # Triton builds its launcher with a C compiler and Python.h
     cuda_toolkit_on_cuda: bool = False  # AOTInductor compiles its CUDA wrapper with nvcc (CUDA_HOME)
+    ranks_fit: bool = False  # parallel.world_size ranks: one GPU each on CUDA, one CPU core each on CPU
     instead: str = ""  # what to use where the need is not met
 
     @property
     def asks_machine(self) -> bool:
         """Whether checking it needs the machine's facts (a model-family rule needs only the spec)."""
         return bool(self.cuda or self.min_capability or self.package or self.diffusers or self.c_compiler_on_cpu
-                    or self.triton_on_cuda or self.cuda_toolkit_on_cuda)
+                    or self.triton_on_cuda or self.cuda_toolkit_on_cuda or self.ranks_fit)
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class Exclusion:
     applies: Callable[[Spec], bool]
     why: str
     instead: str
+    explain: Optional[Callable[[Spec], str]] = None  # the spec's own numbers, appended to `why` in the error
 
 
 def _uses_dtype(spec: Spec, dtype: Dtype) -> bool:
@@ -89,6 +102,85 @@ def _backend(spec: Spec, *backends: AttentionBackend) -> bool:
 _CACHE_INSTEAD = ("diffusers' cache hooks run on Flux only (UNet2DConditionModel has no transformer blocks for them; "
                   "in diffusers 0.42 SD3's transformer has no CacheMixin and its pipeline sets no cache context): use "
                   "cache=none, or a Flux model (model=tiny_flux, flux, flux_arch)")
+
+
+def _parallel(spec: Spec) -> bool:
+    return spec.parallel.method is not ParallelMethod.none
+
+
+def _context_parallel(spec: Spec) -> bool:
+    return spec.parallel.method in (ParallelMethod.ulysses, ParallelMethod.ring, ParallelMethod.unified)
+
+
+# diffusers 0.42.1's attention backends registered with supports_context_parallel=True (of those sdbuild offers;
+# `default` is the dispatcher's active backend, native); tests/test_parallel.py checks this against
+# _AttentionBackendRegistry._supports_context_parallel.
+CONTEXT_PARALLEL_BACKENDS = (AttentionBackend.default, AttentionBackend.native, AttentionBackend.native_flash,
+                             AttentionBackend.native_cudnn, AttentionBackend.flash, AttentionBackend.sage)
+# Ring attention merges the partial results of each K/V block by their log-sum-exp: the backend's forward op must
+# return it (return_lse=True). native and native_math raise "does not support return_lse=True".
+RING_BACKENDS = (AttentionBackend.native_flash, AttentionBackend.native_cudnn, AttentionBackend.flash,
+                 AttentionBackend.sage)
+
+
+def _ring(spec: Spec) -> bool:
+    return spec.parallel.method in (ParallelMethod.ring, ParallelMethod.unified)
+
+
+# The degrees each method takes: (ulysses, ring, tp) each either "> 1" (True) or "= 1" (False).
+PARALLEL_DEGREES = {
+    ParallelMethod.none: (False, False, False),
+    ParallelMethod.ulysses: (True, False, False),
+    ParallelMethod.ring: (False, True, False),
+    ParallelMethod.unified: (True, True, False),
+    ParallelMethod.tensor: (False, False, True),
+}
+
+
+def _degrees_wrong(spec: Spec, method: ParallelMethod) -> bool:
+    p = spec.parallel
+    return p.method is method and any((degree > 1) != above for degree, above in
+                                      zip((p.ulysses_degree, p.ring_degree, p.tp_degree), PARALLEL_DEGREES[method]))
+
+
+def _degrees(spec: Spec) -> str:
+    p = spec.parallel
+    return f"parallel.ulysses_degree={p.ulysses_degree}, ring_degree={p.ring_degree}, tp_degree={p.tp_degree}"
+
+
+def parallel_shapes(spec: Spec) -> Optional[dict]:
+    """What the degrees must divide: the denoiser's heads, its image tokens and text tokens (None where
+    the denoiser's config cannot be read before loading; then diffusers' own check at the first call says)."""
+    from .models import denoiser_config
+
+    family = FAMILIES[spec.model.family]
+    config = denoiser_config(spec)
+    if not config or "num_attention_heads" not in config:
+        return None
+    side = spec.model.resolution
+    height, width = spec.run.height or side, spec.run.width or side
+    # Flux: the VAE downsamples 8x and the pipeline packs 2x2 latent patches into one token
+    image_tokens = (height // 16) * (width // 16) if family.packed_latents else (height // 8) * (width // 8)
+    return {"heads": int(config["num_attention_heads"]), "image_tokens": image_tokens, "text_tokens": family.text_tokens}
+
+
+def parallel_split_problem(spec: Spec) -> Optional[str]:
+    """Why the degrees do not split this model evenly (None: they do, or it cannot be told before loading)."""
+    if not _parallel(spec) or (shapes := parallel_shapes(spec)) is None:
+        return None
+    p, why = spec.parallel, []
+    for name, degree in (("ulysses_degree", p.ulysses_degree), ("tp_degree", p.tp_degree)):
+        if shapes["heads"] % degree:
+            why.append(f"parallel.{name}={degree} does not divide the denoiser's {shapes['heads']} attention heads")
+    context = p.ulysses_degree * p.ring_degree
+    for name in ("image_tokens", "text_tokens"):
+        if context > 1 and shapes[name] % context:
+            why.append(f"{context} context ranks do not divide its {shapes[name]} {name.replace('_', ' ')}")
+    return "; ".join(why) or None
+
+
+def _parallel_instead(spec: Spec) -> str:
+    return "Use a degree that divides them (2 for model=tiny_flux: 2 heads; at 64x64 16 image tokens)"
 
 
 REQUIREMENTS: Tuple[Requirement, ...] = (
@@ -330,6 +422,135 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
 )
 
 
+_PARALLEL_REQUIREMENTS: Tuple[Requirement, ...] = (
+    Requirement(
+        "parallel=ulysses, ring, unified (context parallelism)",
+        "parallel",
+        _context_parallel,
+        diffusers="0.36",  # ContextParallelConfig, ModelMixin.enable_parallelism
+        families=CONTEXT_PARALLEL_FAMILIES,
+        instead="In diffusers 0.42 only Flux's transformer of the families here has a `_cp_plan` "
+                "(SD3Transformer2DModel and UNet2DConditionModel have none): use parallel=none, or model=tiny_flux, "
+                "flux or flux_arch",
+    ),
+    Requirement(
+        "parallel=tensor",
+        "parallel",
+        lambda s: s.parallel.method is ParallelMethod.tensor,
+        cuda=True,
+        diffusers="0.42",  # TensorParallelConfig
+        families=TENSOR_PARALLEL_FAMILIES,
+        instead="diffusers 0.42.1 shards weights on cuda, neuron, tpu and xpu meshes only "
+                "(hooks/tensor_parallel._SUPPORTED_TP_DEVICES), and only Flux here has a `_tp_plan`: on CPU use "
+                "parallel=ulysses",
+    ),
+    Requirement(
+        "parallel=ring, unified (ring attention)",
+        "parallel",
+        _ring,
+        cuda=True,
+        instead="the backends that return the log-sum-exp ring attention merges by run on CUDA only here: "
+                "native_flash's forward op calls aten::_scaled_dot_product_flash_attention, which torch 2.13 does not "
+                "implement on CPU (NotImplementedError, measured); on CPU use parallel=ulysses",
+    ),
+    Requirement(
+        "parallel.backend=nccl",
+        "parallel",
+        lambda s: _parallel(s) and s.parallel.backend is CommBackend.nccl,
+        cuda=True,
+        instead="NCCL runs between GPUs: on CPU use parallel.backend=auto (gloo)",
+    ),
+    Requirement(
+        "parallel (world size above 1)",
+        "parallel",
+        lambda s: _parallel(s) and s.parallel.world_size > 1,
+        ranks_fit=True,
+        instead="Lower the degrees (their product is the number of ranks), or run where more GPUs (cores) are visible",
+    ),
+)
+REQUIREMENTS += _PARALLEL_REQUIREMENTS
+
+_PARALLEL_EXCLUSIONS: Tuple[Exclusion, ...] = tuple(
+    Exclusion(
+        f"parallel={method.name} with " + ("a degree above 1" if method is ParallelMethod.none else
+                                           "degrees other than " + ", ".join(
+                                               f"{name}{' > 1' if above else '=1'}" for name, above in
+                                               zip(("ulysses_degree", "ring_degree", "tp_degree"), degrees))),
+        lambda s, method=method: _degrees_wrong(s, method),
+        "parallel=none runs one process; the degrees are read by the parallel options only" if method is
+        ParallelMethod.none else f"parallel={method.name} splits over " + " x ".join(
+            name for name, above in zip(("ulysses_degree", "ring_degree", "tp_degree"), degrees) if above),
+        "Use parallel=ulysses parallel.ulysses_degree=2 (ring: ring_degree; unified: both; tensor: tp_degree), "
+        "or leave the degrees at 1 with parallel=none",
+        explain=_degrees,
+    )
+    for method, degrees in PARALLEL_DEGREES.items()
+) + (
+    Exclusion(
+        "parallel=ulysses, ring, unified with attention.backend other than default, native, native_flash, "
+        "native_cudnn, flash, sage",
+        lambda s: _context_parallel(s) and s.attention.backend not in CONTEXT_PARALLEL_BACKENDS,
+        "diffusers 0.42 runs context parallelism on the attention backends registered with "
+        "supports_context_parallel only (_AttentionBackendRegistry._supports_context_parallel)",
+        "Use attention.backend=default or native (Ulysses), native_flash, native_cudnn, flash or sage",
+        explain=lambda s: f"attention.backend={s.attention.backend.name}",
+    ),
+    Exclusion(
+        "parallel=ring or unified with attention.backend other than native_flash, native_cudnn, flash, sage",
+        lambda s: _ring(s) and s.attention.backend in CONTEXT_PARALLEL_BACKENDS and s.attention.backend not in RING_BACKENDS,
+        "ring attention merges each K/V block's partial result by its log-sum-exp, which the native (SDPA) backend "
+        "does not return (diffusers 0.42: 'Native attention does not support return_lse=True')",
+        "Use attention.backend=native_flash (CPU or CUDA), native_cudnn, flash or sage with parallel=ring or unified",
+        explain=lambda s: f"attention.backend={s.attention.backend.name}",
+    ),
+    Exclusion(
+        "parallel with degrees that do not divide the model's heads or sequence",
+        lambda s: parallel_split_problem(s) is not None,
+        "diffusers splits the heads evenly over the Ulysses (tensor) ranks and the image and text sequences evenly "
+        "over all context ranks (hooks/context_parallel: 'must be divisible by mesh size')",
+        "Use degrees that divide them: 2 for model=tiny_flux (2 heads, 16 image tokens at 64x64)",
+        explain=lambda s: parallel_split_problem(s) or "",
+    ),
+    Exclusion(
+        "parallel with memory.offload or memory.layerwise_fp8",
+        lambda s: _parallel(s) and (s.memory.offload is not Offload.none or s.memory.layerwise_fp8),
+        "offload hooks move weights between CPU and GPU inside the call and layerwise casting wraps every layer in "
+        "hooks; diffusers' parallel hooks expect each rank's weights in place on its device (tensor parallelism "
+        "refuses accelerate's hooks itself); with N GPUs each rank holds its own copy, or its shard, anyway",
+        "Use memory=none (or vae_slicing/vae_tiling) with parallel",
+    ),
+    Exclusion(
+        "parallel with compile other than none",
+        lambda s: _parallel(s) and s.compile.method is not CompileMethod.none,
+        "not measured here: diffusers' context-parallel hooks call functional collectives inside the denoiser, "
+        "which a traced or exported graph cannot hold and torch.compile was not run with on this machine "
+        "(CPU, gloo); CUDA graphs (reduce_overhead) cannot capture gloo collectives",
+        "Use compile=none with parallel",
+    ),
+    Exclusion(
+        "parallel with cache other than none",
+        lambda s: _parallel(s) and s.cache.method is not CacheMethod.none,
+        "the cache hooks decide on each rank from that rank's shard (first_block and mag_cache from its part of "
+        "the residual): ranks can decide differently, and one then waits in a collective the other skipped",
+        "Use cache=none with parallel",
+    ),
+    Exclusion(
+        "parallel with quant",
+        lambda s: _parallel(s) and s.quant.method is not Quant.none,
+        "tensor parallelism cannot shard torchao's packed weights (diffusers refuses a quantized model); "
+        "context parallelism with quantized weights was not measured here",
+        "Use quant=none with parallel",
+    ),
+    Exclusion(
+        "parallel with run.repeats=auto",
+        lambda s: _parallel(s) and s.run.repeats == "auto",
+        "each rank would decide alone when its interval is narrow enough, and every rank must make the same calls "
+        "(each is a collective)",
+        "Give run.repeats a number (e.g. run.repeats=3) with parallel",
+    ),
+)
+
+
 EXCLUSIONS: Tuple[Exclusion, ...] = (
     Exclusion(
         "attention.fuse_qkv=true with attention.processor other than sdpa",
@@ -465,6 +686,7 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Set vae.path=/path/to/taesd (a local folder or a hub id in the HF cache)",
     ),
 )
+EXCLUSIONS += _PARALLEL_EXCLUSIONS
 
 
 def requirement_needs(req: Requirement) -> str:
@@ -486,6 +708,8 @@ def requirement_needs(req: Requirement) -> str:
         needs.append("on CUDA a C compiler and the Python headers (Triton)")
     if req.cuda_toolkit_on_cuda:
         needs.append("on CUDA a CUDA toolkit (CUDA_HOME, nvcc)")
+    if req.ranks_fit:
+        needs.append("one GPU per rank on CUDA, one CPU core per rank on CPU")
     return ", ".join(needs)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import signal
 import socket
 import subprocess
 import tempfile
@@ -98,3 +99,14 @@ def job_facts() -> Dict[str, Any]:
         "exclusive": _slurm_exclusive(slurm_job) if slurm_job else None,
     }
     return {"pid": os.getpid(), "launcher": launcher(), "hardware": hardware}
+
+
+def die_with_parent() -> None:
+    """In a job's child process, before it starts sdbuild: ask Linux for a SIGTERM when the sweep's
+    process dies, also by SIGKILL, so that no orphaned job runs on beside the next sweep."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the child outlives a killed parent, as before
+        pass

@@ -142,6 +142,11 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
                 devices[i] = validate(m.spec)
             except SpecError as exc:
                 finish(i, Status.unsupported, str(exc))
+                continue
+            if m.spec.parallel.world_size > 1:  # its calls are N processes' collective calls, not this process's
+                finish(i, Status.unsupported, f"interleaved measurement calls every member in this one process; "
+                       f"parallel={m.spec.parallel.name} runs as {m.spec.parallel.world_size} ranks of their own: "
+                       "sweep it with the basic sweeper (its degree-1 reference as another job)")
         order = [reference] + [i for i in range(len(members)) if i != reference]
         for i in order:
             if i in done:

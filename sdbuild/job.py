@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 
 from . import results
 from .errors import SpecError, problem
+from .hardware import die_with_parent as _die_with_parent
 from .hardware import job_facts
 from .results import ERROR_LOG, IMAGE_FILE, RESULT_FILE, Status
 from .spec import CompileMethod, Spec, spec_key, spec_to_dict
@@ -279,6 +280,8 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
         raise
     except Exception as exc:
         row.update(status=Status.failed.value, error=_failure_reason(exc))
+        if (rank_errors := getattr(exc, "ranks", None)) is not None:  # sdbuild.distributed.RankFailure
+            row["parallel"] = {"world_size": spec.parallel.world_size, "errors": rank_errors}
         try:
             (out_dir / ERROR_LOG).write_text(traceback.format_exc())
         except OSError as log_exc:
@@ -289,6 +292,8 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
         _PROCESS["cuda_poisoned"] |= row["fatal_cuda_error"]
     finally:
         row["env"] = environment(device)
+        if ranks := (row.get("parallel") or {}).get("ranks"):  # the ranks computed, not this process
+            row["env"].update(torch_threads=ranks[0]["threads"]["torch_threads"], torch_threads_of="each rank")
         row["job"]["wall_s"] = time.perf_counter() - started
         row["machine_load"] = results.load_record(load_before, results.machine_load())
         if row["peak_memory_mb"] is not None:
@@ -344,18 +349,11 @@ class _Partial:
 
 
 def pipeline_call(spec: Spec, pipe):
-    """What the measurement calls: the pipeline, under torch.inference_mode when run.inference_mode."""
-    if not spec.run.inference_mode:
-        return pipe
+    """What the measurement calls (sdbuild.run_inputs.pipeline_call: under torch.inference_mode when
+    run.inference_mode), here for the job's callers without importing torch with this module."""
+    from .run_inputs import pipeline_call as call
 
-    def call(**kwargs):
-        import torch
-
-        with torch.inference_mode():
-            return pipe(**kwargs)
-
-    call.__wrapped__ = pipe  # the pipeline itself, for whoever inspects what is measured
-    return call
+    return call(spec, pipe)
 
 
 def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool,
@@ -369,6 +367,8 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     if spec.compile.method is CompileMethod.inductor and spec.run.warmup == 0:
         log.warning("compile=%s with run.warmup=0: torch.compile compiles on the first call, so the timed "
                     "runs include compile time. Use run.warmup=1 or more for steady-state latency.", spec.compile.name)
+    if spec.parallel.world_size > 1:  # N ranks, each its own process: sdbuild.distributed
+        return _launch_and_record(spec, device, out_dir, label)
     threads = apply_threads(thread_count(spec.run))  # before the build: tracing and compiling use them too
     counters_before = inductor_counters()
     pipe, info = build_pipeline(spec, device, reuse_weights=reuse_weights)
@@ -382,6 +382,21 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     fields = measured_fields(spec, m, info, out_dir, compile_cache_stats(spec, counters_before))
     fields["measurement"] = results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
                                                        calls=len(m.runs_s), stop=m.stop_reason, threads=threads)
+    return fields
+
+
+def _launch_and_record(spec: Spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
+    """A parallel job: its ranks started by torch's elastic launcher (sdbuild.distributed); the row's
+    fields from rank 0's measurement and every rank's facts. A failed rank raises with each one's error."""
+    from . import distributed
+
+    answer = distributed.launch(spec, device, out_dir, label)
+    m, info = distributed.fields_from(answer, out_dir)
+    fields = measured_fields(spec, m, info, out_dir, None)
+    fields["parallel"] = distributed.parallel_record(spec, device, answer)
+    fields["measurement"] = results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
+                                                       calls=len(m.runs_s), stop=m.stop_reason,
+                                                       threads=answer["ranks"]["0"]["facts"]["threads"])
     return fields
 
 
@@ -454,17 +469,6 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     if interrupted:
         raise Interrupted(interrupted)
     return row
-
-
-def _die_with_parent() -> None:
-    """In a job's child process, before it starts sdbuild: ask Linux for a SIGTERM when the sweep's
-    process dies, also by SIGKILL, so that no orphaned job runs on beside the next sweep."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # not Linux: the child outlives a killed parent, as before
-        pass
 
 
 def end_child(child: subprocess.Popen, grace_s: Optional[float] = None) -> tuple[int, Optional[str]]:

@@ -253,3 +253,18 @@ def single_file_problems(model: ModelSpec) -> list[str]:
         return [problem(f"model.config={model.config}", f"has no config.json in {', '.join(c + '/' for c in missing)}",
                         f"Set {fix}")]
     return []
+
+
+def denoiser_config(spec: Spec) -> Optional[dict]:
+    """The denoiser's config (heads, head size, ...) without loading it: the family's random layout for
+    tiny/arch models, else the local folder's `<denoiser>/config.json`. None where it cannot be read
+    here (a hub id not in the cache, a malformed file): the rules that need it are then left to the load."""
+    family = FAMILIES[spec.model.family]
+    if spec.model.source is not ModelSource.pretrained:
+        layout = family.random_models.get(random_model_name(spec.model), {})
+        return dict(layout.get(family.denoiser, {})) or None
+    try:
+        folder = Path(model_folder(spec.model, spec.cache_dir))
+        return json.loads((folder / family.denoiser / "config.json").read_text())
+    except (OSError, ValueError):  # NotLocal is an OSError
+        return None

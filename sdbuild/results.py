@@ -103,6 +103,9 @@ FIELDS: Dict[str, tuple] = {
     "paired": (dict,),
     # {joules_per_image, source, reason}: energy over the timed calls, or null with the reason.
     "energy": (dict,),
+    # A job run as several ranks (parallel.world_size > 1): {world_size, backend, method, mesh, launcher,
+    # ranks: [{rank, pid, threads, peak_memory_mb, latency_median_s}]}; its failure: every rank's error.
+    "parallel": (dict,),
 }
 NUMERIC_FIELDS = ("warmup_s", "load_s", "build_s", "peak_memory_mb", "warmup_peak_memory_mb",
                   "peak_memory_reserved_mb", "steps_per_s")

@@ -52,3 +52,18 @@ def call_kwargs(spec: Spec, pipe, device: str) -> Dict[str, Any]:
     if run.negative_prompt is not None:
         kwargs["negative_prompt"] = [run.negative_prompt] * run.batch_size
     return kwargs
+
+
+def pipeline_call(spec: Spec, pipe):
+    """What the measurement calls: the pipeline, under torch.inference_mode when run.inference_mode."""
+    if not spec.run.inference_mode:
+        return pipe
+
+    def call(**kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return pipe(**kwargs)
+
+    call.__wrapped__ = pipe  # the pipeline itself, for whoever inspects what is measured
+    return call

@@ -132,6 +132,24 @@ class CacheMethod(enum.Enum):
     tome = "tome"  # token merging for SD (UNets): merge similar tokens before self-attention
 
 
+class ParallelMethod(enum.Enum):
+    """How one denoiser call is split over several processes (diffusers' enable_parallelism)."""
+
+    none = "none"  # one process, one device
+    ulysses = "ulysses"  # context parallelism, Ulysses: all-to-all of heads and sequence (ContextParallelConfig(ulysses_degree))
+    ring = "ring"  # context parallelism, ring attention: K/V passed around the ranks (ContextParallelConfig(ring_degree))
+    unified = "unified"  # ring x Ulysses on a 2-D mesh (ContextParallelConfig(ring_degree, ulysses_degree))
+    tensor = "tensor"  # tensor parallelism: Linear weights sharded (TensorParallelConfig(tp_degree))
+
+
+class CommBackend(enum.Enum):
+    """torch.distributed's process-group backend for a parallel job."""
+
+    auto = "auto"  # nccl on CUDA, gloo on CPU
+    gloo = "gloo"
+    nccl = "nccl"
+
+
 class Device(enum.Enum):
     auto = "auto"  # CUDA when present, else CPU
     cpu = "cpu"
@@ -232,6 +250,23 @@ class CacheSpec:
 
 
 @dataclass
+class ParallelSpec:
+    """Context or tensor parallelism: the degrees; the job runs as world_size ranks (their product)."""
+
+    name: str = "none"
+    method: ParallelMethod = ParallelMethod.none
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    tp_degree: int = 1
+    backend: CommBackend = CommBackend.auto
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks the job runs as: the product of the degrees."""
+        return self.ulysses_degree * self.ring_degree * self.tp_degree
+
+
+@dataclass
 class RunSpec:
     prompt: str = "a photo of an astronaut riding a horse on mars"
     negative_prompt: Optional[str] = None
@@ -277,6 +312,7 @@ class Spec:
     model: ModelSpec = field(default_factory=ModelSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     cache: CacheSpec = field(default_factory=CacheSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
     run: RunSpec = field(default_factory=RunSpec)
     # A finished sweep folder: combinations already measured there are copied, not re-run.
     resume: Optional[str] = None
@@ -295,7 +331,7 @@ class Spec:
 # The config groups, in the order labels and the option tables list them (the order the builder
 # applies their levers in is its own: sdbuild/builder.py STEPS).
 GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "vae", "model", "scheduler",
-          "cache")
+          "cache", "parallel")
 
 
 def register_configs() -> None:
@@ -527,6 +563,9 @@ RANGES: dict = {
     "cache.weight": (0.0, 1.0, "Use cache.weight=0.5"),
     "cache.max_skip_steps": (1, 1000, "Use cache.max_skip_steps=3"),
     "cache.retention_ratio": (0.0, 1.0, "Use cache.retention_ratio=0.2 (a share, between 0 and 1)"),
+    "parallel.ulysses_degree": (1, 64, "Use parallel.ulysses_degree=2 (ranks; 1: no Ulysses split)"),
+    "parallel.ring_degree": (1, 64, "Use parallel.ring_degree=2 (ranks; 1: no ring split)"),
+    "parallel.tp_degree": (1, 64, "Use parallel.tp_degree=2 (ranks; 1: no tensor split)"),
 }
 MAX_SLICE = 4096  # attention.slice_size as a number of heads / slices
 
@@ -651,7 +690,7 @@ _LATER_FIELDS = {
     ("run", "max_measure_s"): RunSpec.max_measure_s, ("attention", "backend"): AttentionBackend.default.name,
     ("memory", "layerwise_fp8"): False, ("cache", "weight"): CacheSpec.weight,
 }
-_LATER_GROUPS = {"cache": CacheMethod.none.name}  # a group added later: left out while its method is off
+_LATER_GROUPS = {"cache": CacheMethod.none.name, "parallel": ParallelMethod.none.name}  # a group added later: left out while its method is off
 _NOT_RUN_IDENTITY = {"timeout_s"}  # how long a job may take is not what it builds
 
 

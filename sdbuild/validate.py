@@ -47,18 +47,21 @@ class Machine:
     cuda_toolkit: bool = True  # CUDA_HOME / nvcc: AOTInductor compiles its CUDA wrapper with it
     host_memory: Optional[int] = None  # bytes of physical memory (None: unknown, not checked)
     gpu_memory: Optional[int] = None  # bytes on GPU 0
+    gpu_count: int = 0  # GPUs torch sees (one per rank of a parallel job)
+    cpu_count: int = os.cpu_count() or 1  # cores (one per rank of a parallel job on CPU)
 
     @classmethod
     def probe(cls) -> "Machine":
         """This machine's facts. torch is imported only where a GPU may be there (see `no_cuda`):
         on a machine without one, every rule is checked in the time of a few file lookups."""
-        cuda, device_name, capability = False, "cpu", None
+        cuda, device_name, capability, gpu_count = False, "cpu", None, 0
         if no_cuda() is None:
             import torch
 
             cuda = torch.cuda.is_available()
             if cuda:
                 device_name, capability = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
+                gpu_count = torch.cuda.device_count()
         return cls(
             cuda=cuda,
             device_name=device_name,
@@ -71,6 +74,8 @@ class Machine:
             cuda_toolkit=cuda and _cuda_home() is not None,
             host_memory=machine_memory_bytes("cpu"),
             gpu_memory=machine_memory_bytes("cuda") if cuda else None,
+            gpu_count=gpu_count,
+            cpu_count=os.cpu_count() or 1,
         )
 
 
@@ -117,8 +122,13 @@ def _version_tuple(version: str) -> Tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
 
 
-def _unmet(req: Requirement, device: str, machine: Machine) -> Optional[str]:
+def _unmet(req: Requirement, device: str, machine: Machine, spec: Optional[Spec] = None) -> Optional[str]:
     """What this machine lacks for `req` (said as "but ..."), or None if all is there."""
+    if req.ranks_fit and spec is not None and device in ("cuda", "cpu"):
+        ranks, have, what = spec.parallel.world_size, *((machine.gpu_count, "GPUs are visible") if device == "cuda"
+                                                        else (machine.cpu_count, "CPU cores"))
+        if ranks > have:
+            return f"parallel asks for {ranks} ranks and {have} {what}"
     if req.cuda and device != "cuda":
         return "this machine has no CUDA GPU" if not machine.cuda else "the run is on the CPU (run.device=cpu)"
     if req.min_capability and device == "cuda" and machine.capability is not None and machine.capability < req.min_capability:
@@ -167,7 +177,7 @@ def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
             problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
         device = resolve_device(spec, machine)
     for req in applicable:
-        if missing := (req.asks_machine and _unmet(req, device, machine)) or _wrong_family(req, spec):
+        if missing := (req.asks_machine and _unmet(req, device, machine, spec)) or _wrong_family(req, spec):
             chosen = f"{req.group}={getattr(spec, req.group).name}"
             option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
             problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))
@@ -176,7 +186,8 @@ def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
         problems.append(too_big)
     for excl in EXCLUSIONS:
         if excl.applies(spec):
-            problems.append(problem(excl.options, f"cannot be combined: {excl.why}", excl.instead))
+            said = f" ({excl.explain(spec)})" if excl.explain else ""
+            problems.append(problem(excl.options, f"cannot be combined: {excl.why}{said}", excl.instead))
     if problems:
         raise SpecError(problems)
     return device

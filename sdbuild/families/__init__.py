@@ -25,6 +25,8 @@ FAMILIES: Dict[ModelFamily, Family] = {m.FAMILY.family: m.FAMILY for m in (sd15,
 TRANSFORMER_FAMILIES = tuple(f.family for f in FAMILIES.values() if f.transformer)
 CACHE_FAMILIES = tuple(f.family for f in FAMILIES.values() if f.cache_hooks)
 DISPATCHER_FAMILIES = tuple(f.family for f in FAMILIES.values() if f.dispatcher)
+CONTEXT_PARALLEL_FAMILIES = tuple(f.family for f in FAMILIES.values() if f.context_parallel)
+TENSOR_PARALLEL_FAMILIES = tuple(f.family for f in FAMILIES.values() if f.tensor_parallel)
 UNET_FAMILIES = tuple(f.family for f in FAMILIES.values() if not f.transformer)
 
 

@@ -26,6 +26,11 @@ class Family:
     packed_latents: bool = False  # the pipeline takes latents as a sequence of 2x2 patches (Flux)
     cache_hooks: bool = False  # diffusers' cache hooks run on it (CacheMixin, and its pipeline sets a cache context)
     dispatcher: bool = False  # its attention processors call diffusers' attention dispatcher (set_attention_backend)
+    # diffusers 0.42's parallelism plans on its denoiser class: `_cp_plan` (context parallelism: Ulysses,
+    # ring) and `_tp_plan` (tensor parallelism); tests/test_parallel.py checks both against diffusers.
+    context_parallel: bool = False
+    tensor_parallel: bool = False
+    text_tokens: int = 0  # the text sequence the denoiser attends over (the pipeline's max_sequence_length)
     load_kwargs: Tuple[Tuple[str, Any], ...] = ()  # extra from_pretrained arguments
     # The random-weight layouts this family builds from code ("tiny-sd15", "sd15-arch", ...: name ->
     # component configs) and the function that builds a pipeline from one of them, by name.

@@ -69,4 +69,5 @@ def build_random(name: str):
 
 FAMILY = Family(ModelFamily.flux, "FluxPipeline", "transformer", ("transformer", "vae", "text_encoder", "text_encoder_2"),
                 FLOW_SCHEDULERS, guidance_distilled=True, packed_latents=True, cache_hooks=True, dispatcher=True,
+                context_parallel=True, tensor_parallel=True, text_tokens=512,
                 random_models=RANDOM_FLUX, build_random=build_random)

@@ -1,0 +1,276 @@
+"""A job whose `parallel.world_size` is N > 1 runs as N ranks, started by torch's elastic launcher.
+
+    job process (run_job)  --Popen, own session-->  launcher process (`python -m sdbuild.distributed`)
+                                                      elastic_launch(LaunchConfig(nproc_per_node=N))
+                                                        rank 0 .. N-1: `rank_main`
+
+- The launcher is `torch.distributed.launcher.api.elastic_launch`, what `torchrun --standalone` runs:
+  a c10d rendezvous on localhost, no restarts (a failed rank fails the job). Process group: nccl on
+  CUDA (rank i on GPU i), gloo on CPU (each rank `run.threads` torch threads, by default this
+  machine's cores divided by N: what each rank got is in the row).
+- Every rank builds the same pipeline (sdbuild/levers/parallel.py applies diffusers' parallelism on
+  it) and makes the same calls: warmup and timed calls alike begin with a barrier, and the timed
+  call ends with the device synchronized (sdbuild.measure.timed_call), so call i of every rank is
+  the same collective call. Each rank reports its own peak memory and latencies.
+- Only the job process writes the row, from rank 0's measurement (its image, its latencies) and
+  every rank's facts (`parallel` in the row). A rank that fails ends the job: the launcher stops
+  the others, and the row is `failed` with every rank's error. A rank that hangs: each collective
+  times out after the job's limit (init_process_group's timeout), and the job process ends the whole
+  launcher session (SIGTERM, then SIGKILL) when `run.timeout_s` (default PARALLEL_TIMEOUT_S) passes,
+  so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+log = logging.getLogger("sdbuild")
+
+RANKS_DIR = "ranks"  # inside the job folder: the request, each rank's log, the launcher's answer
+PARALLEL_TIMEOUT_S = 3600.0  # a parallel single run without run.timeout_s: how long before a hang is ended
+END_GRACE_S = 10.0  # SIGTERM to SIGKILL, for the launcher's session
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks failed (or the launch timed out): `ranks` holds each rank's error."""
+
+    def __init__(self, message: str, ranks: Dict[str, Any]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
+def comm_backend(spec, device: str) -> str:
+    from .spec import CommBackend
+
+    if spec.parallel.backend is not CommBackend.auto:
+        return spec.parallel.backend.value
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def rank_threads(spec) -> int:
+    """torch threads per CPU rank: run.threads, else this machine's cores shared out evenly (at least 1)."""
+    from .spec import thread_count
+
+    return thread_count(spec.run) or max(1, (os.cpu_count() or 1) // spec.parallel.world_size)
+
+
+def timeout_of(spec) -> float:
+    limit = spec.run.timeout_s
+    return limit if limit is not None and math.isfinite(limit) and limit > 0 else PARALLEL_TIMEOUT_S
+
+
+# ------------------------------------------------------------------------------------------------
+# In the job process
+
+
+def launch(spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
+    """Run the job's N ranks and return (Measurement, BuildInfo, parallel record) of rank 0, with
+    every rank's facts; raises RankFailure naming each rank's error."""
+    from .models import ensure_model
+    from .spec import spec_to_dict
+
+    ensure_model(spec.model, spec.cache_dir)  # once, here: N ranks building the same cache folder would race
+    ranks = Path(out_dir) / RANKS_DIR
+    ranks.mkdir(parents=True, exist_ok=True)
+    for stale in ("answer.json", "images.npy"):
+        (ranks / stale).unlink(missing_ok=True)
+    request = ranks / "request.json"
+    limit = timeout_of(spec)
+    request.write_text(json.dumps({"spec": spec_to_dict(spec), "device": device, "label": label, "timeout_s": limit}))
+    from .hardware import die_with_parent
+
+    log.info("%s: %d ranks (%s) started by torch's elastic launcher", label or "parallel", spec.parallel.world_size,
+             comm_backend(spec, device))
+    with open(ranks / "launcher.log", "w") as out:
+        child = subprocess.Popen([sys.executable, "-m", "sdbuild.distributed", str(request)], stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+        timed_out = False
+        try:
+            child.wait(limit)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            log.warning("parallel job ran past %g s: ending its ranks", limit)
+        finally:
+            end_session(child)  # also on success: whatever the launcher left in its session goes
+    answer_path = ranks / "answer.json"
+    answer = json.loads(answer_path.read_text()) if answer_path.is_file() else None
+    if timed_out or answer is None or answer.get("failures"):
+        ranks_said = (answer or {}).get("failures") or {}
+        for rank_log in sorted((ranks / "logs").glob("**/stderr.log")) if not ranks_said else ():
+            ranks_said[rank_log.parent.name] = _tail(rank_log)
+        head = (f"timed out after {limit:g} s (run.timeout_s): the ranks were ended" if timed_out
+                else "a rank failed" if answer else f"the launcher exited with code {child.returncode} before answering "
+                f"(last output: {_tail(ranks / 'launcher.log')!r})")
+        said = "; ".join(f"rank {r}: {why}" for r, why in sorted(ranks_said.items()))
+        raise RankFailure(f"parallel job ({spec.parallel.world_size} ranks): {head}" + (f"; {said}" if said else ""),
+                          ranks_said)
+    return answer
+
+
+def end_session(child: subprocess.Popen) -> None:
+    """End the launcher and every process of its session (the ranks): SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, END_GRACE_S), (signal.SIGKILL, END_GRACE_S)):
+        try:
+            os.killpg(child.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _session_alive(child.pid):
+            time.sleep(0.1)
+            child.poll()
+        if not _session_alive(child.pid):
+            break
+    child.wait()
+
+
+def _session_alive(sid: int) -> bool:
+    """Whether any process of session `sid` is still running (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+            return True
+    return False
+
+
+def _tail(path: Path, chars: int = 400) -> str:
+    try:
+        return " ".join(path.read_text(errors="replace").strip()[-chars:].split())
+    except OSError:
+        return "(no log)"
+
+
+def fields_from(answer: Dict[str, Any], out_dir: Path):
+    """Rank 0's Measurement and BuildInfo, rebuilt from the launcher's answer (images from images.npy)."""
+    import numpy as np
+
+    from .builder import BuildInfo
+    from .measure import Measurement
+
+    zero = answer["ranks"]["0"]
+    m = Measurement(**zero["measurement"])
+    images = Path(out_dir) / RANKS_DIR / "images.npy"
+    m.images = np.load(images, allow_pickle=False) if images.is_file() else None
+    return m, BuildInfo(**zero["info"])
+
+
+def parallel_record(spec, device: str, answer: Dict[str, Any]) -> Dict[str, Any]:
+    """The row's `parallel` field: world size, backend, mesh and every rank's facts."""
+    ranks = [answer["ranks"][r]["facts"] for r in sorted(answer["ranks"], key=int)]
+    return {"world_size": spec.parallel.world_size, "method": spec.parallel.method.name,
+            "backend": comm_backend(spec, device), "mesh": answer["ranks"]["0"]["info"].get("parallel"),
+            "launcher": "torch.distributed.launcher.api.elastic_launch", "ranks": ranks,
+            "peak_memory_mb_per_rank": [r["peak_memory_mb"] for r in ranks]}
+
+
+# ------------------------------------------------------------------------------------------------
+# In each rank
+
+
+def rank_main(request_path: str) -> Dict[str, Any]:
+    """One rank: join the process group, build, measure with a barrier before each call, report."""
+    import datetime
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from .builder import build_pipeline
+    from .measure import Candidate, apply_threads, measure_group
+    from .run_inputs import call_kwargs, pipeline_call
+    from .spec import repeat_count, to_spec
+
+    request = json.loads(Path(request_path).read_text())
+    spec, device = to_spec(request["spec"]), request["device"]
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    threads = apply_threads(rank_threads(spec) if device == "cpu" else None)
+    dist.init_process_group(comm_backend(spec, device), timeout=datetime.timedelta(seconds=request["timeout_s"]))
+    try:
+        pipe, info = build_pipeline(spec, device)
+        call = pipeline_call(spec, pipe)
+        group = measure_group([Candidate(call, lambda: call_kwargs(spec, pipe, device), request["label"],
+                                         prepare=dist.barrier, batch_size=spec.run.batch_size)],
+                              device, spec.run.warmup, repeat_count(spec.run), show_progress=False,
+                              max_warmup=spec.run.max_warmup, interval_target=spec.run.interval_target,
+                              max_measure_s=spec.run.max_measure_s)
+        m = group.measurements[0]
+        if rank == 0 and m.images is not None:
+            np.save(Path(request_path).parent / "images.npy", np.asarray(m.images), allow_pickle=False)
+        measurement = {k: v for k, v in asdict(m).items() if k != "images"}
+        facts = {"rank": rank, "local_rank": local_rank, "pid": os.getpid(), "device": device if device == "cpu"
+                 else f"cuda:{local_rank}", "threads": threads, "peak_memory_mb": m.peak_memory_mb,
+                 "latency_median_s": float(np.median(m.runs_s)) if m.runs_s else None}
+        return {"measurement": measurement, "info": asdict(info), "facts": facts}
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_entry(request_path: str) -> Dict[str, Any]:
+    """What the launcher starts in each rank: `rank_main` under torch elastic's `record`, which writes
+    the rank's exception to its error file (the launcher reads it back as that rank's error)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(rank_main)(request_path)
+
+
+def main(request_path: str) -> int:
+    """The launcher process: elastic_launch the ranks, write their answer (or every rank's error)."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .results import write_json
+    from .spec import to_spec
+
+    ranks_dir = Path(request_path).parent
+    request = json.loads(Path(request_path).read_text())
+    spec = to_spec(request["spec"])
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=spec.parallel.world_size,
+                          run_id=f"sdbuild-{os.getpid()}", rdzv_backend="c10d", rdzv_endpoint="localhost:0",
+                          max_restarts=0, monitor_interval=0.2, start_method="spawn",
+                          logs_specs=DefaultLogsSpecs(log_dir=str(ranks_dir / "logs"), redirects=Std.ALL))
+    try:
+        returned = elastic_launch(config, rank_entry)(request_path)
+    except ChildFailedError as exc:
+        failures = {str(rank): _failure_text(f) for rank, f in exc.failures.items()}
+        for rank_log in sorted((ranks_dir / "logs").glob("**/attempt_0/*/stderr.log")):
+            failures.setdefault(rank_log.parent.name, "stopped by the launcher after another rank failed; "
+                                f"its last output: {_tail(rank_log, 200)!r}")
+        write_json(ranks_dir / "answer.json", {"failures": failures})
+        return 1
+    write_json(ranks_dir / "answer.json", {"ranks": {str(r): v for r, v in returned.items()}})
+    return 0
+
+
+def _failure_text(failure) -> str:
+    """A rank's error from torch elastic's ProcessFailure: the exception `record` wrote to its error
+    file (its first line), else the signal that killed it or its exit code."""
+    message = failure.message
+    if isinstance(message, dict):  # the error file's {"message": "ZeroDivisionError: ...", "extraInfo": {...}}
+        message = str(message.get("message") or json.dumps(message))
+    if failure.exitcode is not None and failure.exitcode < 0:
+        return f"killed by {failure.signal_name()} (exit code {failure.exitcode})"
+    if not message or message.startswith("To enable traceback"):
+        return f"exited with code {failure.exitcode}"
+    return message.strip().splitlines()[0][:500]
+
+
+if __name__ == "__main__":
+    # through the imported module, not __main__: the spawned ranks unpickle sdbuild.distributed.rank_main
+    from sdbuild import distributed
+
+    sys.exit(distributed.main(sys.argv[1]))

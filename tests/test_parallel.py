@@ -1,0 +1,229 @@
+"""parallel=: context / tensor parallelism through diffusers' enable_parallelism, a job run as N ranks by
+torch's elastic launcher (sdbuild/distributed.py). The rules are checked against diffusers itself; the
+refusals come before anything loads; two real gloo ranks on the tiny Flux give the degree-1 image;
+a rank killed mid-run fails the job with its error and leaves no process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sdbuild.capabilities import CONTEXT_PARALLEL_BACKENDS, RING_BACKENDS
+from sdbuild.config import compose
+from sdbuild.errors import SpecError
+from sdbuild.families import FAMILIES
+from sdbuild.spec import AttentionBackend, ModelFamily, ParallelMethod, spec_key, spec_to_dict
+from sdbuild.validate import Machine, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = Machine(cuda=False, device_name="cpu", capability=None, packages=frozenset({"accelerate", "torchao"}),
+              diffusers_version="0.42.1", c_compiler=True, cpu_count=2)
+GPUS = Machine(cuda=True, device_name="NVIDIA H100", capability=(9, 0), packages=frozenset({"accelerate"}),
+               diffusers_version="0.42.1", c_compiler=True, gpu_count=2, cpu_count=16)
+
+DENOISERS = {ModelFamily.sd15: "UNet2DConditionModel", ModelFamily.sdxl: "UNet2DConditionModel",
+             ModelFamily.flux: "FluxTransformer2DModel", ModelFamily.sd3: "SD3Transformer2DModel"}
+
+
+@pytest.mark.parametrize("family", list(ModelFamily))
+def test_each_familys_parallel_plans_are_the_ones_diffusers_has(family):
+    import diffusers
+
+    model_class = getattr(diffusers, DENOISERS[family])
+    assert FAMILIES[family].context_parallel == (model_class._cp_plan is not None)
+    assert FAMILIES[family].tensor_parallel == (model_class._tp_plan is not None)
+
+
+def test_the_context_parallel_backends_are_the_ones_diffusers_registers():
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    offered = {b.value for b in AttentionBackend if b is not AttentionBackend.default}
+    ours = {b.value for b in CONTEXT_PARALLEL_BACKENDS if b is not AttentionBackend.default}
+    assert ours == offered & set(_AttentionBackendRegistry._supports_context_parallel)
+    assert AttentionBackend.native not in RING_BACKENDS and AttentionBackend.native_math not in RING_BACKENDS
+
+
+def test_parallel_none_leaves_the_spec_key_of_rows_from_before_the_group():
+    plain = spec_to_dict(compose(["model=tiny_flux"]))
+    before = {k: v for k, v in plain.items() if k != "parallel"}
+    assert spec_key(plain) == spec_key(before)
+    assert spec_key(spec_to_dict(compose(["model=tiny_flux", "parallel=ulysses"]))) != spec_key(plain)
+    assert compose(["model=tiny_flux", "parallel=unified"]).parallel.world_size == 4
+
+
+def refusal(*overrides, machine=CPU) -> str:
+    with pytest.raises(SpecError) as exc:
+        validate(compose(list(overrides)), machine)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["parallel=ulysses"], "model=tiny is family sd15"),  # no _cp_plan on the UNet
+    (["model=tiny_sd3", "parallel=ulysses"], "model=tiny_sd3 is family sd3"),
+    (["model=tiny_flux", "parallel=tensor"], "_SUPPORTED_TP_DEVICES"),  # diffusers' TP: no CPU mesh
+    (["model=tiny_flux", "parallel=ring", "attention.backend=native_flash"], "not implement on CPU"),
+    (["model=tiny_flux", "parallel=ring"], "does not support return_lse=True"),
+    (["model=tiny_flux", "parallel=ulysses", "attention.backend=native_math"], "supports_context_parallel"),
+    (["model=tiny_flux", "parallel=ulysses", "parallel.ulysses_degree=4"], "2 attention heads"),
+    (["model=tiny_flux", "parallel=ulysses", "parallel.ulysses_degree=4"], "4 ranks and 2 CPU cores"),
+    (["model=tiny_flux", "parallel=ulysses", "parallel.ulysses_degree=1"], "parallel=ulysses splits over ulysses_degree"),
+    (["model=tiny_flux", "parallel.ulysses_degree=2"], "parallel=none runs one process"),
+    (["model=tiny_flux", "parallel=ulysses", "run.height=48", "run.width=48"], "do not divide its 9 image tokens"),
+    (["model=tiny_flux", "parallel=ulysses", "cache=first_block"], "parallel with cache"),
+    (["model=tiny_flux", "parallel=ulysses", "compile=inductor"], "parallel with compile"),
+    (["model=tiny_flux", "parallel=ulysses", "quant=int8wo"], "parallel with quant"),
+    (["model=tiny_flux", "parallel=ulysses", "run.repeats=auto"], "parallel with run.repeats=auto"),
+    (["model=tiny_flux", "parallel=ulysses", "parallel.backend=nccl"], "parallel.backend=nccl"),
+])
+def test_each_parallel_rule_refuses_with_its_reason(overrides, said):
+    assert said in refusal(*overrides)
+
+
+def test_on_gpus_the_rules_count_gpus_and_let_ring_and_tensor_through():
+    validate(compose(["model=tiny_flux", "parallel=ulysses"]), GPUS)
+    validate(compose(["model=tiny_flux", "parallel=tensor"]), GPUS)
+    validate(compose(["model=tiny_flux", "parallel=ring", "attention.backend=native_flash"]), GPUS)
+    said = refusal("model=tiny_flux", "parallel=unified", "attention.backend=native_flash", machine=GPUS)
+    assert "4 ranks and 2 GPUs are visible" in said
+    assert "memory.offload" in refusal("model=tiny_flux", "parallel=ulysses", "memory=model_offload", machine=GPUS)
+
+
+def test_a_refused_parallel_run_exits_2_before_torch_loads(tmp_path):
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "sdbuild", "model=tiny_flux", "parallel=tensor",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "parallel=tensor: needs CUDA" in done.stderr and "Traceback" not in done.stderr
+    assert not any(line.rstrip().endswith("| torch") for line in done.stderr.splitlines())  # never imported
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "unsupported"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real ranks
+
+
+def sdbuild(out: Path, *overrides: str) -> subprocess.Popen:
+    """The CLI on the tiny Flux, its output in a file (a pipe nobody reads while waiting could fill and block it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "sdbuild", "model=tiny_flux", "run.steps=2", "run.warmup=1",
+                             "run.repeats=2", f"hydra.run.dir={out}", *overrides], cwd=ROOT, env=env,
+                            stdout=open(out.parent / f"{out.name}.log", "w+"), stderr=subprocess.STDOUT, text=True)
+
+
+def finish(job: subprocess.Popen, out: Path, timeout: float = 900) -> str:
+    job.wait(timeout)
+    return (out.parent / f"{out.name}.log").read_text()
+
+
+def _stat(pid) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name: state, ppid, pgrp, session, ..., utime at 11."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live (not zombie) pids of session `sid`: the launcher starts its own session, and its ranks are in it."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = _stat(proc.name)
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def launcher_pid(out: Path) -> int:
+    """The launcher's pid: in the run id that torch elastic names its log folder after (ranks/logs/sdbuild-<pid>_...)."""
+    folder, = (out / "ranks" / "logs").iterdir()
+    return int(folder.name.split("_", 1)[0].split("-")[1])
+
+
+def degree_one_image(*overrides: str):
+    """The same spec's image at degree 1, built and called in this process (float, before the PNG)."""
+    from sdbuild.builder import build_pipeline
+    from sdbuild.job import pipeline_call
+    from sdbuild.run_inputs import call_kwargs
+
+    spec = compose(["model=tiny_flux", "run.steps=2", *overrides])
+    pipe, _ = build_pipeline(spec, "cpu")
+    return pipeline_call(spec, pipe)(**call_kwargs(spec, pipe, "cpu")).images
+
+
+@pytest.mark.slow  # 2-3 minutes on 2 loaded cores: two ranks each import torch and diffusers and build the pipeline
+def test_two_gloo_ranks_write_one_row_whose_image_is_the_degree_one_image(tmp_path):
+    import numpy as np
+
+    from sdbuild.fidelity import compare
+
+    out = tmp_path / "ulysses"
+    job = sdbuild(out, "parallel=ulysses")
+    seen = set()
+    while job.poll() is None:  # the launcher's session while it runs: the launcher and its 2 ranks (and spawn's helper)
+        time.sleep(2)
+        if (out / "ranks" / "logs").is_dir() and any((out / "ranks" / "logs").iterdir()):
+            seen |= set(session_processes(launcher_pid(out)))
+    log = finish(job, out)
+    assert len(seen) >= 3, seen  # what the no-process-left check below looks for was there
+    assert job.returncode == 0, log[-3000:]
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "ok" and len(row["latency_s"]["runs"]) == 2
+    par = row["parallel"]
+    assert (par["world_size"], par["backend"], par["mesh"]["dims"]) == (2, "gloo", {"ring": 1, "ulysses": 2})
+    assert [r["rank"] for r in par["ranks"]] == [0, 1] and len({r["pid"] for r in par["ranks"]}) == 2
+    assert all(r["threads"]["torch_threads"] == 1 for r in par["ranks"])  # 2 cores shared by 2 ranks
+    assert all(m > 0 for m in par["peak_memory_mb_per_rank"])
+    assert "parallel" in row["build_notes"][0] and list(out.glob("*.png")) == [out / "image.png"]  # one image, rank 0's
+    parallel_image = np.load(out / "ranks" / "images.npy")
+    single = degree_one_image()
+    diff = float(np.abs(parallel_image - single).max())
+    print(f"ulysses 2 vs degree 1: max abs diff {diff:.2e}, {compare(single[0], parallel_image[0])}")
+    assert diff < 1e-4  # measured: 1.5e-6 (images in [0, 1]; the attention sums in another order across ranks)
+    assert session_processes(launcher_pid(out)) == []
+
+
+@pytest.mark.slow  # about 2 minutes: the ranks build before one is killed
+def test_a_rank_killed_mid_run_fails_the_job_with_each_ranks_error_and_leaves_no_process(tmp_path):
+    out = tmp_path / "killed"
+    job = sdbuild(out, "parallel=ulysses", "run.steps=50", "run.repeats=50")
+    deadline = time.monotonic() + 600
+    victim = None
+    while victim is None and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(1)
+        logs = out / "ranks" / "logs"
+        if logs.is_dir() and any(logs.iterdir()):
+            launcher = launcher_pid(out)
+            for pid in session_processes(launcher):
+                # a rank well into its work: its pipeline built and calling (CPU time past the imports)
+                if pid != launcher and int(_stat(pid)[11]) / os.sysconf("SC_CLK_TCK") > 25:
+                    victim = pid
+    assert victim is not None, f"no rank got going (job exit {job.poll()}): {finish(job, out)[-2000:] if job.poll() is not None else ''}"
+    os.kill(victim, signal.SIGKILL)
+    log = finish(job, out)
+    assert job.returncode == 1, log[-3000:]
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "failed" and "a rank failed" in row["error"]
+    errors = row["parallel"]["errors"]
+    assert sorted(errors) == ["0", "1"] and any("SIGKILL" in why for why in errors.values()), errors
+    assert session_processes(launcher_pid(out)) == []
+
+
+def test_a_ranks_error_is_read_from_torch_elastics_own_error_file(tmp_path):
+    """What the launcher says for a rank: the exception line `record` wrote (torch's ProcessFailure reads
+    the file), or the signal that killed it."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from sdbuild.distributed import _failure_text
+
+    error_file = tmp_path / "error.json"
+    error_file.write_text(json.dumps({"message": {"message": "ZeroDivisionError: integer modulo by zero",
+                                                  "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "0"}}}))
+    assert _failure_text(ProcessFailure(0, 123, 1, str(error_file))) == "ZeroDivisionError: integer modulo by zero"
+    assert _failure_text(ProcessFailure(1, 124, -9, str(tmp_path / "none.json"))) == "killed by SIGKILL (exit code -9)"
