@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import time
