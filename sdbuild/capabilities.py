@@ -61,6 +61,12 @@ class Exclusion:
     applies: Callable[[Spec], bool]
     why: str
     instead: str
+    cuda_only: bool = False  # the conflict exists on CUDA only (CUDA graphs, half-only kernels): not refused on CPU
+
+    @property
+    def combination(self) -> str:
+        """The combination as the error and the docs name it."""
+        return self.options + (" on CUDA" if self.cuda_only else "")
 
 
 def _uses_dtype(spec: Spec, dtype: Dtype) -> bool:
@@ -73,6 +79,16 @@ def _fixed_graph(spec: Spec) -> bool:
 
 def _compiles(spec: Spec) -> bool:
     return spec.compile.method is CompileMethod.inductor
+
+
+def _cuda_graphs(spec: Spec) -> bool:
+    """torch.compile in a mode that records CUDA graphs (on CUDA): reduce-overhead, max-autotune."""
+    return _compiles(spec) and spec.compile.mode.cuda_graphs
+
+
+# diffusers' cache hooks (hooks/*.py) keep tensors of one denoising step to read back at the next
+_HOOK_CACHES = (CacheMethod.first_block, CacheMethod.taylorseer, CacheMethod.pab, CacheMethod.faster_cache,
+                CacheMethod.mag_cache)
 
 
 def _transformer(spec: Spec) -> bool:
@@ -453,6 +469,16 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use compile=none with cache=deepcache",
     ),
     Exclusion(
+        "cache=first_block, taylorseer, pab, faster_cache or mag_cache with compile.mode=reduce_overhead or "
+        "max_autotune (CUDA graphs)",
+        lambda s: s.cache.method in _HOOK_CACHES and _cuda_graphs(s),
+        "diffusers' cache hooks keep tensors of one denoising step (e.g. first_block's head_block_residual) to read "
+        "at the next, and each CUDA-graph replay starts a new cudagraph-trees generation that overwrites the "
+        "previous call's outputs: the second step reads freed memory",
+        "Use compile=inductor_max_autotune_no_cudagraphs (or compile=inductor, mode=default) with a step cache",
+        cuda_only=True,
+    ),
+    Exclusion(
         "cache=tome with compile=trace or export",
         lambda s: s.cache.method is CacheMethod.tome and _fixed_graph(s),
         "ToMe chooses which tokens to merge from the activations at every call; a fixed graph would replay one choice",
@@ -521,7 +547,7 @@ def markdown_tables() -> str:
     lines = ["| option | needs | otherwise |", "|---|---|---|"]
     lines += [f"| `{r.option}` | {requirement_needs(r)} | {r.instead} |" for r in REQUIREMENTS]
     lines += ["", "| combination | why not | instead |", "|---|---|---|"]
-    lines += [f"| `{e.options}` | {e.why} | {e.instead} |" for e in EXCLUSIONS]
+    lines += [f"| `{e.combination}` | {e.why} | {e.instead} |" for e in EXCLUSIONS]
     return "\n".join(lines)
 
 

@@ -175,8 +175,8 @@ def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
                                                           else machine.host_memory)):
         problems.append(too_big)
     for excl in EXCLUSIONS:
-        if excl.applies(spec):
-            problems.append(problem(excl.options, f"cannot be combined: {excl.why}", excl.instead))
+        if excl.applies(spec) and (device == "cuda" or not excl.cuda_only):
+            problems.append(problem(excl.combination, f"cannot be combined: {excl.why}", excl.instead))
     if problems:
         raise SpecError(problems)
     return device

@@ -1,0 +1,59 @@
+"""Issue 23's CUDA findings, checked on CPU against a described CUDA machine (an H200 built by hand,
+as tests/test_cuda_rules.py builds its H100): what validation refuses there and why, and that the
+same spec is not refused on a CPU (where the conflict does not exist)."""
+
+import pytest
+
+import sdbuild
+from sdbuild.errors import SpecError
+from sdbuild.spec import CompileMode
+from sdbuild.validate import Machine, validate
+
+H200 = Machine(cuda=True, device_name="NVIDIA H200", capability=(9, 0),
+               packages=frozenset({"xformers", "accelerate", "torchao", "flash_attn", "flash_attn_interface",
+                                   "sageattention", "DeepCache", "tomesd"}),
+               diffusers_version="0.42.1", c_compiler=True)
+CPU = Machine(**{**H200.__dict__, "cuda": False, "device_name": "cpu", "capability": None})
+
+
+def spec_of(*overrides):
+    return sdbuild.compose(["run.steps=2", "run.warmup=0", "run.repeats=1", *overrides])
+
+
+def refusal(machine, *overrides):
+    with pytest.raises(SpecError) as err:
+        validate(spec_of(*overrides), machine)
+    return str(err.value)
+
+
+# Finding 1: diffusers' step caches with a CUDA-graph compile mode -----------------------------------
+
+
+def test_compile_modes_with_cuda_graphs_are_those_inductor_says():
+    from torch._inductor import list_mode_options
+
+    for mode in CompileMode:
+        assert mode.cuda_graphs == bool(list_mode_options(mode.value).get("triton.cudagraphs")), mode
+
+
+@pytest.mark.parametrize("cache", ["first_block", "taylorseer", "pab", "faster_cache", "mag_cache"])
+@pytest.mark.parametrize("compile", ["inductor_reduce_overhead", "inductor_max_autotune"])
+def test_step_caches_are_refused_with_cuda_graphs_on_cuda(cache, compile):
+    overrides = ["model=tiny_flux", "precision=bf16", f"cache={cache}", f"compile={compile}"]
+    text = refusal(H200, *overrides)
+    assert "on CUDA: cannot be combined" in text and "cudagraph-trees generation" in text
+    assert "compile=inductor_max_autotune_no_cudagraphs" in text
+
+
+@pytest.mark.parametrize("cache", ["first_block", "taylorseer"])
+def test_step_caches_run_with_the_alternative_named_and_on_cpu(cache):
+    assert validate(spec_of("model=tiny_flux", "precision=bf16", f"cache={cache}",
+                            "compile=inductor_max_autotune_no_cudagraphs"), H200) == "cuda"
+    # no CUDA graphs on CPU: max-autotune there is Inductor's kernel search alone
+    assert validate(spec_of("model=tiny_flux", "precision=bf16", f"cache={cache}", "compile=inductor_max_autotune"),
+                    CPU) == "cpu"
+
+
+def test_the_no_cudagraphs_option_composes_to_its_mode():
+    spec = sdbuild.compose(["compile=inductor_max_autotune_no_cudagraphs"])
+    assert spec.compile.mode is CompileMode.max_autotune_no_cudagraphs and not spec.compile.mode.cuda_graphs
