@@ -479,6 +479,15 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         cuda_only=True,
     ),
     Exclusion(
+        "compile=regional with compile.mode=reduce_overhead or max_autotune (CUDA graphs)",
+        lambda s: s.compile.regional and _cuda_graphs(s),
+        "compile_repeated_blocks compiles each block as its own graph, and block i's CUDA-graph output (overwritten "
+        "at the next replay) is block i+1's input (PyTorch issue 160281)",
+        "Use compile=regional with compile.mode=default or max_autotune_no_cudagraphs, or "
+        "compile=inductor_reduce_overhead (the whole denoiser in one graph)",
+        cuda_only=True,
+    ),
+    Exclusion(
         "cache=tome with compile=trace or export",
         lambda s: s.cache.method is CacheMethod.tome and _fixed_graph(s),
         "ToMe chooses which tokens to merge from the activations at every call; a fixed graph would replay one choice",

@@ -57,3 +57,21 @@ def test_step_caches_run_with_the_alternative_named_and_on_cpu(cache):
 def test_the_no_cudagraphs_option_composes_to_its_mode():
     spec = sdbuild.compose(["compile=inductor_max_autotune_no_cudagraphs"])
     assert spec.compile.mode is CompileMode.max_autotune_no_cudagraphs and not spec.compile.mode.cuda_graphs
+
+
+# Finding 2: regional compile with a CUDA-graph mode --------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["reduce_overhead", "max_autotune"])
+@pytest.mark.parametrize("model", ["tiny", "tiny_flux"])
+def test_regional_compile_is_refused_with_cuda_graphs_on_cuda(mode, model):
+    overrides = [f"model={model}", "precision=bf16", "compile=regional", f"compile.mode={mode}"]
+    text = refusal(H200, *overrides)
+    assert "compile=regional with compile.mode=reduce_overhead or max_autotune (CUDA graphs) on CUDA" in text
+    assert "160281" in text and "compile.mode=default or max_autotune_no_cudagraphs" in text
+    assert validate(spec_of(*overrides[:-1], "compile.mode=max_autotune_no_cudagraphs"), H200) == "cuda"
+    assert validate(spec_of(*overrides[:-1], "compile.mode=max_autotune"), CPU) == "cpu"
+
+
+def test_whole_model_cuda_graphs_stay_allowed():
+    assert validate(spec_of("precision=fp16", "compile=inductor_reduce_overhead"), H200) == "cuda"
