@@ -86,6 +86,11 @@ def _cuda_graphs(spec: Spec) -> bool:
     return _compiles(spec) and spec.compile.mode.cuda_graphs
 
 
+# diffusers' dispatcher backends whose CUDA kernels take fp16/bf16 only (on CPU, _native_flash runs fp32)
+_HALF_ONLY_BACKENDS = (AttentionBackend.native_flash, AttentionBackend.native_cudnn, AttentionBackend.flash,
+                       AttentionBackend.flash_3, AttentionBackend.sage)
+
+
 # diffusers' cache hooks (hooks/*.py) keep tensors of one denoising step to read back at the next
 _HOOK_CACHES = (CacheMethod.first_block, CacheMethod.taylorseer, CacheMethod.pab, CacheMethod.faster_cache,
                 CacheMethod.mag_cache)
@@ -376,6 +381,14 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         lambda s: s.attention.sdpa_backend in (SdpaBackend.flash, SdpaBackend.cudnn) and s.precision.dtype is Dtype.fp32,
         "FlashAttention and cuDNN attention run fp16/bf16 only, so the fp32 UNet has no attention they can run",
         "Use precision=fp16 or bf16 with them, or attention.sdpa_backend=efficient in fp32",
+    ),
+    Exclusion(
+        "attention.backend=native_flash, native_cudnn, flash, flash_3 or sage with precision.dtype=fp32 (fp32, tf32)",
+        lambda s: _backend(s, *_HALF_ONLY_BACKENDS) and s.precision.dtype is Dtype.fp32,
+        "those kernels run fp16/bf16 only, and diffusers checks a backend's dtypes only with DIFFUSERS_ATTN_CHECKS=1 "
+        "(off by default), so the fp32 transformer's first attention call fails (\"No available kernel\")",
+        "Use precision=bf16 or fp16 with them, or attention=dispatch_efficient or dispatch_native in fp32",
+        cuda_only=True,
     ),
     Exclusion(
         "compile=export with attention.sdpa_backend other than auto",

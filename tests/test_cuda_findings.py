@@ -11,7 +11,7 @@ from sdbuild.validate import Machine, validate
 
 H200 = Machine(cuda=True, device_name="NVIDIA H200", capability=(9, 0),
                packages=frozenset({"xformers", "accelerate", "torchao", "flash_attn", "flash_attn_interface",
-                                   "sageattention", "DeepCache", "tomesd"}),
+                                   "flash_attn_3", "sageattention", "DeepCache", "tomesd"}),
                diffusers_version="0.42.1", c_compiler=True)
 CPU = Machine(**{**H200.__dict__, "cuda": False, "device_name": "cpu", "capability": None})
 
@@ -75,3 +75,25 @@ def test_regional_compile_is_refused_with_cuda_graphs_on_cuda(mode, model):
 
 def test_whole_model_cuda_graphs_stay_allowed():
     assert validate(spec_of("precision=fp16", "compile=inductor_reduce_overhead"), H200) == "cuda"
+
+
+# Finding 3: half-only dispatcher backends in fp32 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("attention", ["dispatch_flash", "dispatch_cudnn", "dispatch_flash_attn", "dispatch_flash_attn3",
+                                       "dispatch_sage"])
+def test_half_only_dispatcher_backends_are_refused_in_fp32_on_cuda(attention, precision):
+    text = refusal(H200, "model=tiny_flux", f"attention={attention}", f"precision={precision}")
+    assert "with precision.dtype=fp32 (fp32, tf32) on CUDA: cannot be combined" in text
+    assert "DIFFUSERS_ATTN_CHECKS" in text and "attention=dispatch_efficient or dispatch_native" in text
+    assert validate(spec_of("model=tiny_flux", f"attention={attention}", "precision=bf16"), H200) == "cuda"
+
+
+@pytest.mark.parametrize("attention", ["dispatch_efficient", "dispatch_native", "dispatch_math"])
+def test_fp32_dispatcher_backends_that_run_fp32_stay_allowed(attention):
+    assert validate(spec_of("model=tiny_flux", f"attention={attention}", "precision=fp32"), H200) == "cuda"
+
+
+def test_pytorchs_flash_runs_fp32_on_cpu():
+    assert validate(spec_of("model=tiny_flux", "attention=dispatch_flash", "precision=fp32"), CPU) == "cpu"
