@@ -422,6 +422,14 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use compile=inductor or compile=regional for SDXL",
     ),
     Exclusion(
+        "attention.fuse_qkv=true with quant",
+        lambda s: s.attention.fuse_qkv and s.quant.method is not Quant.none,
+        "diffusers' fuse_projections joins the q, k and v weights with torch.cat and copies them into a new plain "
+        "Linear: torchao's Int8Tensor (int8wo, int8dq) has no aten.cat, and its Float8Tensor (fp8dq) joins but "
+        "cannot be copied into a plain weight (torchao 0.18), so the build fails",
+        "Use attention=sdpa (unfused projections) with quant, or quant=none with attention=sdpa_fused",
+    ),
+    Exclusion(
         "compile=trace with quant",
         lambda s: s.compile.method is CompileMethod.trace and s.quant.method is not Quant.none,
         "torchao's quantized tensor subclasses cannot be traced by torch.jit",

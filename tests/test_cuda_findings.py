@@ -9,6 +9,8 @@ from sdbuild.errors import SpecError
 from sdbuild.spec import CompileMode
 from sdbuild.validate import Machine, validate
 
+from conftest import needs_packages
+
 H200 = Machine(cuda=True, device_name="NVIDIA H200", capability=(9, 0),
                packages=frozenset({"xformers", "accelerate", "torchao", "flash_attn", "flash_attn_interface",
                                    "flash_attn_3", "sageattention", "DeepCache", "tomesd"}),
@@ -97,3 +99,35 @@ def test_fp32_dispatcher_backends_that_run_fp32_stay_allowed(attention):
 
 def test_pytorchs_flash_runs_fp32_on_cpu():
     assert validate(spec_of("model=tiny_flux", "attention=dispatch_flash", "precision=fp32"), CPU) == "cpu"
+
+
+# Finding 8: fused QKV projections with torchao's quantized weights -----------------------------------
+
+
+@pytest.mark.parametrize("machine", [H200, CPU], ids=["h200", "cpu"])
+@pytest.mark.parametrize("quant", ["int8wo", "int8dq", "fp8dq"])
+def test_fused_qkv_is_refused_with_quant(machine, quant):
+    text = refusal(machine, "attention=sdpa_fused", f"quant={quant}", "precision=bf16")
+    assert "attention.fuse_qkv=true with quant: cannot be combined" in text and "aten.cat" in text
+    assert "Use attention=sdpa (unfused projections) with quant" in text
+
+
+def test_quant_with_unfused_sdpa_stays_allowed():
+    assert validate(spec_of("attention=sdpa", "quant=int8wo", "precision=bf16"), H200) == "cuda"
+
+
+@needs_packages("torchao")
+def test_torchao_quantized_weights_cannot_be_fused_as_diffusers_fuses_them():
+    """What the rule stands on, with torchao itself (when a torchao release lifts it, this fails: revisit the rule):
+    diffusers' fuse_projections does torch.cat of the three weights, then copy_ into a plain Linear's weight."""
+    import torch
+    from torchao.quantization import Float8Tensor, Int8Tensor, PerRow
+
+    weights = [torch.randn(32, 32, dtype=torch.bfloat16) for _ in range(3)]
+    with pytest.raises(NotImplementedError, match="aten.cat"):
+        torch.cat([Int8Tensor.from_hp(w, granularity=PerRow()) for w in weights])
+    joined = torch.cat([Float8Tensor.from_hp(w) for w in weights])
+    assert isinstance(joined, Float8Tensor) and joined.shape == (96, 32)
+    plain = torch.nn.Linear(32, 96, dtype=torch.bfloat16)
+    with pytest.raises((AttributeError, ValueError, NotImplementedError, RuntimeError)), torch.no_grad():
+        plain.weight.copy_(joined)
