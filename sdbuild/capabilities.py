@@ -457,6 +457,15 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use memory=layerwise_fp8 with quant=none and compile=none or inductor",
     ),
     Exclusion(
+        "memory.layerwise_fp8=true with compile.mode=reduce_overhead or max_autotune (CUDA graphs)",
+        lambda s: s.memory.layerwise_fp8 and _cuda_graphs(s),
+        "layerwise casting's hooks call module.to() around every layer at every call, giving the weights new storage "
+        "each time, while a CUDA graph replays with the addresses it recorded (static inputs): a re-record per call, "
+        "or stale weights",
+        "Use memory=layerwise_fp8 with compile=inductor (mode=default) or inductor_max_autotune_no_cudagraphs",
+        cuda_only=True,
+    ),
+    Exclusion(
         "compile=regional with model family sd3",
         lambda s: s.compile.regional and s.model.family is ModelFamily.sd3,
         "SD3Transformer2DModel names no repeated blocks (_repeated_blocks) for compile_repeated_blocks in diffusers 0.42",

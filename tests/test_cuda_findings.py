@@ -131,3 +131,18 @@ def test_torchao_quantized_weights_cannot_be_fused_as_diffusers_fuses_them():
     plain = torch.nn.Linear(32, 96, dtype=torch.bfloat16)
     with pytest.raises((AttributeError, ValueError, NotImplementedError, RuntimeError)), torch.no_grad():
         plain.weight.copy_(joined)
+
+
+# Finding 9: layerwise float8 storage with a CUDA-graph mode ------------------------------------------
+
+
+@pytest.mark.parametrize("compile", ["inductor_reduce_overhead", "inductor_max_autotune"])
+@pytest.mark.parametrize("model", ["tiny", "tiny_flux"])
+def test_layerwise_fp8_is_refused_with_cuda_graphs_on_cuda(compile, model):
+    overrides = [f"model={model}", "precision=bf16", "memory=layerwise_fp8"]
+    text = refusal(H200, *overrides, f"compile={compile}")
+    assert "memory.layerwise_fp8=true with compile.mode=reduce_overhead or max_autotune (CUDA graphs) on CUDA" in text
+    assert "compile=inductor (mode=default) or inductor_max_autotune_no_cudagraphs" in text
+    for allowed in ("compile=inductor", "compile=inductor_max_autotune_no_cudagraphs"):
+        assert validate(spec_of(*overrides, allowed), H200) == "cuda"
+    assert validate(spec_of(*overrides, "compile=inductor_max_autotune"), CPU) == "cpu"
