@@ -146,3 +146,35 @@ def test_layerwise_fp8_is_refused_with_cuda_graphs_on_cuda(compile, model):
     for allowed in ("compile=inductor", "compile=inductor_max_autotune_no_cudagraphs"):
         assert validate(spec_of(*overrides, allowed), H200) == "cuda"
     assert validate(spec_of(*overrides, "compile=inductor_max_autotune"), CPU) == "cpu"
+
+
+# Finding 5: a quantized build leaves Inductor's process-wide config as it was ------------------------
+
+
+@needs_packages("torchao", "accelerate")
+def test_a_quantized_build_leaves_inductors_config_unchanged():
+    """torchao's configs default to set_inductor_config=True, which turns on coordinate_descent_tuning,
+    force_fuse_int_mm_with_mul, fx_graph_cache and unique_kernel_names for the whole process: every later
+    compiled job would compile with settings its row does not record."""
+    import torch._inductor.config as inductor_config
+
+    from sdbuild.builder import build_pipeline
+    from sdbuild.levers.precision import global_switches
+
+    before = inductor_config.get_config_copy()
+    pipe, _ = build_pipeline(spec_of("quant=int8wo"), "cpu")
+    assert type(pipe.unet.conv_in.weight).__name__ == "Parameter"  # the build ran: its Linears are quantized
+    assert any(type(m.weight).__name__ == "Int8Tensor" for m in pipe.unet.modules() if hasattr(m, "weight"))
+    after = inductor_config.get_config_copy()
+    assert {k: (before[k], after[k]) for k in before if before[k] != after[k]} == {}
+    assert global_switches()["inductor_changed"] == {}
+
+
+def test_the_row_records_inductor_settings_changed_from_inductors_defaults():
+    import torch._inductor.config as inductor_config
+
+    from sdbuild.levers.precision import global_switches
+
+    with inductor_config.patch(coordinate_descent_tuning=True):
+        assert global_switches()["inductor_changed"] == {"coordinate_descent_tuning": True}
+    assert "coordinate_descent_tuning" not in global_switches()["inductor_changed"]

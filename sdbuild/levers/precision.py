@@ -68,7 +68,29 @@ def global_switches() -> Dict[str, Any]:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "inductor_changed": inductor_changes(),
     }
+
+
+# Inductor settings a library may turn on process-wide (torchao's recommended_inductor_config_setter sets these)
+# that no spec field sets: recorded where they differ from Inductor's defaults.
+INDUCTOR_WATCHED = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul",
+                    "triton.unique_kernel_names", "max_autotune", "triton.cudagraphs")
+
+
+def inductor_changes() -> Dict[str, Any]:
+    """The watched Inductor settings that differ from Inductor's defaults ({} where Inductor is not imported)."""
+    import sys
+
+    if "torch._inductor.config" not in sys.modules:
+        return {}
+    import torch._inductor.config as inductor_config
+
+    current = inductor_config.get_config_copy()
+    # set by someone (not left at its default) and to another value than Inductor's default
+    return {name: current[name] for name in INDUCTOR_WATCHED
+            if name in current and not inductor_config._is_default(name)
+            and current[name] != inductor_config._config[name].default}
 
 
 def apply_switches(pipe, spec: Spec, device: str, info) -> None:
