@@ -178,3 +178,32 @@ def test_the_row_records_inductor_settings_changed_from_inductors_defaults():
     with inductor_config.patch(coordinate_descent_tuning=True):
         assert global_switches()["inductor_changed"] == {"coordinate_descent_tuning": True}
     assert "coordinate_descent_tuning" not in global_switches()["inductor_changed"]
+
+
+# Finding 6: NVML's index of the GPU a job runs on, under a narrowed CUDA_VISIBLE_DEVICES -------------
+
+
+@pytest.mark.parametrize("visible, cuda_index, physical", [
+    (None, 0, 0), (None, 1, 1), ("2,3", 0, 2), ("2,3", 1, 3), ("3", 0, 3), ("1,0", 0, 1),
+])
+def test_nvml_index_follows_cuda_visible_devices(monkeypatch, visible, cuda_index, physical):
+    from sdbuild.measure import nvml_index
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert nvml_index(cuda_index) == physical
+
+
+def test_nvml_index_maps_gpu_uuids(monkeypatch):
+    """CUDA_VISIBLE_DEVICES given as UUIDs (as SLURM and some launchers do): torch asks NVML for every GPU's
+    UUID; here NVML's answer (no GPU on this machine) is the list of a 4-GPU node's UUIDs."""
+    import torch
+
+    from sdbuild.measure import nvml_index
+
+    uuids = ["GPU-aaaa0000", "GPU-bbbb1111", "GPU-cccc2222", "GPU-dddd3333"]
+    monkeypatch.setattr(torch.cuda, "_raw_device_uuid_nvml", lambda: uuids)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-cccc2222,GPU-aaaa0000")
+    assert [nvml_index(0), nvml_index(1)] == [2, 0]
