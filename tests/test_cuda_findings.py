@@ -207,3 +207,72 @@ def test_nvml_index_maps_gpu_uuids(monkeypatch):
     monkeypatch.setattr(torch.cuda, "_raw_device_uuid_nvml", lambda: uuids)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-cccc2222,GPU-aaaa0000")
     assert [nvml_index(0), nvml_index(1)] == [2, 0]
+
+
+# Finding 7: Inductor's and Triton's cache folders, per job and per interleaved member ----------------
+
+_CACHE_PROBE = r"""
+import json, os, sys, sdbuild, sdbuild.builder
+from pathlib import Path
+from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+from sdbuild.interleave import Member, run_group
+
+out, seen = Path(sys.argv[1]), []
+real_build = sdbuild.builder.build_pipeline
+
+def build_pipeline(spec, device, **kwargs):
+    pipe, info = real_build(spec, device, **kwargs)
+    name = spec.compile.cache_dir or "none"
+    seen.append(dict(member=name, at="build", inductor=os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+                     triton=os.environ.get("TRITON_CACHE_DIR")))
+
+    def call(module, args):
+        # what Inductor does at its first Triton kernel launch in the process (triton_heuristics.py): set
+        # TRITON_CACHE_DIR from the cache folder in force, once, if unset (no Triton on CPU to launch one)
+        if os.getenv("TRITON_CACHE_DIR") is None:
+            os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(0)
+        seen.append(dict(member=name, at="call", inductor=os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+                         triton=os.environ.get("TRITON_CACHE_DIR")))
+
+    pipe.unet.register_forward_pre_hook(call)
+    return pipe, info
+
+sdbuild.builder.build_pipeline = build_pipeline
+members = []
+for i, extra in enumerate(sys.argv[2:]):
+    overrides = ["run.steps=1", "run.warmup=1", "run.repeats=3", "run.save_image=false", *extra.split()]
+    members.append(Member(sdbuild.compose(overrides), out / str(i), {}, overrides))
+rows = run_group(members)
+print(json.dumps(dict(seen=seen, status=[r["status"] for r in rows])))
+"""
+
+
+def test_each_interleaved_member_builds_and_calls_in_its_own_cache_folders(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    a, b = tmp_path / "cache_a", tmp_path / "cache_b"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(tmp_path), f"compile.cache_dir={a}",
+                           f"compile.cache_dir={b}", "run.seed=1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["status"] == ["ok"] * 3
+    seen = got["seen"]
+    assert {s["at"] for s in seen} == {"build", "call"} and len([s for s in seen if s["at"] == "call"]) >= 12
+    assert any(x["member"] != y["member"] for x, y in zip(seen, seen[1:]) if x["at"] == y["at"] == "call")
+    for s in seen:
+        if s["member"] == "none":  # no cache folder: as the process started (Inductor's own default folder,
+            # which Inductor's cache_dir() writes into TORCHINDUCTOR_CACHE_DIR at its first use)
+            for folder in (s["inductor"], s["triton"]):
+                assert folder is None or not folder.startswith(str(tmp_path)), s
+        else:
+            assert s["inductor"] == s["member"], s
+            if s["at"] == "call":
+                assert s["triton"] == os.path.join(s["member"], "triton", "0"), s
