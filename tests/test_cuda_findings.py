@@ -276,3 +276,29 @@ def test_each_interleaved_member_builds_and_calls_in_its_own_cache_folders(tmp_p
             assert s["inductor"] == s["member"], s
             if s["at"] == "call":
                 assert s["triton"] == os.path.join(s["member"], "triton", "0"), s
+
+
+# Finding 12: the fp32 baseline names its cuDNN TF32 switch -------------------------------------------
+
+
+def test_the_fp32_baseline_says_cudnn_tf32_is_off_where_pytorch_leaves_it_on():
+    import torch
+
+    from sdbuild.builder import plan_steps
+    from sdbuild.levers.precision import global_switches, set_global_switches
+
+    plan = dict(plan_steps(spec_of("precision=fp32"), "cuda"))
+    assert "cudnn.allow_tf32=False; PyTorch's default is True" in plan["switches"]
+    assert "cuDNN convolutions" in dict(plan_steps(spec_of("precision=tf32"), "cuda"))["switches"]
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        set_global_switches(spec_of("precision=fp32"))
+        flags = global_switches()
+        assert flags["cudnn_allow_tf32"] is False and flags["cuda_matmul_allow_tf32"] is False
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    from sdbuild.config import config_dir  # the option's comment, which docs/options.md's table shows
+
+    from pathlib import Path
+
+    assert "(cudnn.allow_tf32=False, where PyTorch's default is True)" in (Path(config_dir()) / "precision" / "fp32.yaml").read_text()

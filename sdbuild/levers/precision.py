@@ -99,7 +99,13 @@ def apply_switches(pipe, spec: Spec, device: str, info) -> None:
 
 
 def describe_switches(spec: Spec, device: str) -> str:
-    return f"TF32 {'on' if spec.precision.tf32 else 'off'}"
+    """The switches as the plan and the row's build steps say them. TF32 off is off for cuDNN's convolutions
+    too (torch.backends.cudnn.allow_tf32=False), which PyTorch leaves on by default: the fp32 baseline is
+    exact fp32, not PyTorch's default fp32."""
+    if spec.precision.tf32:
+        return "TF32 on (matmuls and cuDNN convolutions)"
+    return ("TF32 off: matmuls and cuDNN convolutions in exact fp32 (cudnn.allow_tf32=False; PyTorch's "
+            "default is True)")
 
 
 def run_vae_in(pipe, dtype: torch.dtype) -> None:
