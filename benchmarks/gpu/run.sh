@@ -106,9 +106,9 @@ copy_back() {  # the six files, rewritten after every step; never more, never de
   [ -f "$WORK/preflight.log" ] && cp "$WORK/preflight.log" "$O/preflight.log"
   # the rest (every log, report, result.json, image), without the compile cache; images go first
   # if the tarball would not fit in 16 MiB
-  tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude=./compile_cache --exclude=./site . 2>/dev/null
+  tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude='./compile_cache*' --exclude=./site . 2>/dev/null
   if [ "$(stat -c %s "$O/logs.tar.gz")" -gt $((15 * 2**20)) ]; then
-    tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude=./compile_cache --exclude=./site --exclude='*.png' . 2>/dev/null
+    tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude='./compile_cache*' --exclude=./site --exclude='*.png' . 2>/dev/null
   fi
 }
 
@@ -128,6 +128,13 @@ sweep() {  # sweep NAME OVERRIDES...: one sdbuild multirun into WORK/sweeps/NAME
   local name=$1; shift
   wanted "$name" || return 0
   run_step "$name" "$PY" -m sdbuild --multirun "$@" $ROWS "hydra.sweep.dir=$S/$name"
+  local rc=$?
+  if ((rc == 124 || rc == 137)) && [[ " $* " == *" $CACHE "* ]]; then
+    # killed mid-compile, it may have left a half-written kernel library in the shared cache (the next
+    # compile loads it: "ImportError: ... .so: file too short"): the later steps get a fresh folder
+    CACHE="compile.cache_dir=$WORK/compile_cache_after_$name"
+    say "   $name was stopped while it may have been compiling: later steps use a fresh compile cache"
+  fi
   [ -f "$WORK/$name.log" ] && tail -n 2 "$WORK/$name.log" | sed "s/^/   /"
   copy_back "$name"
 }
