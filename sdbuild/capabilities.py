@@ -74,6 +74,12 @@ class Exclusion:
     why: str
     instead: str
     explain: Optional[Callable[[Spec], str]] = None  # the spec's own numbers, appended to `why` in the error
+    cuda_only: bool = False  # the conflict exists on CUDA only (CUDA graphs, half-only kernels): not refused on CPU
+
+    @property
+    def combination(self) -> str:
+        """The combination as the error and the docs name it."""
+        return self.options + (" on CUDA" if self.cuda_only else "")
 
 
 def _uses_dtype(spec: Spec, dtype: Dtype) -> bool:
@@ -86,6 +92,21 @@ def _fixed_graph(spec: Spec) -> bool:
 
 def _compiles(spec: Spec) -> bool:
     return spec.compile.method is CompileMethod.inductor
+
+
+def _cuda_graphs(spec: Spec) -> bool:
+    """torch.compile in a mode that records CUDA graphs (on CUDA): reduce-overhead, max-autotune."""
+    return _compiles(spec) and spec.compile.mode.cuda_graphs
+
+
+# diffusers' dispatcher backends whose CUDA kernels take fp16/bf16 only (on CPU, _native_flash runs fp32)
+_HALF_ONLY_BACKENDS = (AttentionBackend.native_flash, AttentionBackend.native_cudnn, AttentionBackend.flash,
+                       AttentionBackend.flash_3, AttentionBackend.sage)
+
+
+# diffusers' cache hooks (hooks/*.py) keep tensors of one denoising step to read back at the next
+_HOOK_CACHES = (CacheMethod.first_block, CacheMethod.taylorseer, CacheMethod.pab, CacheMethod.faster_cache,
+                CacheMethod.mag_cache)
 
 
 def _transformer(spec: Spec) -> bool:
@@ -583,6 +604,14 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use precision=fp16 or bf16 with them, or attention.sdpa_backend=efficient in fp32",
     ),
     Exclusion(
+        "attention.backend=native_flash, native_cudnn, flash, flash_3 or sage with precision.dtype=fp32 (fp32, tf32)",
+        lambda s: _backend(s, *_HALF_ONLY_BACKENDS) and s.precision.dtype is Dtype.fp32,
+        "those kernels run fp16/bf16 only, and diffusers checks a backend's dtypes only with DIFFUSERS_ATTN_CHECKS=1 "
+        "(off by default), so the fp32 transformer's first attention call fails (\"No available kernel\")",
+        "Use precision=bf16 or fp16 with them, or attention=dispatch_efficient or dispatch_native in fp32",
+        cuda_only=True,
+    ),
+    Exclusion(
         "compile=export with attention.sdpa_backend other than auto",
         lambda s: s.compile.method is CompileMethod.export and s.attention.sdpa_backend is not SdpaBackend.auto,
         "AOTInductor picks the attention kernel when it compiles the exported graph, outside the "
@@ -614,6 +643,14 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "Use compile=inductor or compile=regional for SDXL",
     ),
     Exclusion(
+        "attention.fuse_qkv=true with quant",
+        lambda s: s.attention.fuse_qkv and s.quant.method is not Quant.none,
+        "diffusers' fuse_projections joins the q, k and v weights with torch.cat and copies them into a new plain "
+        "Linear: torchao's Int8Tensor (int8wo, int8dq) has no aten.cat, and its Float8Tensor (fp8dq) joins but "
+        "cannot be copied into a plain weight (torchao 0.18), so the build fails",
+        "Use attention=sdpa (unfused projections) with quant, or quant=none with attention=sdpa_fused",
+    ),
+    Exclusion(
         "compile=trace with quant",
         lambda s: s.compile.method is CompileMethod.trace and s.quant.method is not Quant.none,
         "torchao's quantized tensor subclasses cannot be traced by torch.jit",
@@ -639,6 +676,15 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "layerwise casting keeps float8 weights and casts them in hooks around each layer: quantized weights have "
         "their own storage, and a fixed graph would bake in one cast",
         "Use memory=layerwise_fp8 with quant=none and compile=none or inductor",
+    ),
+    Exclusion(
+        "memory.layerwise_fp8=true with compile.mode=reduce_overhead or max_autotune (CUDA graphs)",
+        lambda s: s.memory.layerwise_fp8 and _cuda_graphs(s),
+        "layerwise casting's hooks call module.to() around every layer at every call, giving the weights new storage "
+        "each time, while a CUDA graph replays with the addresses it recorded (static inputs): a re-record per call, "
+        "or stale weights",
+        "Use memory=layerwise_fp8 with compile=inductor (mode=default) or inductor_max_autotune_no_cudagraphs",
+        cuda_only=True,
     ),
     Exclusion(
         "compile=regional with model family sd3",
@@ -672,6 +718,25 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         "DeepCache decides in Python, step by step, which UNet blocks run; a traced, exported or compiled UNet "
         "would freeze one path (or recompile at every switch)",
         "Use compile=none with cache=deepcache",
+    ),
+    Exclusion(
+        "cache=first_block, taylorseer, pab, faster_cache or mag_cache with compile.mode=reduce_overhead or "
+        "max_autotune (CUDA graphs)",
+        lambda s: s.cache.method in _HOOK_CACHES and _cuda_graphs(s),
+        "diffusers' cache hooks keep tensors of one denoising step (e.g. first_block's head_block_residual) to read "
+        "at the next, and each CUDA-graph replay starts a new cudagraph-trees generation that overwrites the "
+        "previous call's outputs: the second step reads freed memory",
+        "Use compile=inductor_max_autotune_no_cudagraphs (or compile=inductor, mode=default) with a step cache",
+        cuda_only=True,
+    ),
+    Exclusion(
+        "compile=regional with compile.mode=reduce_overhead or max_autotune (CUDA graphs)",
+        lambda s: s.compile.regional and _cuda_graphs(s),
+        "compile_repeated_blocks compiles each block as its own graph, and block i's CUDA-graph output (overwritten "
+        "at the next replay) is block i+1's input (PyTorch issue 160281)",
+        "Use compile=regional with compile.mode=default or max_autotune_no_cudagraphs, or "
+        "compile=inductor_reduce_overhead (the whole denoiser in one graph)",
+        cuda_only=True,
     ),
     Exclusion(
         "cache=tome with compile=trace or export",
@@ -745,7 +810,7 @@ def markdown_tables() -> str:
     lines = ["| option | needs | otherwise |", "|---|---|---|"]
     lines += [f"| `{r.option}` | {requirement_needs(r)} | {r.instead} |" for r in REQUIREMENTS]
     lines += ["", "| combination | why not | instead |", "|---|---|---|"]
-    lines += [f"| `{e.options}` | {e.why} | {e.instead} |" for e in EXCLUSIONS]
+    lines += [f"| `{e.combination}` | {e.why} | {e.instead} |" for e in EXCLUSIONS]
     return "\n".join(lines)
 
 

@@ -13,8 +13,8 @@ pipelines already held), the members that did not fit are measured in pairs: the
 released and each one left over is alternated with the reference alone, in its own batch
 (`measurement.mode = pairs`, with the reason in `measurement.fallback`).
 
-Before each call the member's own process-wide switches (TF32, cuDNN flags) and thread count are
-set again; each call goes through `job.pipeline_call`, as a single job's calls do (under
+Before each call the member's own process-wide switches (TF32, cuDNN flags), Inductor and Triton
+cache folders and thread count are set again; each call goes through `job.pipeline_call`, as a single job's calls do (under
 `torch.inference_mode` when `run.inference_mode`). Peak memory is that of the shared process (its
 other pipelines included).
 """
@@ -60,6 +60,7 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
 
     The reference's run settings (warmup, repeats, interval target, time cap) hold for the group."""
     from .builder import build_pipeline
+    from .levers.compile import set_inductor_caches
     from .levers.precision import set_numeric_flags
     from .job import base_row, environment, measured_fields, pipeline_call, release_memory, write_row
     from .measure import Candidate, apply_threads, measure_group
@@ -100,6 +101,7 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
 
         def prepare() -> None:  # the threads recorded are those of its timed calls
             set_numeric_flags(spec)
+            set_inductor_caches(spec.compile.cache_dir)  # its own Inductor and Triton folders (compiles lazily)
             threads.update(apply_threads(thread_count(spec.run)))
 
         label = " ".join(f"{k}={v}" for k, v in results.parse_overrides(members[i].overrides).items())

@@ -439,6 +439,13 @@ def apply_threads(threads: Optional[int]) -> Dict[str, Any]:
 RAPL_ROOT = Path("/sys/class/powercap")
 
 
+def nvml_index(cuda_index: int) -> int:
+    """The NVML index (NVML numbers the machine's physical GPUs) of torch's CUDA device `cuda_index` (numbered
+    among those CUDA_VISIBLE_DEVICES shows: under CUDA_VISIBLE_DEVICES=2,3 torch's device 0 is NVML's 2). torch's
+    own mapping, which also reads GPU UUIDs (GPU-...) through NVML."""
+    return torch.cuda._get_nvml_device_index(cuda_index)
+
+
 class EnergyMeter:
     """A cumulative energy counter in joules, where the machine has one it lets us read: on GPU the
     board's counter through NVML (nvidia-ml-py), on CPU the RAPL package counters (all packages
@@ -471,7 +478,7 @@ class EnergyMeter:
             return
         try:
             pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(torch.cuda.current_device()))
             pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
         except Exception as exc:  # NVMLError_NotSupported on boards without the counter, no driver, ...
             self.reason = f"NVML energy counter unavailable: {exc}"

@@ -68,8 +68,14 @@ class CompileMethod(enum.Enum):
 class CompileMode(enum.Enum):
     default = "default"
     reduce_overhead = "reduce-overhead"  # CUDA graphs
-    max_autotune = "max-autotune"
+    max_autotune = "max-autotune"  # CUDA graphs too
     max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether Inductor records CUDA graphs in this mode on CUDA (`triton.cudagraphs` in
+        torch._inductor.list_mode_options): reduce-overhead and max-autotune do."""
+        return self in (CompileMode.reduce_overhead, CompileMode.max_autotune)
 
 
 class CompileTarget(enum.Enum):

@@ -185,9 +185,9 @@ def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
                                                           else machine.host_memory)):
         problems.append(too_big)
     for excl in EXCLUSIONS:
-        if excl.applies(spec):
+        if excl.applies(spec) and (device == "cuda" or not excl.cuda_only):
             said = f" ({excl.explain(spec)})" if excl.explain else ""
-            problems.append(problem(excl.options, f"cannot be combined: {excl.why}{said}", excl.instead))
+            problems.append(problem(excl.combination, f"cannot be combined: {excl.why}{said}", excl.instead))
     if problems:
         raise SpecError(problems)
     return device

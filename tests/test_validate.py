@@ -225,7 +225,7 @@ def test_the_docs_tables_carry_every_rule():
     for req in REQUIREMENTS:
         assert f"| `{req.option}` | {requirement_needs(req)} | {req.instead} |" in table
     for excl in EXCLUSIONS:
-        assert f"| `{excl.options}` | {excl.why} | {excl.instead} |" in table
+        assert f"| `{excl.combination}` | {excl.why} | {excl.instead} |" in table
     assert table.count("\n|---|---|---|") == 2
     every_need = [r for r in REQUIREMENTS if r.option == "compile=inductor"][0]
     assert requirement_needs(every_need) == "a C++ compiler on CPU, on CUDA a C compiler and the Python headers (Triton)"

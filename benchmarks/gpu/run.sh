@@ -5,20 +5,25 @@
 #   bash benchmarks/gpu/run.sh --cpu    # every step on CPU stand-ins: tiny model, bf16 for fp16,
 #                                       # SDPA for xFormers (what CI runs, and rehearse.sh)
 #
-# The device tool runs it as:  run(command="bash benchmarks/gpu/run.sh", carry=[".gpu"], timeout_s=540)
-# (.gpu/wheels from fetch_wheels.sh). BUDGET (default 500 s on a GPU) is the whole run; the call's
-# timeout should be BUDGET + ~40 s. To rerun only some steps: STEPS="compile best" bash ... .
+# The device tool runs it as:  run(command="bash benchmarks/gpu/run.sh", carry=[".gpu"], timeout_s=600)
+# (.gpu/wheels from fetch_wheels.sh). BUDGET (default 550 s on a GPU) is the whole run; the call's
+# timeout should be BUDGET + ~50 s. To rerun only some steps: STEPS="compile best" bash ... .
+# Estimated cost of each step on an H100/H200 (SD 1.5 architecture, 50 steps): BENCHMARKS.md.
 #
-# Steps, in the order that gets the figures that matter back first:
+# Steps, in the order that gets the figures that matter back first (seed table, one compiled row,
+# the best recipe; then the extras):
 #   install    the carried wheels, offline, --no-deps, into WORK/site (the image untouched); then an
 #              import smoke check that stops the run at once if sdbuild, hydra or diffusers fail
 #   preflight  check.py: versions, toolchain, TF32 flags, event timing, SDPA kernel matrix, xformers,
-#              torchao, jit.trace, torch.compile
+#              torchao, jit.trace (its torch.compile check, two cold Triton compiles, only with
+#              PREFLIGHT_COMPILE=1: the compile step compiles anyway)
 #   model      the random-weight model built and saved once, not charged to a timed row
 #   seed       diffusers' speed-up guide's table: fp32 -> fp16 -> +channels-last -> +trace -> +xFormers
+#   compile    fp16 + SDPA + channels-last, UNet compiled (inductor, mode=default): one row
+#   best       cuda_best_quick (cuda_best without max-autotune) in fp16, the compile step's dtype, so its
+#              compile finds the compile step's Triton kernels in the shared cache
 #   sdpa       fp16 with each SDPA kernel pinned, and fused QKV
-#   compile    fp16 + SDPA + channels-last, UNet compiled: inductor default, then reduce-overhead
-#   best       cuda_best_quick (cuda_best without max-autotune), only if time is left
+#   compile2   the compile row again in reduce-overhead mode (CUDA graphs), only if time is left
 # Each step's limit comes from the time still left: at most its cap, and never eating the minimum
 # of the steps after it. A step that cannot get its minimum is skipped (and says so).
 #
@@ -32,7 +37,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd); ROOT=$(cd "$HERE/../.." && p
 CPU=0; [ "${1:-}" = "--cpu" ] && CPU=1
 O=${OUT:-$(mktemp -d)}; mkdir -p "$O"
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/sdbuild-gpu-proof.XXXXXX")}; S=$WORK/sweeps; mkdir -p "$S"
-STEPS=${STEPS:-install preflight model seed sdpa compile best}
+STEPS=${STEPS:-install preflight model seed compile best sdpa compile2}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # the random-weight model cache (3.4 GB for sd15_arch) stays outside $OUT, which comes back to the caller
 # the carried wheels go into WORK/site (on PYTHONPATH), never into the image's own environment
@@ -61,25 +66,28 @@ if [ $CPU = 1 ]; then
   BUDGET=${BUDGET:-1200}
   ROWS="model=tiny run.steps=2 run.warmup=1 run.repeats=2 run.save_image=false run.timeout_s=0"
   SEED="+experiment=seed_table_cpu"; HALF=bf16
-  SDPA_ATTN=sdpa,sdpa_math,sdpa_fused; COMPILE=inductor,regional; BEST="+preset=cuda_best_quick compile.mode=default"
-  #          install preflight model seed sdpa compile best   (seconds: cap / minimum)
-  CAPS=(     60      60        60    240  180  360     300)
-  FLOORS=(   10      10        10    60   30   90      60)
+  SDPA_ATTN=sdpa,sdpa_math,sdpa_fused; COMPILE=inductor; COMPILE2=regional
+  BEST="+preset=cuda_best_quick compile.mode=default"
+  #          install preflight model seed compile best sdpa compile2   (seconds: cap / minimum)
+  CAPS=(     60      60        60    240  240     240  180  240)
+  FLOORS=(   10      10        10    60   60      60   30   60)
 else
-  BUDGET=${BUDGET:-500}
+  BUDGET=${BUDGET:-550}
   ROWS="model=sd15_arch run.height=512 run.width=512 run.steps=50 scheduler=ddim run.warmup=1 run.repeats=3 run.timeout_s=0"
   SEED="+experiment=seed_table"; HALF=fp16
-  SDPA_ATTN=sdpa,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_fused; COMPILE=inductor,inductor_reduce_overhead
-  BEST="+preset=cuda_best_quick"
-  CAPS=(     60      90        120   150  90   240     600)
-  FLOORS=(   10      20        30    60   30   90      60)
+  SDPA_ATTN=sdpa,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_fused; COMPILE=inductor; COMPILE2=inductor_reduce_overhead
+  BEST="+preset=cuda_best_quick precision=fp16"  # fp16: the compile step's dtype (the cache serves it)
+  #          install preflight model seed compile best sdpa compile2   (seconds: cap / minimum; estimates in BENCHMARKS.md)
+  CAPS=(     60      60        120   180  240     180  90   600)
+  FLOORS=(   10      15        30    60   100     60   30   60)
 fi
-ORDER=(install preflight model seed sdpa compile best)
+ORDER=(install preflight model seed compile best sdpa compile2)
 RESERVE=20  # for the last collect, the tarball and the limits check
 # run.timeout_s=0: each sweep runs its jobs in one process (weights loaded once per dtype, no
 # per-job imports); the step's own limit bounds a job that hangs
-# the compile rows and the best recipe share one Inductor cache: the second compile reuses the
-# first one's Triton kernels (its warmup_s says so), the steady-state medians are unaffected
+# the compile rows and the best recipe share one Inductor cache (and, with it, Triton's: compile.cache_dir
+# sets both): the later compiles reuse the first one's kernels (their warmup_s says so), the steady-state
+# medians are unaffected
 CACHE="compile.cache_dir=$WORK/compile_cache"
 
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -98,9 +106,9 @@ copy_back() {  # the six files, rewritten after every step; never more, never de
   [ -f "$WORK/preflight.log" ] && cp "$WORK/preflight.log" "$O/preflight.log"
   # the rest (every log, report, result.json, image), without the compile cache; images go first
   # if the tarball would not fit in 16 MiB
-  tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude=./compile_cache --exclude=./site . 2>/dev/null
+  tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude='./compile_cache*' --exclude=./site . 2>/dev/null
   if [ "$(stat -c %s "$O/logs.tar.gz")" -gt $((15 * 2**20)) ]; then
-    tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude=./compile_cache --exclude=./site --exclude='*.png' . 2>/dev/null
+    tar -czf "$O/logs.tar.gz" -C "$WORK" --exclude='./compile_cache*' --exclude=./site --exclude='*.png' . 2>/dev/null
   fi
 }
 
@@ -120,6 +128,13 @@ sweep() {  # sweep NAME OVERRIDES...: one sdbuild multirun into WORK/sweeps/NAME
   local name=$1; shift
   wanted "$name" || return 0
   run_step "$name" "$PY" -m sdbuild --multirun "$@" $ROWS "hydra.sweep.dir=$S/$name"
+  local rc=$?
+  if ((rc == 124 || rc == 137)) && [[ " $* " == *" $CACHE "* ]]; then
+    # killed mid-compile, it may have left a half-written kernel library in the shared cache (the next
+    # compile loads it: "ImportError: ... .so: file too short"): the later steps get a fresh folder
+    CACHE="compile.cache_dir=$WORK/compile_cache_after_$name"
+    say "   $name was stopped while it may have been compiling: later steps use a fresh compile cache"
+  fi
   [ -f "$WORK/$name.log" ] && tail -n 2 "$WORK/$name.log" | sed "s/^/   /"
   copy_back "$name"
 }
@@ -171,9 +186,10 @@ fi
 
 # --- the measured steps ---------------------------------------------------------------------------
 sweep seed "$SEED"
-sweep sdpa precision=$HALF attention=$SDPA_ATTN
 sweep compile precision=$HALF attention=sdpa memory_format=channels_last compile=$COMPILE "$CACHE"
 sweep best $BEST "$CACHE"
+sweep sdpa precision=$HALF attention=$SDPA_ATTN
+sweep compile2 precision=$HALF attention=sdpa memory_format=channels_last compile=$COMPILE2 "$CACHE"
 
 # a report for every sweep that was stopped before it wrote its own (it goes into logs.tar.gz)
 for d in "$S"/*/; do

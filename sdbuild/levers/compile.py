@@ -40,14 +40,19 @@ def describe(spec: Spec, device: str) -> str:
 
 # Inductor's persistent caches ------------------------------------------------------------------
 
+# TRITON_CACHE_DIR too: Inductor sets it once per process, from the cache folder in force at its first
+# kernel launch, and never again (torch/_inductor/runtime/triton_heuristics.py), so without a reset every
+# later job and interleaved member would build its Triton kernels in the first one's folder.
 _INDUCTOR_ENV_AT_START = {name: os.environ.get(name) for name in
-                          ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")}
+                          ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE",
+                           "TRITON_CACHE_DIR")}
 _CACHE_CONFIG_AT_START: Dict[str, bool] = {}  # Inductor's cache switches as this process had them
 
 
 def set_inductor_caches(cache_dir: Optional[str]) -> None:
     """Inductor's persistent caches (FX graph + AOTAutograd) for warm starts across processes: in
-    `cache_dir`, or as the process started (an earlier job's folder must not stick).
+    `cache_dir`, or as the process started (an earlier job's folder must not stick); Triton's kernel
+    folder (TRITON_CACHE_DIR) with them. Called by every build and before every interleaved member's call.
 
     The environment variables reach a process that has not imported Inductor yet (and the
     subprocesses Inductor starts); Inductor reads the cache folder from the environment at each
@@ -61,7 +66,9 @@ def set_inductor_caches(cache_dir: Optional[str]) -> None:
         else:
             os.environ[name] = value
     if cache_dir:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(os.path.expanduser(cache_dir))
+        folder = os.path.abspath(os.path.expanduser(cache_dir))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(folder, "triton", "0")  # Inductor's layout (device 0: a job's)
         os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
         os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
     if "torch._inductor.config" in sys.modules:

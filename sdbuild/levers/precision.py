@@ -68,7 +68,29 @@ def global_switches() -> Dict[str, Any]:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "inductor_changed": inductor_changes(),
     }
+
+
+# Inductor settings a library may turn on process-wide (torchao's recommended_inductor_config_setter sets these)
+# that no spec field sets: recorded where they differ from Inductor's defaults.
+INDUCTOR_WATCHED = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul",
+                    "triton.unique_kernel_names", "max_autotune", "triton.cudagraphs")
+
+
+def inductor_changes() -> Dict[str, Any]:
+    """The watched Inductor settings that differ from Inductor's defaults ({} where Inductor is not imported)."""
+    import sys
+
+    if "torch._inductor.config" not in sys.modules:
+        return {}
+    import torch._inductor.config as inductor_config
+
+    current = inductor_config.get_config_copy()
+    # set by someone (not left at its default) and to another value than Inductor's default
+    return {name: current[name] for name in INDUCTOR_WATCHED
+            if name in current and not inductor_config._is_default(name)
+            and current[name] != inductor_config._config[name].default}
 
 
 def apply_switches(pipe, spec: Spec, device: str, info) -> None:
@@ -77,7 +99,13 @@ def apply_switches(pipe, spec: Spec, device: str, info) -> None:
 
 
 def describe_switches(spec: Spec, device: str) -> str:
-    return f"TF32 {'on' if spec.precision.tf32 else 'off'}"
+    """The switches as the plan and the row's build steps say them. TF32 off is off for cuDNN's convolutions
+    too (torch.backends.cudnn.allow_tf32=False), which PyTorch leaves on by default: the fp32 baseline is
+    exact fp32, not PyTorch's default fp32."""
+    if spec.precision.tf32:
+        return "TF32 on (matmuls and cuDNN convolutions)"
+    return ("TF32 off: matmuls and cuDNN convolutions in exact fp32 (cudnn.allow_tf32=False; PyTorch's "
+            "default is True)")
 
 
 def run_vae_in(pipe, dtype: torch.dtype) -> None:

@@ -22,7 +22,8 @@ def quantization_config(spec: Spec):
         Quant.int8wo: Int8WeightOnlyConfig,
         Quant.int8dq: Int8DynamicActivationInt8WeightConfig,
         Quant.fp8dq: Float8DynamicActivationFloat8WeightConfig,
-    }[spec.quant.method]()
+    }[spec.quant.method](set_inductor_config=False)  # True (torchao's default) rewrites Inductor's config
+    # process-wide (coordinate_descent_tuning, force_fuse_int_mm_with_mul, ...) for every later compile
     return PipelineQuantizationConfig(quant_mapping={family_of(spec).denoiser: TorchAoConfig(ao_config)})
 
 
