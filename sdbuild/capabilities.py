@@ -51,11 +51,13 @@ class Requirement:
     applies: Callable[[Spec], bool]
     cuda: bool = False
     min_capability: Optional[Tuple[int, int]] = None  # CUDA compute capability, when on CUDA
-    package: Optional[str] = None  # importable module name
+    package: Optional[str] = None  # importable module name (a distribution of that name installed: diffusers' probe)
+    package_version: Optional[str] = None  # the package's minimum version (diffusers' attention_dispatch asks it)
     diffusers: Optional[str] = None  # minimum diffusers version
     families: Optional[Tuple[ModelFamily, ...]] = None
     c_compiler_on_cpu: bool = False  # inductor writes and builds C++ on CPU
     triton_on_cuda: bool = False  # Triton builds its launcher with a C compiler and Python.h
+    cxx_on_cuda: bool = False  # AOTInductor builds its CUDA wrapper with a C++ compiler (g++)
     cuda_toolkit_on_cuda: bool = False  # AOTInductor compiles its CUDA wrapper with nvcc (CUDA_HOME)
     ranks_fit: bool = False  # parallel.world_size ranks: one GPU each on CUDA, one CPU core each on CPU
     instead: str = ""  # what to use where the need is not met
@@ -64,7 +66,7 @@ class Requirement:
     def asks_machine(self) -> bool:
         """Whether checking it needs the machine's facts (a model-family rule needs only the spec)."""
         return bool(self.cuda or self.min_capability or self.package or self.diffusers or self.c_compiler_on_cpu
-                    or self.triton_on_cuda or self.cuda_toolkit_on_cuda or self.ranks_fit)
+                    or self.triton_on_cuda or self.cxx_on_cuda or self.cuda_toolkit_on_cuda or self.ranks_fit)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,12 @@ _HOOK_CACHES = (CacheMethod.first_block, CacheMethod.taylorseer, CacheMethod.pab
 def _transformer(spec: Spec) -> bool:
     return FAMILIES[spec.model.family].transformer
 
+
+# The versions diffusers' attention dispatcher needs before it uses a package's kernels
+# (diffusers/models/attention_dispatch.py `_REQUIRED_*_VERSION`; tests/test_machines.py checks they agree).
+REQUIRED_FLASH_ATTN = "2.6.3"
+REQUIRED_SAGE = "2.1.1"
+REQUIRED_XFORMERS = "0.0.29"
 
 _CPU_BACKENDS = "On CPU use attention.backend=native, native_math, native_flash or flex"
 
@@ -255,6 +263,7 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         lambda s: s.compile.method is CompileMethod.export,
         c_compiler_on_cpu=True,
         triton_on_cuda=True,
+        cxx_on_cuda=True,
         cuda_toolkit_on_cuda=True,
         instead="Install what is missing (g++, python3-dev, a CUDA toolkit with CUDA_HOME set) or use compile=trace",
     ),
@@ -400,29 +409,33 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         "attention",
         lambda s: _backend(s, AttentionBackend.flash),
         package="flash_attn",
-        instead="pip install flash-attn (>= 2.6.3), or use attention.backend=native_flash",
+        package_version=REQUIRED_FLASH_ATTN,
+        instead=f"pip install 'flash-attn>={REQUIRED_FLASH_ATTN}', or use attention.backend=native_flash",
     ),
     Requirement(
         "attention.backend=flash_3",
         "attention",
         lambda s: _backend(s, AttentionBackend.flash_3),
-        package="flash_attn_interface",
+        package="flash_attn_3",  # the distribution diffusers looks for (its module: flash_attn_interface)
         min_capability=(9, 0),
-        instead="FlashAttention-3 is built from source for Hopper; use attention.backend=flash or native_flash",
+        instead="FlashAttention-3 is built from source for Hopper (flash-attention's hopper/ folder installs the "
+                "flash_attn_3 distribution); use attention.backend=flash or native_flash",
     ),
     Requirement(
         "attention.backend=sage",
         "attention",
         lambda s: _backend(s, AttentionBackend.sage),
         package="sageattention",
-        instead="pip install sageattention (>= 2.1.1), or use attention.backend=native_flash",
+        package_version=REQUIRED_SAGE,
+        instead=f"pip install 'sageattention>={REQUIRED_SAGE}', or use attention.backend=native_flash",
     ),
     Requirement(
         "attention.backend=xformers",
         "attention",
         lambda s: _backend(s, AttentionBackend.xformers),
         package="xformers",
-        instead="pip install xformers, or use attention.backend=native_efficient",
+        package_version=REQUIRED_XFORMERS,
+        instead=f"pip install 'xformers>={REQUIRED_XFORMERS}', or use attention.backend=native_efficient",
     ),
     Requirement(
         "cache=first_block",
@@ -762,7 +775,7 @@ def requirement_needs(req: Requirement) -> str:
     if req.min_capability:
         needs.append("compute capability >= %d.%d" % req.min_capability)
     if req.package:
-        needs.append(f"the `{req.package}` package")
+        needs.append(f"the `{req.package}` package" + (f" >= {req.package_version}" if req.package_version else ""))
     if req.diffusers:
         needs.append(f"diffusers >= {req.diffusers}")
     if req.families:
@@ -771,6 +784,8 @@ def requirement_needs(req: Requirement) -> str:
         needs.append("a C++ compiler on CPU")
     if req.triton_on_cuda:
         needs.append("on CUDA a C compiler and the Python headers (Triton)")
+    if req.cxx_on_cuda:
+        needs.append("on CUDA a C++ compiler (AOTInductor)")
     if req.cuda_toolkit_on_cuda:
         needs.append("on CUDA a CUDA toolkit (CUDA_HOME, nvcc)")
     if req.ranks_fit:

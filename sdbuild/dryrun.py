@@ -28,11 +28,15 @@ def show(spec: Spec) -> str:
     `SpecError` where validation refuses it."""
     from omegaconf import OmegaConf
 
-    from .validate import validate
+    from .validate import target_machine, validate
 
-    device = validate(spec)
+    machine = target_machine(spec)
+    device = validate(spec, machine)
     resolved = OmegaConf.to_yaml(OmegaConf.create(spec_to_dict(spec)))
-    return ("would build (dry run: no weights loaded):\n" + "\n".join("  " + line for line in plan(spec, device))
+    planned_for = (f"machine={spec.machine.name}: {machine.said()} (a profile: planned for it, nothing measured)"
+                   if machine.profile else f"machine=local: this machine, {machine.said()}")
+    return (f"would build (dry run: no weights loaded) on {planned_for}:\n"
+            + "\n".join("  " + line for line in plan(spec, device))
             + "\n\nresolved spec (Hydra's `--cfg job` prints the composed config alone):\n" + resolved.rstrip("\n"))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 class Dtype(enum.Enum):
@@ -305,6 +305,35 @@ class RunSpec:
 
 
 @dataclass
+class MachineSpec:
+    """The machine a spec is validated against (the `machine` group, conf/machine/). `local` (the
+    default) probes the machine this process runs on; a profile (h100, h200, a100, l40s, rtx4090,
+    cpu, or a team's own file on `hydra.searchpath`) describes one that may not be here, so
+    `dry_run=true machine=h200` plans for an H200 from a laptop. A profile plans only: a real run
+    with one is refused unless this machine matches it (sdbuild.validate). Not part of a row's
+    identity (`_NOT_IDENTITY`): the row records it as what the plan was validated against."""
+
+    name: str = "local"
+    probe: bool = True  # true: this process's machine, probed (the profile's facts below are unused)
+    cuda: bool = False
+    device_name: str = "cpu"
+    capability: Optional[List[int]] = None  # CUDA compute capability, e.g. [9, 0]
+    gpu_memory_gb: Optional[float] = None  # GiB on GPU 0
+    gpu_count: Optional[int] = None  # GPUs on the node (a parallel job's ranks); None: 1 where cuda, else 0
+    cpu_count: Optional[int] = None  # CPU cores (ranks of a parallel job on CPU); None: this machine's
+    host_memory_gb: Optional[float] = None  # GiB of physical memory
+    cudnn_version: Optional[str] = None  # the cuDNN torch runs with, e.g. "9.10.2"
+    diffusers_version: Optional[str] = None  # None: the diffusers installed here
+    # The optional packages importable there: import name -> version (as diffusers probes them:
+    # the module imports and a distribution of that name is installed; "flash_attn_3" is FA3's).
+    packages: Dict[str, str] = field(default_factory=dict)
+    cxx: bool = True  # a C++ compiler (g++, c++, clang++): Inductor's CPU kernels, AOTInductor's wrapper
+    cc: bool = True  # a C compiler ($CC, else gcc or clang): Triton builds its kernel launcher with it
+    python_headers: bool = True  # Python.h: the same launcher includes it
+    cuda_toolkit: bool = False  # CUDA_HOME / nvcc: AOTInductor compiles its CUDA wrapper with it
+
+
+@dataclass
 class Spec:
     """Everything that defines one measured pipeline. `resume` and `preset` do not change it."""
 
@@ -320,6 +349,8 @@ class Spec:
     cache: CacheSpec = field(default_factory=CacheSpec)
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     run: RunSpec = field(default_factory=RunSpec)
+    # The machine validated against: this one (local, probed) or a profile that plans for another.
+    machine: MachineSpec = field(default_factory=MachineSpec)
     # A finished sweep folder: combinations already measured there are copied, not re-run.
     resume: Optional[str] = None
     # Name of the `+preset=` a job came from (set by the preset files), for report ordering.
@@ -684,7 +715,8 @@ def _unwritable(path: str) -> Optional[str]:
 
 # Fields that say how a run is measured or where it is stored, not what pipeline is built:
 # left out of the identity used to match rows when a sweep is resumed.
-_NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir", "isolate", "dry_run"}
+# (`machine`: what the plan was validated against; the row's env records the machine it ran on.)
+_NOT_IDENTITY = {"resume", "preset", "preset_order", "cache_dir", "isolate", "dry_run", "machine"}
 # run fields added after rows were first written, with their defaults: left out of the identity at
 # their default, so a row measured before they existed still matches the same spec on resume.
 _UNSET = object()

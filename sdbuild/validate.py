@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import FrozenSet, Mapping, Optional, Sequence, Tuple
@@ -24,22 +24,29 @@ from .capabilities import EXCLUSIONS, REQUIREMENTS, Requirement, requirement_nee
 from .errors import SpecError, problem
 from .footprint import machine_memory_bytes, memory_problem
 from .models import model_problems
-from .spec import Device, Spec, value_problems
+from .spec import Device, MachineSpec, Spec, value_problems
 
-OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao", "flash_attn", "flash_attn_interface", "sageattention",
+# The optional packages rules ask for, by import name, probed as diffusers probes them
+# (`diffusers.utils.import_utils._is_package_available`): the module is found and a distribution of
+# that name is installed. FlashAttention-3 is the distribution `flash_attn_3` (its module
+# `flash_attn_interface` alone does not make diffusers' `_flash_3` backend usable).
+OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao", "flash_attn", "flash_attn_3", "sageattention",
                      "DeepCache", "tomesd")
+
+GIB = 1024 ** 3
 
 
 @dataclass(frozen=True)
 class Machine:
-    """What this process can run on, probed once per validation."""
+    """What a spec is validated against: this process's machine (`probe`) or a profile's
+    description of another one (`from_profile`, conf/machine/)."""
 
     cuda: bool
     device_name: str
     capability: Optional[Tuple[int, int]]
     packages: FrozenSet[str]
     diffusers_version: str
-    c_compiler: bool  # a C++ compiler (Inductor's CPU kernels)
+    c_compiler: bool  # a C++ compiler (Inductor's CPU kernels, AOTInductor's wrapper)
     # The CUDA compile toolchain (defaults: present, so a Machine built by hand for a CPU rule
     # need not spell them out).
     cc: bool = True  # a C compiler: Triton builds its kernel launcher with it
@@ -49,12 +56,18 @@ class Machine:
     gpu_memory: Optional[int] = None  # bytes on GPU 0
     gpu_count: int = 0  # GPUs torch sees (one per rank of a parallel job)
     cpu_count: int = os.cpu_count() or 1  # cores (one per rank of a parallel job on CPU)
+    cudnn_version: Optional[Tuple[int, ...]] = None  # (9, 10, 2); None: unknown (rules assume the oldest limits)
+    # Versions of `packages` (import name -> version) where known; a package without one is not
+    # version-checked.
+    package_versions: Mapping[str, str] = field(default_factory=dict)
+    probed: bool = False  # this process's machine: torch can be asked (its SDPA predicates), not only the facts
+    profile: Optional[str] = None  # the conf/machine profile it was described by (None: probed or built by hand)
 
     @classmethod
     def probe(cls) -> "Machine":
         """This machine's facts. torch is imported only where a GPU may be there (see `no_cuda`):
         on a machine without one, every rule is checked in the time of a few file lookups."""
-        cuda, device_name, capability, gpu_count = False, "cpu", None, 0
+        cuda, device_name, capability, gpu_count, cudnn = False, "cpu", None, 0, None
         if no_cuda() is None:
             import torch
 
@@ -62,21 +75,130 @@ class Machine:
             if cuda:
                 device_name, capability = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
                 gpu_count = torch.cuda.device_count()
+                cudnn = cudnn_version_tuple(torch.backends.cudnn.version())
+        versions = {p: v for p in OPTIONAL_PACKAGES if (v := package_version(p)) is not None}
         return cls(
             cuda=cuda,
             device_name=device_name,
             capability=capability,
-            packages=frozenset(p for p in OPTIONAL_PACKAGES if importlib.util.find_spec(p) is not None),
+            packages=frozenset(versions),
             diffusers_version=metadata.version("diffusers"),
-            c_compiler=any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-            cc=bool(os.environ.get("CC") and shutil.which(os.environ["CC"])) or any(shutil.which(c) for c in ("cc", "gcc", "clang")),
-            python_headers=Path(sysconfig.get_paths()["include"], "Python.h").exists(),
+            c_compiler=cxx_compiler_found(),
+            cc=c_compiler_found(),
+            python_headers=Path(python_include_dir(), "Python.h").exists(),
             cuda_toolkit=cuda and _cuda_home() is not None,
             host_memory=machine_memory_bytes("cpu"),
             gpu_memory=machine_memory_bytes("cuda") if cuda else None,
             gpu_count=gpu_count,
             cpu_count=os.cpu_count() or 1,
+            cudnn_version=cudnn,
+            package_versions=versions,
+            probed=True,
         )
+
+    @classmethod
+    def from_profile(cls, profile: MachineSpec) -> "Machine":
+        """The machine a profile (conf/machine/<name>.yaml) describes. Its diffusers is the one
+        installed here unless the profile names another."""
+        return cls(
+            cuda=profile.cuda,
+            device_name=profile.device_name,
+            capability=tuple(profile.capability) if profile.capability else None,
+            packages=frozenset(profile.packages),
+            diffusers_version=profile.diffusers_version or metadata.version("diffusers"),
+            c_compiler=profile.cxx,
+            cc=profile.cc,
+            python_headers=profile.python_headers,
+            cuda_toolkit=profile.cuda and profile.cuda_toolkit,
+            host_memory=None if profile.host_memory_gb is None else int(profile.host_memory_gb * GIB),
+            gpu_memory=None if profile.gpu_memory_gb is None else int(profile.gpu_memory_gb * GIB),
+            cudnn_version=_version_tuple(profile.cudnn_version) if profile.cudnn_version else None,
+            package_versions={name: str(v) for name, v in profile.packages.items() if v},
+            gpu_count=profile.gpu_count if profile.gpu_count is not None else int(profile.cuda),
+            cpu_count=profile.cpu_count or os.cpu_count() or 1,
+            profile=profile.name,
+        )
+
+    def said(self) -> str:
+        """The machine in a few words, for messages."""
+        if not self.cuda:
+            return f"{self.device_name} (no CUDA GPU)"
+        facts = ["compute capability %d.%d" % self.capability] if self.capability else []
+        if self.gpu_memory:
+            facts.append(f"{self.gpu_memory / GIB:.1f} GiB")
+        if self.cudnn_version:
+            facts.append("cuDNN " + ".".join(map(str, self.cudnn_version)))
+        return f"{self.device_name} ({', '.join(facts)})" if facts else self.device_name
+
+
+def package_version(name: str) -> Optional[str]:
+    """The installed version of the optional package `name`, found as diffusers finds it
+    (`_is_package_available`): its module is importable and a distribution of that name is
+    installed; None otherwise."""
+    if importlib.util.find_spec(name) is None:
+        return None
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cudnn_version_tuple(version: Optional[int]) -> Optional[Tuple[int, int, int]]:
+    """torch.backends.cudnn.version()'s integer as (major, minor, patch): 91002 -> (9, 10, 2) (cuDNN 9
+    counts major*10000), 8906 -> (8, 9, 6) (cuDNN 8: major*1000)."""
+    if not version:
+        return None
+    if version >= 10000:
+        return version // 10000, version % 10000 // 100, version % 100
+    return version // 1000, version % 1000 // 100, version % 100
+
+
+def python_include_dir() -> str:
+    """Where Triton looks for Python.h (triton/runtime/build.py): the default install scheme's
+    include folder, Debian's `posix_local` read as `posix_prefix` (a system Python with python3-dev
+    has its headers under /usr/include, not /usr/local/include)."""
+    scheme = sysconfig.get_default_scheme()
+    if scheme == "posix_local":
+        scheme = "posix_prefix"
+    return sysconfig.get_paths(scheme=scheme)["include"]
+
+
+def c_compiler_found(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether Triton finds a C compiler for its launcher as triton/runtime/build.py does: `$CC`
+    when set (used as given, no fallback), else gcc, else clang."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CC"):
+        return shutil.which(environ["CC"]) is not None
+    return any(shutil.which(c) for c in ("gcc", "clang"))
+
+
+def cxx_compiler_found(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether Inductor finds its C++ compiler (torch._inductor.config.cpp.cxx): `$CXX` when set,
+    else g++ (clang++ on macOS). Inductor's CPU kernels and AOTInductor's wrapper build with it."""
+    import sys
+
+    environ = os.environ if environ is None else environ
+    if environ.get("CXX"):
+        return shutil.which(environ["CXX"]) is not None
+    return shutil.which("clang++" if sys.platform == "darwin" else "g++") is not None
+
+
+def profile_mismatch(profile: MachineSpec, here: Machine) -> Optional[str]:
+    """Why the machine `here` is not the one `profile` describes (CUDA or not, compute capability,
+    GPU memory within 10 %), or None where it is."""
+    caps = tuple(profile.capability) if profile.capability else None
+    if profile.cuda != here.cuda:
+        differs = True
+    elif not profile.cuda:
+        differs = False
+    else:
+        mem = profile.gpu_memory_gb and here.gpu_memory
+        differs = (caps != here.capability) or bool(mem and abs(here.gpu_memory / GIB - profile.gpu_memory_gb)
+                                                    > 0.1 * profile.gpu_memory_gb)
+    if not differs:
+        return None
+    return (f"describes {Machine.from_profile(profile).said()}, but this process runs on {here.said()}: "
+            "a profile plans a run (dry_run=true), it never stands in for a measurement")
 
 
 # Device files of a GPU torch.cuda could use: NVIDIA's driver (also inside a container), WSL2's
@@ -135,16 +257,21 @@ def _unmet(req: Requirement, device: str, machine: Machine, spec: Optional[Spec]
         return "%s is %d.%d" % ((machine.device_name,) + machine.capability)
     if req.package and req.package not in machine.packages:
         return f"`{req.package}` is not installed"
+    if (req.package_version and (have := machine.package_versions.get(req.package))
+            and _version_tuple(have) < _version_tuple(req.package_version)):
+        return f"`{req.package}` {have} is installed"
     if req.diffusers and _version_tuple(machine.diffusers_version) < _version_tuple(req.diffusers):
         return f"diffusers {machine.diffusers_version} is installed"
     if req.c_compiler_on_cpu and device == "cpu" and not machine.c_compiler:
         return "no C++ compiler was found (TorchInductor builds C++ kernels on CPU)"
     if req.triton_on_cuda and device == "cuda":
-        missing = [what for present, what in ((machine.cc, "no C compiler (cc, gcc, clang) was found"),
+        missing = [what for present, what in ((machine.cc, "no C compiler ($CC, gcc, clang) was found"),
                                               (machine.python_headers, "the Python headers (Python.h) are missing"))
                    if not present]
         if missing:
             return " and ".join(missing) + " (Triton builds its kernel launcher with them)"
+    if req.cxx_on_cuda and device == "cuda" and not machine.c_compiler:
+        return "no C++ compiler ($CXX, g++) was found (AOTInductor builds its CUDA wrapper with it)"
     if req.cuda_toolkit_on_cuda and device == "cuda" and not machine.cuda_toolkit:
         return "no CUDA toolkit was found (CUDA_HOME unset, no nvcc on PATH; AOTInductor compiles with it)"
     return None
@@ -164,17 +291,36 @@ def _check_values(spec: Spec) -> list[str]:
     return problems
 
 
+def target_machine(spec: Spec) -> Machine:
+    """The machine `spec` is checked against: the profile it names in a dry run (it plans for that
+    machine), else this process's machine, probed (a real run measures here, whatever it names)."""
+    if not spec.machine.probe and spec.dry_run:
+        return Machine.from_profile(spec.machine)
+    return Machine.probe()
+
+
 def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
-    """Raise `SpecError` listing every problem with `spec` on this machine; return the device."""
+    """Raise `SpecError` listing every problem with `spec` on its machine; return the device.
+
+    The machine is `target_machine(spec)` unless given: this one, or in a dry run the profile
+    `machine=<name>` describes. A real run with a profile is refused where this machine is not
+    the one it describes."""
     problems = _check_values(spec)
     applicable = [req for req in REQUIREMENTS if req.applies(spec)]
     device = "unknown"
+    profile = not spec.machine.probe
     # A spec already refused, with no rule that asks the machine (a model-family rule asks only the
     # spec), is refused without probing it: on a machine with a GPU the probe imports torch, seconds.
-    if not problems or any(req.asks_machine for req in applicable) or spec.run.device is Device.cuda:
-        machine = machine or Machine.probe()
+    if not problems or any(req.asks_machine for req in applicable) or spec.run.device is Device.cuda or profile:
+        machine = machine or target_machine(spec)
+        if profile and not spec.dry_run and (why := profile_mismatch(spec.machine, machine)):
+            problems.append(problem(f"machine={spec.machine.name}", why,
+                                    f"Plan for it with dry_run=true machine={spec.machine.name}; measure on this "
+                                    "machine with machine=local (the default)"))
         if spec.run.device is Device.cuda and not machine.cuda:
-            problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)", "Use run.device=auto or cpu"))
+            problems.append(problem("run.device=cuda", "this machine has no CUDA GPU (torch.cuda.is_available() is False)"
+                                    if machine.probed or machine.profile is None else
+                                    f"machine={machine.profile} has no CUDA GPU", "Use run.device=auto or cpu"))
         device = resolve_device(spec, machine)
     for req in applicable:
         if missing := (req.asks_machine and _unmet(req, device, machine, spec)) or _wrong_family(req, spec):

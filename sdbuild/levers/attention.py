@@ -19,13 +19,17 @@ if TYPE_CHECKING:
     import torch
 
 from ..families import family_of
-from ..spec import AttentionBackend, AttentionProcessor, Spec, SdpaBackend
+from ..spec import AttentionBackend, AttentionProcessor, CompileMethod, Spec, SdpaBackend
 
-# Largest head dim each pinnable SDPA kernel takes on CUDA (PyTorch's sdp_utils checks: FlashAttention-2
-# up to 256; cuDNN's fused attention is held to 128 here, the limit of the cuDNN 9 releases PyTorch
-# ships with on pre-Blackwell cards). Math and memory-efficient take any head dim. The GPU proof's
-# preflight prints the kernel x head-dim x dtype matrix of the card it runs on.
-MAX_HEAD_DIM = {SdpaBackend.flash: 256, SdpaBackend.cudnn: 128}
+# What each pinnable SDPA kernel takes on CUDA, as PyTorch's sdp_utils.cpp checks it (torch 2.9-2.11):
+# FlashAttention-2 head dims up to 256; cuDNN attention up to 128, and up to 256 on Hopper (sm 9.0)
+# with cuDNN >= 9.10 (`check_cudnn_tensor_shapes`), in multiples of 8. Math and memory-efficient take
+# any head dim. On this process's own GPU the decision is torch's own predicate
+# (`torch.backends.cuda.can_use_*_attention`); for a profile (conf/machine/) it is these facts.
+FLASH_MAX_HEAD_DIM = 256
+CUDNN_MAX_HEAD_DIM = 128
+CUDNN_HOPPER = ((9, 0), (9, 10))  # (capability, least cuDNN) where cuDNN attention takes head dims up to 256
+CUDNN_HOPPER_MAX_HEAD_DIM = 256
 
 
 def head_dim(attn) -> int:
@@ -37,16 +41,66 @@ def head_dim(attn) -> int:
 HALF_ONLY = (SdpaBackend.flash, SdpaBackend.cudnn)
 
 
-def kernel_takes(backend: SdpaBackend, dim: int, dtype: torch.dtype) -> Optional[str]:
-    """Why the pinned kernel `backend` cannot run attention with heads of width `dim` in `dtype`
-    (None: it can)."""
+def max_head_dim(backend: SdpaBackend, machine=None) -> Optional[int]:
+    """The widest head `backend` takes on `machine` (a `validate.Machine`; None: unknown, the oldest
+    limits), or None where it takes any."""
+    if backend is SdpaBackend.flash:
+        return FLASH_MAX_HEAD_DIM
+    if backend is SdpaBackend.cudnn:
+        capability, cudnn = CUDNN_HOPPER
+        if machine is not None and machine.capability == capability and (machine.cudnn_version or ()) >= cudnn:
+            return CUDNN_HOPPER_MAX_HEAD_DIM
+        return CUDNN_MAX_HEAD_DIM
+    return None
+
+
+def kernel_takes(backend: SdpaBackend, dim: int, dtype: torch.dtype, machine=None) -> Optional[str]:
+    """Why the pinned kernel `backend` cannot run attention with heads of width `dim` in `dtype` on
+    `machine` (None: it can). The one rule for the builder and the dry run: on this process's own
+    CUDA machine PyTorch's predicate decides; for a described machine its capability and cuDNN do."""
     import torch
 
-    if dim > MAX_HEAD_DIM.get(backend, dim):
-        return f"head dim {dim} > {MAX_HEAD_DIM[backend]}, the most {backend.name} takes"
+    if backend is SdpaBackend.math or backend is SdpaBackend.auto:
+        return None
+    if machine is not None and machine.probed and machine.cuda:
+        return torch_refuses(backend, dim, dtype)
+    limit = max_head_dim(backend, machine)
+    if limit is not None and dim > limit:
+        where = ""
+        if backend is SdpaBackend.cudnn and machine is not None and machine.capability:
+            where = " on compute capability %d.%d" % machine.capability + (
+                " with cuDNN " + ".".join(map(str, machine.cudnn_version)) if machine.cudnn_version else "")
+        return f"head dim {dim} > {limit}, the most {backend.name} takes{where}"
+    if backend is SdpaBackend.cudnn and dim % 8:
+        return f"head dim {dim} is not a multiple of 8 (cudnn)"
     if backend in HALF_ONLY and dtype not in (torch.float16, torch.bfloat16):
         return f"{backend.name} does not run {str(dtype).replace('torch.', '')}"
     return None
+
+
+_PREDICATES = {SdpaBackend.flash: "can_use_flash_attention", SdpaBackend.efficient: "can_use_efficient_attention",
+               SdpaBackend.cudnn: "can_use_cudnn_attention"}
+
+
+def torch_refuses(backend: SdpaBackend, dim: int, dtype: torch.dtype, device: str = "cuda") -> Optional[str]:
+    """PyTorch's own answer (`torch.backends.cuda.can_use_*_attention` on `SDPAParams` of one head of
+    width `dim`, 64 tokens, `dtype`, on `device`): why the kernel cannot run it, from torch's debug
+    warnings, or None where it can."""
+    import warnings
+
+    import torch
+    import torch.backends.cuda as sdpa
+
+    q = torch.empty(1, 1, 64, dim, dtype=dtype, device=device)
+    params = sdpa.SDPAParams(q, q, q, None, 0.0, False, False)
+    predicate = getattr(sdpa, _PREDICATES[backend])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if predicate(params, True):
+            return None
+    said = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+    return f"PyTorch's {_PREDICATES[backend]} refuses head dim {dim} in {str(dtype).replace('torch.', '')}" + (
+        f" ({said})" if said else "")
 
 
 def _pinned_class(base: type, backend: SdpaBackend) -> type:
@@ -81,20 +135,24 @@ def attention_modules(module):
     return [(name, m) for name, m in module.named_modules() if isinstance(m, Attention)]
 
 
-def pin_sdpa(module, backend: SdpaBackend, fused: bool) -> list[str]:
-    """Pin every attention block of `module` that the kernel can run; the others keep PyTorch's
-    own choice. Returns why blocks were left unpinned (empty: the whole module is pinned)."""
+def pin_sdpa(module, backend: SdpaBackend, fused: bool, machine=None) -> list[str]:
+    """Pin every attention block of `module` that the kernel can run on `machine`; the others keep
+    PyTorch's own choice. Returns why blocks were left unpinned (empty: the whole module is pinned)."""
+    return sorted({why for why in pin_blocks(module, backend, fused, machine).values() if why})
+
+
+def pin_blocks(module, backend: SdpaBackend, fused: bool, machine=None) -> Dict[str, Optional[str]]:
+    """`pin_sdpa`'s decision per block: block name -> why it is left to PyTorch (None: pinned)."""
     from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
     pinned = kernel_pinned_processor(backend, fused)
     plain = FusedAttnProcessor2_0() if fused else AttnProcessor2_0()
-    left = set()
-    for _, attn in attention_modules(module):
-        why = kernel_takes(backend, head_dim(attn), attn.to_out[0].weight.dtype)
+    decisions: Dict[str, Optional[str]] = {}
+    for name, attn in attention_modules(module):
+        why = kernel_takes(backend, head_dim(attn), attn.to_out[0].weight.dtype, machine)
         attn.set_processor(plain if why else pinned)
-        if why:
-            left.add(why)
-    return sorted(left)
+        decisions[name] = why
+    return decisions
 
 
 def _fuse_qkv(pipe) -> list[str]:
@@ -107,18 +165,19 @@ def _fuse_qkv(pipe) -> list[str]:
     return ["unet", "vae"] if fuse_vae else ["unet"]
 
 
-def apply_attention(pipe, spec: Spec) -> Dict[str, Any]:
+def apply_attention(pipe, spec: Spec, machine=None) -> Dict[str, Any]:
     """Set the attention implementation of the UNet and the VAE (the text encoder is transformers').
 
     Returns what the pipeline will run, recorded in the row as `attention_kernel`: a pinned SDPA
     kernel is pinned only on the attention blocks that kernel can run (the UNet; the VAE's
     512-wide head is beyond FlashAttention and cuDNN), and the record names every module left
-    to PyTorch's choice, so a row never claims a kernel that did not run.
+    to PyTorch's choice, so a row never claims a kernel that did not run. `machine`: what decides
+    which blocks a kernel takes (default: the spec's target machine, `validate.target_machine`).
     """
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if family_of(spec).transformer:
-        return transformer_attention(pipe, spec)
+        return transformer_attention(pipe, spec, machine)
     att = spec.attention
     modules = {name: m for name, m in (("unet", pipe.unet), ("vae", pipe.vae)) if hasattr(m, "set_attn_processor")}
     record: Dict[str, Any] = {"processor": att.processor.name, "requested": att.sdpa_backend.name,
@@ -139,14 +198,42 @@ def apply_attention(pipe, spec: Spec) -> Dict[str, Any]:
         record["fused_modules"] = _fuse_qkv(pipe)  # installs FusedAttnProcessor2_0, unpinned
     if att.processor is AttentionProcessor.sdpa and att.sdpa_backend is not SdpaBackend.auto:
         # Pinned last, over whichever SDPA processor (plain or fused) each module now has.
-        for name, m in modules.items():
-            if not attention_modules(m):
-                continue
-            left = pin_sdpa(m, att.sdpa_backend, fused=name in record.get("fused_modules", []))
-            if left:
-                record["unpinned"][name] = "; ".join(left) + ": PyTorch picks the kernel there"
-            else:
-                record["pinned_modules"].append(name)
+        record.update(pin_modules(modules, spec, machine or _target_machine(spec), record.get("fused_modules", [])))
+    return record
+
+
+def _on_cuda(spec: Spec, machine) -> bool:
+    from ..validate import resolve_device
+
+    return resolve_device(spec, machine) == "cuda"
+
+
+def _target_machine(spec: Spec):
+    from ..validate import target_machine
+
+    return target_machine(spec)
+
+
+def pin_modules(modules: Dict[str, Any], spec: Spec, machine, fused_modules=()) -> Dict[str, Any]:
+    """Pin `spec`'s SDPA kernel on the blocks of each module (name -> UNet or VAE) that `machine`'s
+    kernel takes: the record's `pinned_modules` (every block pinned), `unpinned` (module -> why some
+    are left to PyTorch) and `blocks` (module -> blocks pinned / left, by head dim). The builder
+    calls it on the loaded pipeline; the dry run on the same modules built on the meta device."""
+    record: Dict[str, Any] = {"pinned_modules": [], "unpinned": {}, "blocks": {}}
+    for name, m in modules.items():
+        if not attention_modules(m):
+            continue
+        decisions = pin_blocks(m, spec.attention.sdpa_backend, name in fused_modules, machine)
+        dims = {block: head_dim(attn) for block, attn in attention_modules(m)}
+        left = sorted({why for why in decisions.values() if why})
+        record["blocks"][name] = {
+            "pinned": sum(why is None for why in decisions.values()), "left": sum(why is not None for why in decisions.values()),
+            "pinned_head_dims": sorted({dims[b] for b, why in decisions.items() if why is None}),
+            "left_head_dims": sorted({dims[b] for b, why in decisions.items() if why is not None})}
+        if left:
+            record["unpinned"][name] = "; ".join(left) + ": PyTorch picks the kernel there"
+        else:
+            record["pinned_modules"].append(name)
     return record
 
 
@@ -184,8 +271,100 @@ def describe(spec: Spec, device: str) -> str:
     a = spec.attention
     head = ("the transformer's own processors (diffusers' attention dispatcher)" if family_of(spec).transformer
             else a.processor.value)
-    return (head + (f", SDPA kernel {a.sdpa_backend.value}" if a.sdpa_backend is not SdpaBackend.auto else "")
+    text = (head + (f", SDPA kernel {a.sdpa_backend.value}" if a.sdpa_backend is not SdpaBackend.auto else "")
+            + (f", backend {a.backend.value}" if a.backend is not AttentionBackend.default else "")
             + (", fused QKV" if a.fuse_qkv else "") + (f", slicing {a.slice_size}" if a.slice_size is not None else ""))
+    if (record := planned_record(spec)) is not None:
+        text += "; " + said_blocks(record, spec)
+        if spec.compile.method is CompileMethod.trace:  # the compile step's rule, on the same record
+            from .compile import _graph_sdpa_pin
+
+            text += f"; the traced UNet replays under sdpa_kernel({_graph_sdpa_pin(spec, record).name})"
+    return text
+
+
+def decides_per_block(spec: Spec) -> bool:
+    """Whether the build decides block by block what runs: an SDPA kernel pin on a UNet, or a
+    dispatcher backend pinned to one of torch's SDPA kernels on a transformer."""
+    a = spec.attention
+    if family_of(spec).transformer:
+        return family_of(spec).dispatcher and a.backend in DISPATCHER_SDPA
+    return a.processor is AttentionProcessor.sdpa and a.sdpa_backend is not SdpaBackend.auto
+
+
+def planned_record(spec: Spec, machine=None) -> Optional[Dict[str, Any]]:
+    """What the attention step would record for `spec` on its target machine, decided by the
+    builder's own functions (`pin_modules`, `check_dispatcher_kernel`) on the model's attention
+    modules built on the meta device (no weights, no memory); None where nothing is decided per
+    block. Raises `SpecError` where the build would refuse."""
+    if not decides_per_block(spec):
+        return None
+    machine = machine or _target_machine(spec)
+    if family_of(spec).transformer and not _on_cuda(spec, machine):
+        return None  # on CPU torch's own kernels run every block (its CPU flash also fp32)
+    modules = skeleton_modules(spec)
+    if family_of(spec).transformer:
+        return {"blocks": {"transformer": check_dispatcher_kernel(modules["transformer"], spec, machine)},
+                "pinned_modules": [], "unpinned": {}}
+    fused = [name for name in modules if spec.attention.fuse_qkv]
+    return pin_modules(modules, spec, machine, fused)
+
+
+def said_blocks(record: Dict[str, Any], spec: Spec) -> str:
+    """The per-block decisions of a record, in words: which blocks the kernel takes, which it leaves and why."""
+    kernel = spec.attention.backend.value if family_of(spec).transformer else spec.attention.sdpa_backend.name
+    parts = []
+    for name, b in record["blocks"].items():
+        line = f"{name}: {kernel} takes {b['pinned']} of {b['pinned'] + b['left']} attention blocks"
+        if b["pinned_head_dims"]:
+            line += f" (head dim {', '.join(map(str, b['pinned_head_dims']))})"
+        if b["left"]:
+            line += (f", leaves {b['left']} (head dim {', '.join(map(str, b['left_head_dims']))}) to PyTorch: "
+                     + record["unpinned"][name].removesuffix(": PyTorch picks the kernel there"))
+        parts.append(line)
+    return "; ".join(parts)
+
+
+def skeleton_modules(spec: Spec) -> Dict[str, Any]:
+    """The attention-bearing modules the load step gives the pipeline (the denoiser; the model's own
+    VAE), built from the model's configs on the meta device in the dtypes the load step gives them
+    (the precision's dtype, the VAE's own, SDXL's fp32 VAE under fp16): what the dry run decides on.
+    Nothing is allocated and no weights are read."""
+    import inspect
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from ..models import model_folder, random_model_name
+    from ..quiet import quiet_imports
+    from ..spec import ModelSource, VaeKind
+    from . import precision
+
+    quiet_imports()  # as the builder does before diffusers loads
+    family = family_of(spec)
+    names = [family.denoiser] + (["vae"] if spec.vae.kind is VaeKind.full else [])
+    if spec.model.source is ModelSource.pretrained:
+        folder = Path(model_folder(spec.model, spec.cache_dir))
+        configs = {n: json.loads((folder / n / "config.json").read_text()) for n in names}
+    else:
+        configs = {n: family.random_models[random_model_name(spec.model)][n] for n in names}
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    params = inspect.signature(family.pipeline_class().__init__).parameters
+    dtype = precision.torch_dtype(spec.precision.dtype.value)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # `.to(dtype)` on a model warns about its fp32 modules: none here
+    try:
+        with torch.device("meta"):
+            built = {n: params[n].annotation.from_config(configs[n]).to(dtype) for n in names}
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if "vae" in built:
+        pipe = SimpleNamespace(**built)
+        precision.apply_vae_dtype(pipe, spec)
+        precision.upcast_sdxl_vae(pipe, spec)
+    return built
 
 
 # Transformer families --------------------------------------------------------------------------
@@ -201,14 +380,52 @@ def dispatcher_backends(model) -> list[str]:
                    for m in model.modules() if getattr(m, "processor", None) is not None})
 
 
-def transformer_attention(pipe, spec: Spec) -> Dict[str, Any]:
+def transformer_attention(pipe, spec: Spec, machine=None) -> Dict[str, Any]:
     """Set the dispatcher backend (if chosen) and record what the transformer's attention runs."""
     model = pipe.transformer
+    blocks = None
+    if decides_per_block(spec) and _on_cuda(spec, machine := machine or _target_machine(spec)):
+        blocks = check_dispatcher_kernel(model, spec, machine)  # before the backend is set: refused if a block cannot run
     if spec.attention.backend is not AttentionBackend.default:
         model.set_attention_backend(spec.attention.backend.value)
     processors = sorted({type(p).__name__ for p in model.attn_processors.values()})
     record: Dict[str, Any] = {"processor": ", ".join(processors), "requested_backend": spec.attention.backend.value,
                               "pinned_modules": [], "unpinned": {}}
+    if blocks is not None:
+        record["blocks"] = {"transformer": blocks}
     if family_of(spec).dispatcher:
         record["backend"] = ", ".join(dispatcher_backends(model))
     return record
+
+
+# The dispatcher backends that are torch SDPA pinned to one kernel: the kernel's rules apply to them.
+DISPATCHER_SDPA = {AttentionBackend.native_flash: SdpaBackend.flash, AttentionBackend.native_efficient: SdpaBackend.efficient,
+                   AttentionBackend.native_cudnn: SdpaBackend.cudnn}
+
+
+def transformer_attention_modules(model):
+    """The transformer's attention modules (those with a processor and heads), by name."""
+    return [(name, m) for name, m in model.named_modules()
+            if getattr(m, "processor", None) is not None and getattr(m, "heads", None)]
+
+
+def check_dispatcher_kernel(model, spec: Spec, machine) -> Dict[str, Any]:
+    """The transformer's blocks under a dispatcher backend pinned to one torch kernel: every block
+    must run on it (the dispatcher sets one backend for all, there is no falling back per block),
+    so a block the kernel cannot take refuses the spec with the reason. Returns the block counts."""
+    from ..errors import SpecError, problem
+
+    kernel = DISPATCHER_SDPA[spec.attention.backend]
+    dims, left = set(), {}
+    for _, m in transformer_attention_modules(model):
+        dim = m.inner_dim // m.heads
+        dims.add(dim)
+        if why := kernel_takes(kernel, dim, next(m.parameters()).dtype, machine):
+            left[dim] = why
+    if left:
+        raise SpecError([problem(f"attention.backend={spec.attention.backend.name}",
+                                 f"the dispatcher runs every attention block of the transformer on {kernel.name}, but "
+                                 + "; ".join(sorted(set(left.values()))),
+                                 "Use attention.backend=native (PyTorch picks the kernel per call) or native_efficient")])
+    count = len(transformer_attention_modules(model))
+    return {"pinned": count, "left": 0, "pinned_head_dims": sorted(dims), "left_head_dims": []}
