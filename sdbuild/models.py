@@ -26,7 +26,7 @@ from typing import Optional
 
 from .errors import problem
 from .families import FAMILIES, random_family
-from .spec import ModelSource, ModelSpec, Spec
+from .spec import LoraAdapter, LoraMode, ModelSource, ModelSpec, Spec
 
 # Bump when the code that builds a random model changes, so stale caches are not reused.
 RANDOM_MODEL_VERSION = 1
@@ -224,6 +224,7 @@ def model_problems(spec: Spec) -> list[str]:
     elif spec.model.source is ModelSource.pretrained:
         problems += folder_problems("model.path", spec.model.path, "model_index.json", COMPONENTS[spec.model.family],
                                     "model.path=/path/to/a/diffusers/folder")
+    problems += lora_problems(spec)
     if spec.vae.path:
         problems += folder_problems("vae.path", spec.vae.path, "config.json", ("",),
                                     "vae.path=/path/to/taesd (a folder with config.json and safetensors weights)")
@@ -253,3 +254,130 @@ def single_file_problems(model: ModelSpec) -> list[str]:
         return [problem(f"model.config={model.config}", f"has no config.json in {', '.join(c + '/' for c in missing)}",
                         f"Set {fix}")]
     return []
+
+
+# LoRA adapters ---------------------------------------------------------------------------------
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights file name
+MAX_HEADER = 100 * 2 ** 20  # a safetensors header (JSON) longer than this is no LoRA file
+MAX_LORA_SCALE = 10.0
+# Key prefixes that say which denoiser an adapter was trained for: diffusers' (peft) layout and
+# kohya's. Keys without one of these (other trainers' layouts) are left to diffusers' converters.
+UNET_PREFIXES = ("unet.", "lora_unet_")
+TRANSFORMER_PREFIXES = ("transformer.", "lora_transformer_")
+
+
+def lora_file(adapter: LoraAdapter) -> Path:
+    """The .safetensors file an adapter names: `path` itself, or `weight_name` inside the folder `path`."""
+    path = Path(adapter.path).expanduser()
+    return path / (adapter.weight_name or LORA_WEIGHT_NAME) if path.is_dir() else path
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor names -> dtype, shape, offsets), read without
+    loading a tensor. ValueError when the file is not safetensors."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("is shorter than a safetensors header")
+        size = int.from_bytes(head, "little")
+        if not 2 <= size <= MAX_HEADER:
+            raise ValueError(f"declares a {size}-byte header: not a safetensors file")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise ValueError("has no JSON header: not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise ValueError("has a header that is not a JSON object: not a safetensors file")
+    return header
+
+
+def _down_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_down." in name or name.endswith(("lora_A.weight", "lora_down.weight"))
+
+
+def lora_rank(header: dict) -> int:
+    """The largest rank among an adapter's layers: the first dimension of its down (A) matrices."""
+    return max((int(v["shape"][0]) for k, v in header.items() if _down_key(k) and isinstance(v, dict) and v.get("shape")),
+               default=0)
+
+
+def lora_problems(spec: Spec) -> list[str]:
+    """An adapter list that cannot work, found before weights load: adapters given with lora=none (they
+    would be ignored), none given with a mode, hotswap with fewer than two, and each adapter's file
+    (exists, safetensors not pickle, holds LoRA weights for this family's denoiser, a finite scale)."""
+    lora, fix = spec.lora, "lora.adapters=[{path:/path/to/lora.safetensors,scale:1.0}]"
+    if lora.mode is LoraMode.none:
+        if lora.adapters:
+            return [problem("lora.adapters", f"holds {len(lora.adapters)} adapter(s), but lora=none would ignore them",
+                            "Choose how they run: lora=fused, lora=unfused or lora=hotswap")]
+        return []
+    if not lora.adapters:
+        return [problem(f"lora={lora.name}", "has no adapters to load", f"Set {fix}, or use lora=none")]
+    if lora.mode is LoraMode.hotswap and len(lora.adapters) < 2:
+        return [problem("lora=hotswap", "needs two adapters or more (the first is loaded before compile and measured, "
+                        "each later one is swapped into its place)", "Add the adapter to swap in to lora.adapters, "
+                        "or use lora=unfused for one adapter")]
+    problems = []
+    for i, adapter in enumerate(lora.adapters):
+        problems += adapter_problems(f"lora.adapters[{i}]", adapter, spec.model.family)
+    return problems
+
+
+def adapter_problems(option: str, adapter: LoraAdapter, family) -> list[str]:
+    import math
+
+    from .families import FAMILIES
+
+    if not adapter.path:
+        return [problem(f"{option}.path", "is empty", "Point it at a LoRA .safetensors file")]
+    for name in (adapter.path, adapter.weight_name or ""):
+        if (pickled := pickle_problem(f"{option}.path", name)):
+            return [pickled]
+    if not (isinstance(adapter.scale, (int, float)) and math.isfinite(adapter.scale)
+            and abs(adapter.scale) <= MAX_LORA_SCALE):
+        return [problem(f"{option}.scale={adapter.scale}", f"must be a finite number from -{MAX_LORA_SCALE:g} to "
+                        f"{MAX_LORA_SCALE:g} (the adapter's weight)", f"Use {option}.scale=1.0")]
+    path = Path(adapter.path).expanduser()
+    if not path.exists():
+        return [problem(f"{option}.path={adapter.path}", "does not exist (LoRA adapters load from local files)",
+                        "Point it at a LoRA .safetensors file, or a folder with weight_name inside it")]
+    file = lora_file(adapter)
+    if path.is_dir() and not file.exists():
+        return [problem(f"{option}.path={adapter.path}", f"is a folder without {file.name}",
+                        f"Set {option}.weight_name to the .safetensors file inside it")]
+    if file.suffix.lower() != ".safetensors":
+        return [problem(f"{option}.path={file}", "is not a .safetensors file (sdbuild loads only safetensors)",
+                        "Point it at the adapter's .safetensors file")]
+    if (why := weights_file_problem(file)):
+        return [problem(f"{option}.path={adapter.path}", why, "Point it at a LoRA .safetensors file")]
+    try:
+        header = safetensors_header(file)
+    except (OSError, ValueError) as exc:
+        return [problem(f"{option}.path={file}", str(exc), "Point it at a LoRA .safetensors file")]
+    names = [k for k in header if k != "__metadata__"]
+    if not any(_down_key(k) for k in names):
+        return [problem(f"{option}.path={file}", "holds no LoRA weights (no lora_A/lora_down tensors)",
+                        "Point it at a LoRA adapter (diffusers' save_lora_weights, or a kohya-style LoRA)")]
+    transformer = FAMILIES[family].transformer
+    wrong = TRANSFORMER_PREFIXES if not transformer else UNET_PREFIXES
+    if any(k.startswith(wrong) for k in names) and not any(k.startswith(UNET_PREFIXES if not transformer
+                                                                        else TRANSFORMER_PREFIXES) for k in names):
+        trained = "a transformer (Flux, SD3)" if not transformer else "a UNet (SD 1.x, SDXL)"
+        return [problem(f"{option}.path={file}", f"is an adapter for {trained}, and model family {family.name}'s "
+                        f"denoiser is {'a transformer' if transformer else 'a UNet'}",
+                        "Use an adapter trained for this model's family")]
+    return []
+
+
+def adapter_record(adapter: LoraAdapter) -> dict:
+    """What a row records of an adapter: its file, a content hash (sha256), its scale and rank."""
+    import hashlib
+
+    file = lora_file(adapter)
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(file), "sha256": digest.hexdigest(), "scale": adapter.scale,
+            "rank": lora_rank(safetensors_header(file))}

@@ -103,6 +103,9 @@ FIELDS: Dict[str, tuple] = {
     "paired": (dict,),
     # {joules_per_image, source, reason}: energy over the timed calls, or null with the reason.
     "energy": (dict,),
+    # lora != none: {mode, adapters: [{path, sha256, scale, rank}], target_rank, swaps: [{adapter, path,
+    # swap_s, call_s, recompiles}]} (sdbuild/levers/lora.py)
+    "lora": (dict,),
 }
 NUMERIC_FIELDS = ("warmup_s", "load_s", "build_s", "peak_memory_mb", "warmup_peak_memory_mb",
                   "peak_memory_reserved_mb", "steps_per_s")

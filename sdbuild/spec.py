@@ -132,6 +132,15 @@ class CacheMethod(enum.Enum):
     tome = "tome"  # token merging for SD (UNets): merge similar tokens before self-attention
 
 
+class LoraMode(enum.Enum):
+    """How LoRA adapters run (diffusers' LoRA API, with peft)."""
+
+    none = "none"  # no adapters
+    fused = "fused"  # fuse_lora, then unload_lora_weights: the deltas merged into the weights, no per-step cost
+    unfused = "unfused"  # adapters live beside the weights (set_adapters): their per-step cost is measured
+    hotswap = "hotswap"  # enable_lora_hotswap before compile; later adapters swapped in with hotswap=True
+
+
 class Device(enum.Enum):
     auto = "auto"  # CUDA when present, else CPU
     cpu = "cpu"
@@ -232,6 +241,22 @@ class CacheSpec:
 
 
 @dataclass
+class LoraAdapter:
+    path: str = ""  # a .safetensors LoRA file, or a local folder holding weight_name
+    weight_name: Optional[str] = None  # the file inside a folder path (default: pytorch_lora_weights.safetensors)
+    scale: float = 1.0  # the adapter's weight (set_adapters); fused: merged at this weight
+
+
+@dataclass
+class LoraSpec:
+    name: str = "none"
+    mode: LoraMode = LoraMode.none
+    # fused, unfused: all active at once, each at its scale. hotswap: the first is loaded before compile and
+    # measured; each later one is swapped into its place after the timed calls (swap time, recompilations).
+    adapters: List[LoraAdapter] = field(default_factory=list)
+
+
+@dataclass
 class RunSpec:
     prompt: str = "a photo of an astronaut riding a horse on mars"
     negative_prompt: Optional[str] = None
@@ -277,6 +302,7 @@ class Spec:
     model: ModelSpec = field(default_factory=ModelSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     cache: CacheSpec = field(default_factory=CacheSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
     run: RunSpec = field(default_factory=RunSpec)
     # A finished sweep folder: combinations already measured there are copied, not re-run.
     resume: Optional[str] = None
@@ -295,7 +321,7 @@ class Spec:
 # The config groups, in the order labels and the option tables list them (the order the builder
 # applies their levers in is its own: sdbuild/builder.py STEPS).
 GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "vae", "model", "scheduler",
-          "cache")
+          "cache", "lora")
 
 
 def register_configs() -> None:
@@ -651,7 +677,8 @@ _LATER_FIELDS = {
     ("run", "max_measure_s"): RunSpec.max_measure_s, ("attention", "backend"): AttentionBackend.default.name,
     ("memory", "layerwise_fp8"): False, ("cache", "weight"): CacheSpec.weight,
 }
-_LATER_GROUPS = {"cache": CacheMethod.none.name}  # a group added later: left out while its method is off
+# Groups added later: left out while their switch (field, value) is off.
+_LATER_GROUPS = {"cache": ("method", CacheMethod.none.name), "lora": ("mode", LoraMode.none.name)}
 _NOT_RUN_IDENTITY = {"timeout_s"}  # how long a job may take is not what it builds
 
 
@@ -661,7 +688,7 @@ def spec_key(spec_dict: dict) -> str:
     import json
 
     ident = {k: v for k, v in spec_dict.items() if k not in _NOT_IDENTITY
-             and not (k in _LATER_GROUPS and isinstance(v, dict) and v.get("method") == _LATER_GROUPS[k])}
+             and not (k in _LATER_GROUPS and isinstance(v, dict) and v.get(_LATER_GROUPS[k][0]) == _LATER_GROUPS[k][1])}
     for group, fields in ident.items():
         if isinstance(fields, dict):
             ident[group] = {k: v for k, v in fields.items()

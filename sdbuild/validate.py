@@ -26,7 +26,7 @@ from .footprint import machine_memory_bytes, memory_problem
 from .models import model_problems
 from .spec import Device, Spec, value_problems
 
-OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao", "flash_attn", "flash_attn_interface", "sageattention",
+OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao", "peft", "flash_attn", "flash_attn_interface", "sageattention",
                      "DeepCache", "tomesd")
 
 
