@@ -218,12 +218,16 @@ def model_problems(spec: Spec) -> list[str]:
     for option, path in (("model.path", spec.model.path), ("vae.path", spec.vae.path)):
         if path and (pickled := pickle_problem(option, path)):
             return [pickled]
+    if spec.model.variant is not None and (why := variant_problem(spec)):
+        return [why]
     problems = []
     if single_file(spec.model):
         problems += single_file_problems(spec.model)
     elif spec.model.source is ModelSource.pretrained:
         problems += folder_problems("model.path", spec.model.path, "model_index.json", COMPONENTS[spec.model.family],
                                     "model.path=/path/to/a/diffusers/folder")
+    if spec.model.variant is not None and not problems:
+        problems += variant_folder_problems(spec.model)
     problems += lora_problems(spec)
     if spec.vae.path:
         problems += folder_problems("vae.path", spec.vae.path, "config.json", ("",),
@@ -381,3 +385,55 @@ def adapter_record(adapter: LoraAdapter) -> dict:
             digest.update(block)
     return {"path": str(file), "sha256": digest.hexdigest(), "scale": adapter.scale,
             "rank": lora_rank(safetensors_header(file))}
+
+
+# Variants (diffusers' variant=: <name>.<variant>.safetensors beside or instead of <name>.safetensors) ---
+
+VARIANT = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+
+
+def is_variant_file(path: Path, variant: str) -> bool:
+    """Whether `path` is a weights file of `variant`: name.<variant>.safetensors, or a shard of it
+    (name.<variant>-00001-of-00002.safetensors)."""
+    return re.fullmatch(rf".+\.{re.escape(variant)}(-\d+-of-\d+)?\.safetensors", path.name) is not None
+
+
+def variant_split(model: ModelSpec) -> tuple[list[str], list[str]]:
+    """(components with the variant's files, components that load their default files instead)."""
+    folder = local_folder(model.path)
+    with_variant, without = [], []
+    for c in COMPONENTS[model.family]:
+        files = sorted((folder / c).glob("*.safetensors"))
+        (with_variant if any(is_variant_file(f, model.variant) for f in files) else without).append(c or ".")
+    return with_variant, without
+
+
+def variant_problem(spec: Spec) -> Optional[str]:
+    """model.variant where it cannot apply: a malformed name, a random-weight model (it would be ignored),
+    a single-file checkpoint (one file, no variants)."""
+    model = spec.model
+    if not VARIANT.match(model.variant):
+        return problem(f"model.variant={model.variant}", "is not a variant name (letters, digits, _)",
+                       "Use model.variant=fp16 (the file names' infix: model.fp16.safetensors)")
+    if model.source is not ModelSource.pretrained:
+        return problem(f"model.variant={model.variant}", f"model={model.name} builds its weights from code and would "
+                       "ignore the variant", "Drop model.variant, or choose a pretrained model with it")
+    if single_file(model):
+        return problem(f"model.variant={model.variant}", "names files inside a diffusers folder; model.path is one "
+                       "checkpoint file", "Drop model.variant, or point model.path at a diffusers folder")
+    return None
+
+
+def variant_folder_problems(model: ModelSpec) -> list[str]:
+    """The variant checked per component before loading: at least one component has its files (else
+    diffusers refuses after the pipeline class is resolved); the others load their default files, which
+    folder_problems has checked are there (the build notes and the plan say which)."""
+    try:
+        with_variant, without = variant_split(model)
+    except NotLocal:
+        return []  # folder_problems says so
+    if not with_variant:
+        return [problem(f"model.variant={model.variant}", f"no component of {model.path} has {model.variant} files "
+                        f"(*.{model.variant}.safetensors)", "Drop model.variant (load the default files), or use the "
+                        "variant the folder has")]
+    return []

@@ -207,6 +207,8 @@ class ModelSpec:
     family: ModelFamily = ModelFamily.sd15
     path: Optional[str] = None  # hub id, local folder, or one .safetensors checkpoint file (source=pretrained)
     config: Optional[str] = None  # a single-file checkpoint's layout: a local diffusers folder of the same architecture
+    variant: Optional[str] = None  # diffusers' variant= (e.g. fp16): load <name>.fp16.safetensors where a component has it
+    download: bool = False  # fetch a hub id that is not in the local cache (huggingface_hub, safetensors only)
     resolution: int = 64  # native image size, used when run.height/width are not set
 
 
@@ -676,6 +678,7 @@ _LATER_FIELDS = {
     ("run", "threads"): RunSpec.threads, ("run", "interval_target"): RunSpec.interval_target,
     ("run", "max_measure_s"): RunSpec.max_measure_s, ("attention", "backend"): AttentionBackend.default.name,
     ("memory", "layerwise_fp8"): False, ("cache", "weight"): CacheSpec.weight,
+    ("model", "variant"): None, ("model", "download"): False,
 }
 # Groups added later: left out while their switch (field, value) is off.
 _LATER_GROUPS = {"cache": ("method", CacheMethod.none.name), "lora": ("mode", LoraMode.none.name)}
