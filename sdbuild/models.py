@@ -4,7 +4,9 @@ Three sources (``model.source``), one loading path: every model ends up as a dif
 with safetensors weights, loaded by its family's pipeline class (``from_pretrained``).
 
 - ``pretrained``: a local folder, or a hub id already in the local Hugging Face cache (resolved
-  to its snapshot folder here: sdbuild never downloads). Checked per component before loading.
+  to its snapshot folder here). Checked per component before loading. sdbuild downloads only when
+  asked (``model.download=true``: huggingface_hub's snapshot_download, safetensors and configs only,
+  into the normal HF cache, in the load step); the default stays offline.
 - ``tiny`` / ``arch``: a pipeline built from code with a fixed seed and random weights: the
   embedded tiny model, or a published architecture (SD 1.5, SDXL, Flux, SD 3.5) at full size, each
   laid out and built by its family (sdbuild/families/<family>.py). It is saved once to the cache
@@ -58,7 +60,10 @@ def model_folder(model: ModelSpec, cache_dir: str | None) -> str:
 
 
 def ensure_model(model: ModelSpec, cache_dir: str | None) -> str:
-    """Return the folder to load; build and save the random model first if it is not cached."""
+    """Return the folder to load; build and save the random model first if it is not cached, and
+    download a hub id first with model.download=true (checked like any folder once it is here)."""
+    if to_download(model):
+        download_model(model)
     folder = model_folder(model, cache_dir)
     if model.source is not ModelSource.pretrained and not (Path(folder) / "model_index.json").exists():
         save_random_pipeline(random_model_name(model), Path(folder))
@@ -144,7 +149,10 @@ def folder_problems(option: str, path: str | None, index: str, components: tuple
     try:
         folder = local_folder(path)
     except NotLocal as exc:
-        instead = f"Download it once yourself (`hf download {path}`), or set {fix}" if is_hub_id(path) else f"Set {fix}"
+        download = " or set model.download=true (sdbuild fetches its safetensors and configs)," \
+            if option == "model.path" else ""
+        instead = f"Download it once yourself (`hf download {path}`),{download} or set {fix}" if is_hub_id(path) \
+            else f"Set {fix}"
         return [problem(f"{option}={path}", exc.why, instead)]
     parts = ", ".join([index] + [f"{c}/" for c in components if c])
     if not (folder / index).is_file():
@@ -220,13 +228,17 @@ def model_problems(spec: Spec) -> list[str]:
             return [pickled]
     if spec.model.variant is not None and (why := variant_problem(spec)):
         return [why]
+    if spec.model.download and (why := download_problem(spec.model)):
+        return [why]
     problems = []
     if single_file(spec.model):
         problems += single_file_problems(spec.model)
+    elif to_download(spec.model):
+        pass  # checked like any folder once downloaded (the load step: download_model)
     elif spec.model.source is ModelSource.pretrained:
         problems += folder_problems("model.path", spec.model.path, "model_index.json", COMPONENTS[spec.model.family],
                                     "model.path=/path/to/a/diffusers/folder")
-    if spec.model.variant is not None and not problems:
+    if spec.model.variant is not None and not problems and not to_download(spec.model):
         problems += variant_folder_problems(spec.model)
     problems += lora_problems(spec)
     if spec.vae.path:
@@ -437,3 +449,66 @@ def variant_folder_problems(model: ModelSpec) -> list[str]:
                         f"(*.{model.variant}.safetensors)", "Drop model.variant (load the default files), or use the "
                         "variant the folder has")]
     return []
+
+
+# Downloads on request (model.download=true) ------------------------------------------------------
+
+# What a download fetches: configs, tokenizers and safetensors weights; never pickles (.bin, .ckpt, ...).
+DOWNLOAD_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors")
+
+
+def cached(path: str) -> bool:
+    try:
+        local_folder(path)
+    except NotLocal:
+        return False
+    return True
+
+
+def to_download(model: ModelSpec) -> bool:
+    """Whether the load step downloads first: model.download=true and a hub id not in the local cache."""
+    return (model.download and model.source is ModelSource.pretrained and bool(model.path) and not single_file(model)
+            and not Path(model.path).expanduser().exists() and is_hub_id(model.path) and not cached(model.path))
+
+
+def download_problem(model: ModelSpec) -> Optional[str]:
+    """model.download=true where it cannot apply: a random-weight model, a local path, an offline hub."""
+    if model.source is not ModelSource.pretrained:
+        return problem("model.download=true", f"model={model.name} builds its weights from code: there is nothing "
+                       "to download", "Drop model.download, or choose a pretrained model with model.path=<org/name>")
+    if not model.path or single_file(model) or Path(model.path).expanduser().exists() or not is_hub_id(model.path):
+        return problem("model.download=true", f"needs model.path to be a hub id (org/name), not {model.path}",
+                       "Set model.path=<org/name>, or drop model.download for a local folder or file")
+    if to_download(model) and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return problem("model.download=true", f"{model.path} is not in the cache and HF_HUB_OFFLINE is set",
+                       "Unset HF_HUB_OFFLINE to download it, or download it once yourself (`hf download "
+                       f"{model.path}`)")
+    return None
+
+
+def download_model(model: ModelSpec) -> Path:
+    """Fetch a hub id's configs and safetensors weights (only the variant's, with model.variant) into the
+    normal Hugging Face cache with huggingface_hub's progress bar, then check the snapshot like any
+    folder. An unreachable hub or a missing repo is a SpecError naming the option, not a traceback."""
+    from huggingface_hub import constants, snapshot_download
+
+    from .errors import SpecError
+
+    patterns = list(DOWNLOAD_PATTERNS)
+    if model.variant:
+        patterns[-1:] = [f"*.{model.variant}.safetensors", f"*.{model.variant}-*-of-*.safetensors"]
+    try:
+        folder = Path(snapshot_download(model.path, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001: every way a download fails is a refusal with its reason
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
+        raise SpecError([problem(f"model.path={model.path} model.download=true",
+                                 f"could not be downloaded from {constants.ENDPOINT} ({why})",
+                                 "Check the network, the hub id and HF_ENDPOINT/HF_TOKEN (a gated model needs "
+                                 f"`hf auth login`), or download it yourself (`hf download {model.path}`)")]) from None
+    fix = "model.path=<org/name> of a diffusers pipeline repo"
+    problems = folder_problems("model.path", str(folder), "model_index.json", COMPONENTS[model.family], fix)
+    if not problems and model.variant:
+        problems = variant_folder_problems(ModelSpec(**{**model.__dict__, "path": str(folder)}))
+    if problems:
+        raise SpecError(problems)
+    return folder

@@ -144,3 +144,35 @@ def test_a_variant_no_component_has_is_refused_before_loading(variant_folders):
 def test_a_variant_with_a_random_model_or_a_bad_name_is_refused():
     assert "would ignore the variant" in refusal("model.variant=fp16")
     assert "is not a variant name" in refusal("model=sd15", "model.path=/tmp", "model.variant=fp16/../x")
+
+
+# --- downloads on request ----------------------------------------------------------------------
+
+
+def test_a_hub_id_not_in_the_cache_is_refused_naming_model_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache (read at each lookup)
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    text = refusal("model=sd15", "model.path=sdbuild-test/not-cached")
+    assert "model.path=sdbuild-test/not-cached" in text and "model.download=true" in text
+
+
+def test_model_download_where_it_cannot_apply_is_refused(tmp_path):
+    assert "nothing to download" in refusal("model.download=true")
+    assert "needs model.path to be a hub id" in refusal("model=sd15", f"model.path={tmp_path}", "model.download=true")
+
+
+def test_an_unreachable_hub_is_a_clear_refusal(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    out = run_cli("model=sd15", "model.path=sdbuild-test/tiny-pipe", "model.download=true", *FAST, cwd=tmp_path,
+                  env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert f"could not be downloaded from http://127.0.0.1:{port}" in text and "Traceback" not in text

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from ..families import family_of
-from ..models import ensure_model, model_folder, single_file, variant_split
+from ..models import ensure_model, model_folder, single_file, to_download, variant_split
 from ..spec import ModelSource, Quant, Spec
 from . import precision, quant, scheduler, vae
 
@@ -81,6 +81,11 @@ def variant_note(spec: Spec) -> str:
 
 
 def describe(spec: Spec, device: str) -> str:
+    if to_download(spec.model):
+        source = (f"{spec.model.path}, downloaded first into the Hugging Face cache (model.download=true: configs "
+                  "and safetensors only)")
+        return (f"{spec.model.family.name} {family_of(spec).pipeline} ({spec.model.name}) from {source}, "
+                f"{precision.describe_dtype(spec)}{quant.describe(spec)}; {scheduler.describe(spec)}; VAE: {vae.describe(spec)}")
     folder = model_folder(spec.model, spec.cache_dir)
     if single_file(spec.model):
         source = f"{spec.model.path} (single-file safetensors, layout from {folder})"
