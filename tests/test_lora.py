@@ -151,7 +151,7 @@ def test_fused_and_unfused_give_the_same_image_and_differ_from_the_base(adapters
     # fused: the deltas are in the weights and peft's layers are gone; unfused: both adapters live
     assert not any("lora" in n for n, _ in fused_pipe.unet.named_modules())
     assert set(unfused_pipe.get_active_adapters()) == {"adapter_0", "adapter_1"}
-    assert np.abs(fused - unfused).max() < 1e-4  # measured: ~1e-6 (float32 rounding of W + BA vs W x + B(A x))
+    assert np.abs(fused - unfused).max() < 1e-4  # measured: 1.9e-6 max (float32 rounding of (W + BA)x vs Wx + B(Ax))
     assert np.abs(fused - base).max() > 0.02 and np.abs(only_first - unfused).max() > 0.01
     record = info.lora
     assert record["mode"] == "fused" and [a["scale"] for a in record["adapters"]] == [0.7, 0.5]
