@@ -8,16 +8,19 @@ description, so the plan and the build cannot disagree.
 1. switches       TF32 / cuDNN flags and Inductor's caches, set explicitly every build (precision)
 2. load           the family's pipeline class, weights straight in the precision's dtype, quantized
                   while loading; scheduler, VAE and the VAE's dtype (model, quant, scheduler, vae)
-3. attention      processors, fused QKV, slicing, SDPA kernel pins; a transformer's backend
-4. memory format  channels-last conv weights
-5. VAE memory     VAE slicing / tiling (memory)
-6. layerwise      the denoiser's weights stored in float8 (memory.layerwise_fp8)
-7. place          moved to the device, or offloaded (memory.offload)
-8. parallel       context / tensor parallelism of the denoiser (diffusers' enable_parallelism), on this rank
-9. cache          step caching: diffusers' hooks on a transformer, DeepCache or ToMe on a UNet
-10. compile       torch.jit.trace / torch.export of the UNet, or torch.compile of chosen modules
+3. LoRA           adapters loaded, fused or kept live; hotswap prepared (lora)
+4. attention      processors, fused QKV, slicing, SDPA kernel pins; a transformer's backend
+5. memory format  channels-last conv weights
+6. VAE memory     VAE slicing / tiling (memory)
+7. layerwise      the denoiser's weights stored in float8 (memory.layerwise_fp8)
+8. place          moved to the device, or offloaded (memory.offload)
+9. parallel       context / tensor parallelism of the denoiser (diffusers' enable_parallelism), on this rank
+10. cache         step caching: diffusers' hooks on a transformer, DeepCache or ToMe on a UNet
+11. compile       torch.jit.trace / torch.export of the UNet, or torch.compile of chosen modules
 
-Why this order: offload (`place`) comes after every change to the modules (fused QKV needs real
+Why this order: LoRA comes straight after loading, while the modules are the checkpoint's own (peft
+wraps the Linear layers the later steps would change: fused QKV, placement, compile), and hotswap must
+be prepared before compile. Offload (`place`) comes after every change to the modules (fused QKV needs real
 weights, not sequential offload's `meta` ones; channels-last must be in place before offload copies
 the weights), and before the compile step, which traces or exports on the device. The cache hooks go
 on the placed model (as in diffusers' guides), before torch.compile wraps it. Tracing comes last, so
@@ -30,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-from .levers import attention, cache, memory, memory_format, model, parallel, precision
+from .levers import attention, cache, lora, memory, memory_format, model, parallel, precision
 from .levers import compile as compile_lever
 from .spec import Spec
 from .validate import validate
@@ -47,6 +50,7 @@ class BuildInfo:
     notes: List[str] = field(default_factory=list)  # decisions the user should see (row: build_notes)
     steps: List[str] = field(default_factory=list)  # the steps run, in order (the dry run prints the same)
     parallel: Dict[str, Any] = field(default_factory=dict)  # the device mesh of a parallel job (levers/parallel.py)
+    lora: Optional[Dict[str, Any]] = None  # the adapters loaded (levers/lora.py; row: lora)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Step:
 STEPS = (
     Step("switches", precision.apply_switches, precision.describe_switches, loads=True),
     Step("load", model.apply, model.describe, loads=True),
+    Step("LoRA", lora.apply, lora.describe),
     Step("attention", attention.apply, attention.describe),
     Step("memory format", memory_format.apply, memory_format.describe),
     Step("VAE memory", memory.apply_vae_memory, memory.describe_vae_memory),

@@ -31,6 +31,7 @@ from .spec import (
     CompileMode,
     CompileTarget,
     Dtype,
+    LoraMode,
     MemoryFormat,
     ModelFamily,
     ModelSource,
@@ -109,6 +110,10 @@ _HALF_ONLY_BACKENDS = (AttentionBackend.native_flash, AttentionBackend.native_cu
 # diffusers' cache hooks (hooks/*.py) keep tensors of one denoising step to read back at the next
 _HOOK_CACHES = (CacheMethod.first_block, CacheMethod.taylorseer, CacheMethod.pab, CacheMethod.faster_cache,
                 CacheMethod.mag_cache)
+
+
+def _lora(spec: Spec, *modes: LoraMode) -> bool:
+    return spec.lora.mode in (modes or (LoraMode.fused, LoraMode.unfused, LoraMode.hotswap))
 
 
 def _transformer(spec: Spec) -> bool:
@@ -452,6 +457,19 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
         diffusers="0.36",  # TaylorSeerCacheConfig
         families=CACHE_FAMILIES,
         instead=_CACHE_INSTEAD,
+    ),    Requirement(
+        "lora=fused, unfused, hotswap",
+        "lora",
+        _lora,
+        package="peft",
+        instead="pip install peft (or the lora extra: pip install -e \".[lora]\"), or use lora=none",
+    ),
+    Requirement(
+        "lora=hotswap",
+        "lora",
+        lambda s: _lora(s, LoraMode.hotswap),
+        diffusers="0.33",  # enable_lora_hotswap, load_lora_weights(hotswap=True)
+        instead="Use lora=unfused and load each adapter afresh",
     ),
 )
 
@@ -762,6 +780,33 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         lambda s: s.vae.kind is VaeKind.tiny and s.model.source is ModelSource.pretrained and not s.vae.path,
         "a real model needs real AutoencoderTiny weights (madebyollin/taesd, or taesdxl for SDXL)",
         "Set vae.path=/path/to/taesd (a local folder or a hub id in the HF cache)",
+    ),
+    Exclusion(
+        "lora=fused with quant",
+        lambda s: _lora(s, LoraMode.fused) and s.quant.method is not Quant.none,
+        "torchao's quantized weights are tensor subclasses that fuse_lora cannot add a LoRA delta into",
+        "Use quant=none with lora=fused",
+    ),
+    Exclusion(
+        "lora=unfused or hotswap with attention.fuse_qkv=true",
+        lambda s: _lora(s, LoraMode.unfused, LoraMode.hotswap) and s.attention.fuse_qkv,
+        "fusing the QKV projections concatenates the base weights of to_q/to_k/to_v, leaving their live LoRA "
+        "layers out",
+        "Use lora=fused with attention.fuse_qkv=true (the adapters are merged first), or attention=sdpa",
+    ),
+    Exclusion(
+        "lora=hotswap with compile=trace or export",
+        lambda s: _lora(s, LoraMode.hotswap) and _fixed_graph(s),
+        "a traced or exported graph holds the adapter's weights as constants: a swapped adapter never reaches it",
+        "Use compile=inductor (hotswap is prepared for it) or compile=none",
+    ),
+    Exclusion(
+        "lora=hotswap with an adapter scale other than 1",
+        lambda s: _lora(s, LoraMode.hotswap) and any(a.scale != 1.0 for a in s.lora.adapters),
+        "setting a scale (set_adapters) replaces the scaling tensors hotswap prepared with Python floats, which "
+        "the compiled graph guards on: the next swap recompiles",
+        "Keep lora.adapters[*].scale=1.0 with lora=hotswap (bake a scale into the adapter's alpha), or use "
+        "lora=unfused",
     ),
 )
 EXCLUSIONS += _PARALLEL_EXCLUSIONS

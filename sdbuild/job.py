@@ -358,6 +358,7 @@ def pipeline_call(spec: Spec, pipe):
 def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_progress: bool,
                        reuse_weights: bool, partial: Optional[_Partial] = None) -> Dict[str, Any]:
     from .builder import build_pipeline
+    from .levers import lora
     from .measure import Measurement, apply_threads, measure
     from .run_inputs import call_kwargs
     from .spec import repeat_count, thread_count
@@ -378,6 +379,8 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
             label=label, show_progress=show_progress, max_warmup=spec.run.max_warmup,
             interval_target=spec.run.interval_target, max_measure_s=spec.run.max_measure_s,
             batch_size=spec.run.batch_size, result=m)
+    if (swaps := lora.measure_swaps(pipe, spec, lambda: pipeline_call(spec, pipe)(**call_kwargs(spec, pipe, device)))):
+        info.lora["swaps"] = swaps  # after the timed calls: the image and latency are the first adapter's
     fields = measured_fields(spec, m, info, out_dir, compile_cache_stats(spec, counters_before))
     fields["measurement"] = results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
                                                        calls=len(m.runs_s), stop=m.stop_reason, threads=threads)
@@ -409,6 +412,8 @@ def measured_fields(spec: Spec, m: Any, info: Any, out_dir: Path, compile_cache:
         steps_per_s=m.steps_per_s(), attention_kernel=info.attention_kernel, build_notes=info.notes,
         energy=m.energy(),
     )
+    if info.lora is not None:
+        fields["lora"] = info.lora
     if spec.run.save_image and m.images is not None:
         fields["image_stats"] = save_image(m.images, out_dir / IMAGE_FILE)
         fields["image"] = IMAGE_FILE

@@ -4,7 +4,9 @@ Three sources (``model.source``), one loading path: every model ends up as a dif
 with safetensors weights, loaded by its family's pipeline class (``from_pretrained``).
 
 - ``pretrained``: a local folder, or a hub id already in the local Hugging Face cache (resolved
-  to its snapshot folder here: sdbuild never downloads). Checked per component before loading.
+  to its snapshot folder here). Checked per component before loading. sdbuild downloads only when
+  asked (``model.download=true``: huggingface_hub's snapshot_download, safetensors and configs only,
+  into the normal HF cache, in the load step); the default stays offline.
 - ``tiny`` / ``arch``: a pipeline built from code with a fixed seed and random weights: the
   embedded tiny model, or a published architecture (SD 1.5, SDXL, Flux, SD 3.5) at full size, each
   laid out and built by its family (sdbuild/families/<family>.py). It is saved once to the cache
@@ -26,7 +28,7 @@ from typing import Optional
 
 from .errors import problem
 from .families import FAMILIES, random_family
-from .spec import ModelSource, ModelSpec, Spec
+from .spec import LoraAdapter, LoraMode, ModelSource, ModelSpec, Spec
 
 # Bump when the code that builds a random model changes, so stale caches are not reused.
 RANDOM_MODEL_VERSION = 1
@@ -58,7 +60,10 @@ def model_folder(model: ModelSpec, cache_dir: str | None) -> str:
 
 
 def ensure_model(model: ModelSpec, cache_dir: str | None) -> str:
-    """Return the folder to load; build and save the random model first if it is not cached."""
+    """Return the folder to load; build and save the random model first if it is not cached, and
+    download a hub id first with model.download=true (checked like any folder once it is here)."""
+    if to_download(model):
+        download_model(model)
     folder = model_folder(model, cache_dir)
     if model.source is not ModelSource.pretrained and not (Path(folder) / "model_index.json").exists():
         save_random_pipeline(random_model_name(model), Path(folder))
@@ -144,7 +149,10 @@ def folder_problems(option: str, path: str | None, index: str, components: tuple
     try:
         folder = local_folder(path)
     except NotLocal as exc:
-        instead = f"Download it once yourself (`hf download {path}`), or set {fix}" if is_hub_id(path) else f"Set {fix}"
+        download = " or set model.download=true (sdbuild fetches its safetensors and configs)," \
+            if option == "model.path" else ""
+        instead = f"Download it once yourself (`hf download {path}`),{download} or set {fix}" if is_hub_id(path) \
+            else f"Set {fix}"
         return [problem(f"{option}={path}", exc.why, instead)]
     parts = ", ".join([index] + [f"{c}/" for c in components if c])
     if not (folder / index).is_file():
@@ -218,12 +226,21 @@ def model_problems(spec: Spec) -> list[str]:
     for option, path in (("model.path", spec.model.path), ("vae.path", spec.vae.path)):
         if path and (pickled := pickle_problem(option, path)):
             return [pickled]
+    if spec.model.variant is not None and (why := variant_problem(spec)):
+        return [why]
+    if spec.model.download and (why := download_problem(spec.model)):
+        return [why]
     problems = []
     if single_file(spec.model):
         problems += single_file_problems(spec.model)
+    elif to_download(spec.model):
+        pass  # checked like any folder once downloaded (the load step: download_model)
     elif spec.model.source is ModelSource.pretrained:
         problems += folder_problems("model.path", spec.model.path, "model_index.json", COMPONENTS[spec.model.family],
                                     "model.path=/path/to/a/diffusers/folder")
+    if spec.model.variant is not None and not problems and not to_download(spec.model):
+        problems += variant_folder_problems(spec.model)
+    problems += lora_problems(spec)
     if spec.vae.path:
         problems += folder_problems("vae.path", spec.vae.path, "config.json", ("",),
                                     "vae.path=/path/to/taesd (a folder with config.json and safetensors weights)")
@@ -268,3 +285,245 @@ def denoiser_config(spec: Spec) -> Optional[dict]:
         return json.loads((folder / family.denoiser / "config.json").read_text())
     except (OSError, ValueError):  # NotLocal is an OSError
         return None
+
+
+# LoRA adapters ---------------------------------------------------------------------------------
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights file name
+MAX_HEADER = 100 * 2 ** 20  # a safetensors header (JSON) longer than this is no LoRA file
+MAX_LORA_SCALE = 10.0
+# Key prefixes that say which denoiser an adapter was trained for: diffusers' (peft) layout and
+# kohya's. Keys without one of these (other trainers' layouts) are left to diffusers' converters.
+UNET_PREFIXES = ("unet.", "lora_unet_")
+TRANSFORMER_PREFIXES = ("transformer.", "lora_transformer_")
+
+
+def lora_file(adapter: LoraAdapter) -> Path:
+    """The .safetensors file an adapter names: `path` itself, or `weight_name` inside the folder `path`."""
+    path = Path(adapter.path).expanduser()
+    return path / (adapter.weight_name or LORA_WEIGHT_NAME) if path.is_dir() else path
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor names -> dtype, shape, offsets), read without
+    loading a tensor. ValueError when the file is not safetensors."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("is shorter than a safetensors header")
+        size = int.from_bytes(head, "little")
+        if not 2 <= size <= MAX_HEADER:
+            raise ValueError(f"declares a {size}-byte header: not a safetensors file")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise ValueError("has no JSON header: not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise ValueError("has a header that is not a JSON object: not a safetensors file")
+    return header
+
+
+def _down_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_down." in name or name.endswith(("lora_A.weight", "lora_down.weight"))
+
+
+def lora_rank(header: dict) -> int:
+    """The largest rank among an adapter's layers: the first dimension of its down (A) matrices."""
+    return max((int(v["shape"][0]) for k, v in header.items() if _down_key(k) and isinstance(v, dict) and v.get("shape")),
+               default=0)
+
+
+def lora_problems(spec: Spec) -> list[str]:
+    """An adapter list that cannot work, found before weights load: adapters given with lora=none (they
+    would be ignored), none given with a mode, hotswap with fewer than two, and each adapter's file
+    (exists, safetensors not pickle, holds LoRA weights for this family's denoiser, a finite scale)."""
+    lora, fix = spec.lora, "lora.adapters=[{path:/path/to/lora.safetensors,scale:1.0}]"
+    if lora.mode is LoraMode.none:
+        if lora.adapters:
+            return [problem("lora.adapters", f"holds {len(lora.adapters)} adapter(s), but lora=none would ignore them",
+                            "Choose how they run: lora=fused, lora=unfused or lora=hotswap")]
+        return []
+    if not lora.adapters:
+        return [problem(f"lora={lora.name}", "has no adapters to load", f"Set {fix}, or use lora=none")]
+    if lora.mode is LoraMode.hotswap and len(lora.adapters) < 2:
+        return [problem("lora=hotswap", "needs two adapters or more (the first is loaded before compile and measured, "
+                        "each later one is swapped into its place)", "Add the adapter to swap in to lora.adapters, "
+                        "or use lora=unfused for one adapter")]
+    problems = []
+    for i, adapter in enumerate(lora.adapters):
+        problems += adapter_problems(f"lora.adapters[{i}]", adapter, spec.model.family)
+    return problems
+
+
+def adapter_problems(option: str, adapter: LoraAdapter, family) -> list[str]:
+    import math
+
+    from .families import FAMILIES
+
+    if not adapter.path:
+        return [problem(f"{option}.path", "is empty", "Point it at a LoRA .safetensors file")]
+    for name in (adapter.path, adapter.weight_name or ""):
+        if (pickled := pickle_problem(f"{option}.path", name)):
+            return [pickled]
+    if not (isinstance(adapter.scale, (int, float)) and math.isfinite(adapter.scale)
+            and abs(adapter.scale) <= MAX_LORA_SCALE):
+        return [problem(f"{option}.scale={adapter.scale}", f"must be a finite number from -{MAX_LORA_SCALE:g} to "
+                        f"{MAX_LORA_SCALE:g} (the adapter's weight)", f"Use {option}.scale=1.0")]
+    path = Path(adapter.path).expanduser()
+    if not path.exists():
+        return [problem(f"{option}.path={adapter.path}", "does not exist (LoRA adapters load from local files)",
+                        "Point it at a LoRA .safetensors file, or a folder with weight_name inside it")]
+    file = lora_file(adapter)
+    if path.is_dir() and not file.exists():
+        return [problem(f"{option}.path={adapter.path}", f"is a folder without {file.name}",
+                        f"Set {option}.weight_name to the .safetensors file inside it")]
+    if file.suffix.lower() != ".safetensors":
+        return [problem(f"{option}.path={file}", "is not a .safetensors file (sdbuild loads only safetensors)",
+                        "Point it at the adapter's .safetensors file")]
+    if (why := weights_file_problem(file)):
+        return [problem(f"{option}.path={adapter.path}", why, "Point it at a LoRA .safetensors file")]
+    try:
+        header = safetensors_header(file)
+    except (OSError, ValueError) as exc:
+        return [problem(f"{option}.path={file}", str(exc), "Point it at a LoRA .safetensors file")]
+    names = [k for k in header if k != "__metadata__"]
+    if not any(_down_key(k) for k in names):
+        return [problem(f"{option}.path={file}", "holds no LoRA weights (no lora_A/lora_down tensors)",
+                        "Point it at a LoRA adapter (diffusers' save_lora_weights, or a kohya-style LoRA)")]
+    transformer = FAMILIES[family].transformer
+    wrong = TRANSFORMER_PREFIXES if not transformer else UNET_PREFIXES
+    if any(k.startswith(wrong) for k in names) and not any(k.startswith(UNET_PREFIXES if not transformer
+                                                                        else TRANSFORMER_PREFIXES) for k in names):
+        trained = "a transformer (Flux, SD3)" if not transformer else "a UNet (SD 1.x, SDXL)"
+        return [problem(f"{option}.path={file}", f"is an adapter for {trained}, and model family {family.name}'s "
+                        f"denoiser is {'a transformer' if transformer else 'a UNet'}",
+                        "Use an adapter trained for this model's family")]
+    return []
+
+
+def adapter_record(adapter: LoraAdapter) -> dict:
+    """What a row records of an adapter: its file, a content hash (sha256), its scale and rank."""
+    import hashlib
+
+    file = lora_file(adapter)
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(file), "sha256": digest.hexdigest(), "scale": adapter.scale,
+            "rank": lora_rank(safetensors_header(file))}
+
+
+# Variants (diffusers' variant=: <name>.<variant>.safetensors beside or instead of <name>.safetensors) ---
+
+VARIANT = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+
+
+def is_variant_file(path: Path, variant: str) -> bool:
+    """Whether `path` is a weights file of `variant`: name.<variant>.safetensors, or a shard of it
+    (name.<variant>-00001-of-00002.safetensors)."""
+    return re.fullmatch(rf".+\.{re.escape(variant)}(-\d+-of-\d+)?\.safetensors", path.name) is not None
+
+
+def variant_split(model: ModelSpec) -> tuple[list[str], list[str]]:
+    """(components with the variant's files, components that load their default files instead)."""
+    folder = local_folder(model.path)
+    with_variant, without = [], []
+    for c in COMPONENTS[model.family]:
+        files = sorted((folder / c).glob("*.safetensors"))
+        (with_variant if any(is_variant_file(f, model.variant) for f in files) else without).append(c or ".")
+    return with_variant, without
+
+
+def variant_problem(spec: Spec) -> Optional[str]:
+    """model.variant where it cannot apply: a malformed name, a random-weight model (it would be ignored),
+    a single-file checkpoint (one file, no variants)."""
+    model = spec.model
+    if not VARIANT.match(model.variant):
+        return problem(f"model.variant={model.variant}", "is not a variant name (letters, digits, _)",
+                       "Use model.variant=fp16 (the file names' infix: model.fp16.safetensors)")
+    if model.source is not ModelSource.pretrained:
+        return problem(f"model.variant={model.variant}", f"model={model.name} builds its weights from code and would "
+                       "ignore the variant", "Drop model.variant, or choose a pretrained model with it")
+    if single_file(model):
+        return problem(f"model.variant={model.variant}", "names files inside a diffusers folder; model.path is one "
+                       "checkpoint file", "Drop model.variant, or point model.path at a diffusers folder")
+    return None
+
+
+def variant_folder_problems(model: ModelSpec) -> list[str]:
+    """The variant checked per component before loading: at least one component has its files (else
+    diffusers refuses after the pipeline class is resolved); the others load their default files, which
+    folder_problems has checked are there (the build notes and the plan say which)."""
+    try:
+        with_variant, without = variant_split(model)
+    except NotLocal:
+        return []  # folder_problems says so
+    if not with_variant:
+        return [problem(f"model.variant={model.variant}", f"no component of {model.path} has {model.variant} files "
+                        f"(*.{model.variant}.safetensors)", "Drop model.variant (load the default files), or use the "
+                        "variant the folder has")]
+    return []
+
+
+# Downloads on request (model.download=true) ------------------------------------------------------
+
+# What a download fetches: configs, tokenizers and safetensors weights; never pickles (.bin, .ckpt, ...).
+DOWNLOAD_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors")
+
+
+def cached(path: str) -> bool:
+    try:
+        local_folder(path)
+    except NotLocal:
+        return False
+    return True
+
+
+def to_download(model: ModelSpec) -> bool:
+    """Whether the load step downloads first: model.download=true and a hub id not in the local cache."""
+    return (model.download and model.source is ModelSource.pretrained and bool(model.path) and not single_file(model)
+            and not Path(model.path).expanduser().exists() and is_hub_id(model.path) and not cached(model.path))
+
+
+def download_problem(model: ModelSpec) -> Optional[str]:
+    """model.download=true where it cannot apply: a random-weight model, a local path, an offline hub."""
+    if model.source is not ModelSource.pretrained:
+        return problem("model.download=true", f"model={model.name} builds its weights from code: there is nothing "
+                       "to download", "Drop model.download, or choose a pretrained model with model.path=<org/name>")
+    if not model.path or single_file(model) or Path(model.path).expanduser().exists() or not is_hub_id(model.path):
+        return problem("model.download=true", f"needs model.path to be a hub id (org/name), not {model.path}",
+                       "Set model.path=<org/name>, or drop model.download for a local folder or file")
+    if to_download(model) and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return problem("model.download=true", f"{model.path} is not in the cache and HF_HUB_OFFLINE is set",
+                       "Unset HF_HUB_OFFLINE to download it, or download it once yourself (`hf download "
+                       f"{model.path}`)")
+    return None
+
+
+def download_model(model: ModelSpec) -> Path:
+    """Fetch a hub id's configs and safetensors weights (only the variant's, with model.variant) into the
+    normal Hugging Face cache with huggingface_hub's progress bar, then check the snapshot like any
+    folder. An unreachable hub or a missing repo is a SpecError naming the option, not a traceback."""
+    from huggingface_hub import constants, snapshot_download
+
+    from .errors import SpecError
+
+    patterns = list(DOWNLOAD_PATTERNS)
+    if model.variant:
+        patterns[-1:] = [f"*.{model.variant}.safetensors", f"*.{model.variant}-*-of-*.safetensors"]
+    try:
+        folder = Path(snapshot_download(model.path, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001: every way a download fails is a refusal with its reason
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
+        raise SpecError([problem(f"model.path={model.path} model.download=true",
+                                 f"could not be downloaded from {constants.ENDPOINT} ({why})",
+                                 "Check the network, the hub id and HF_ENDPOINT/HF_TOKEN (a gated model needs "
+                                 f"`hf auth login`), or download it yourself (`hf download {model.path}`)")]) from None
+    fix = "model.path=<org/name> of a diffusers pipeline repo"
+    problems = folder_problems("model.path", str(folder), "model_index.json", COMPONENTS[model.family], fix)
+    if not problems and model.variant:
+        problems = variant_folder_problems(ModelSpec(**{**model.__dict__, "path": str(folder)}))
+    if problems:
+        raise SpecError(problems)
+    return folder

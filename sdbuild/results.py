@@ -106,6 +106,9 @@ FIELDS: Dict[str, tuple] = {
     # A job run as several ranks (parallel.world_size > 1): {world_size, backend, method, mesh, launcher,
     # ranks: [{rank, pid, threads, peak_memory_mb, latency_median_s}]}; its failure: every rank's error.
     "parallel": (dict,),
+    # lora != none: {mode, adapters: [{path, sha256, scale, rank}], target_rank, swaps: [{adapter, path,
+    # swap_s, call_s, recompiles}]} (sdbuild/levers/lora.py)
+    "lora": (dict,),
 }
 NUMERIC_FIELDS = ("warmup_s", "load_s", "build_s", "peak_memory_mb", "warmup_peak_memory_mb",
                   "peak_memory_reserved_mb", "steps_per_s")

@@ -156,6 +156,15 @@ class CommBackend(enum.Enum):
     nccl = "nccl"
 
 
+class LoraMode(enum.Enum):
+    """How LoRA adapters run (diffusers' LoRA API, with peft)."""
+
+    none = "none"  # no adapters
+    fused = "fused"  # fuse_lora, then unload_lora_weights: the deltas merged into the weights, no per-step cost
+    unfused = "unfused"  # adapters live beside the weights (set_adapters): their per-step cost is measured
+    hotswap = "hotswap"  # enable_lora_hotswap before compile; later adapters swapped in with hotswap=True
+
+
 class Device(enum.Enum):
     auto = "auto"  # CUDA when present, else CPU
     cpu = "cpu"
@@ -222,6 +231,8 @@ class ModelSpec:
     family: ModelFamily = ModelFamily.sd15
     path: Optional[str] = None  # hub id, local folder, or one .safetensors checkpoint file (source=pretrained)
     config: Optional[str] = None  # a single-file checkpoint's layout: a local diffusers folder of the same architecture
+    variant: Optional[str] = None  # diffusers' variant= (e.g. fp16): load <name>.fp16.safetensors where a component has it
+    download: bool = False  # fetch a hub id that is not in the local cache (huggingface_hub, safetensors only)
     resolution: int = 64  # native image size, used when run.height/width are not set
 
 
@@ -270,6 +281,22 @@ class ParallelSpec:
     def world_size(self) -> int:
         """How many ranks the job runs as: the product of the degrees."""
         return self.ulysses_degree * self.ring_degree * self.tp_degree
+
+
+@dataclass
+class LoraAdapter:
+    path: str = ""  # a .safetensors LoRA file, or a local folder holding weight_name
+    weight_name: Optional[str] = None  # the file inside a folder path (default: pytorch_lora_weights.safetensors)
+    scale: float = 1.0  # the adapter's weight (set_adapters); fused: merged at this weight
+
+
+@dataclass
+class LoraSpec:
+    name: str = "none"
+    mode: LoraMode = LoraMode.none
+    # fused, unfused: all active at once, each at its scale. hotswap: the first is loaded before compile and
+    # measured; each later one is swapped into its place after the timed calls (swap time, recompilations).
+    adapters: List[LoraAdapter] = field(default_factory=list)
 
 
 @dataclass
@@ -348,6 +375,7 @@ class Spec:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     cache: CacheSpec = field(default_factory=CacheSpec)
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
     run: RunSpec = field(default_factory=RunSpec)
     # The machine validated against: this one (local, probed) or a profile that plans for another.
     machine: MachineSpec = field(default_factory=MachineSpec)
@@ -368,7 +396,7 @@ class Spec:
 # The config groups, in the order labels and the option tables list them (the order the builder
 # applies their levers in is its own: sdbuild/builder.py STEPS).
 GROUPS = ("precision", "memory_format", "attention", "compile", "memory", "quant", "vae", "model", "scheduler",
-          "cache", "parallel")
+          "cache", "parallel", "lora")
 
 
 def register_configs() -> None:
@@ -727,8 +755,11 @@ _LATER_FIELDS = {
     ("run", "threads"): RunSpec.threads, ("run", "interval_target"): RunSpec.interval_target,
     ("run", "max_measure_s"): RunSpec.max_measure_s, ("attention", "backend"): AttentionBackend.default.name,
     ("memory", "layerwise_fp8"): False, ("cache", "weight"): CacheSpec.weight,
+    ("model", "variant"): None, ("model", "download"): False,
 }
-_LATER_GROUPS = {"cache": CacheMethod.none.name, "parallel": ParallelMethod.none.name}  # a group added later: left out while its method is off
+# Groups added later: left out while their switch (field, value) is off.
+_LATER_GROUPS = {"cache": ("method", CacheMethod.none.name), "parallel": ("method", ParallelMethod.none.name),
+                 "lora": ("mode", LoraMode.none.name)}
 _NOT_RUN_IDENTITY = {"timeout_s"}  # how long a job may take is not what it builds
 
 
@@ -738,7 +769,7 @@ def spec_key(spec_dict: dict) -> str:
     import json
 
     ident = {k: v for k, v in spec_dict.items() if k not in _NOT_IDENTITY
-             and not (k in _LATER_GROUPS and isinstance(v, dict) and v.get("method") == _LATER_GROUPS[k])}
+             and not (k in _LATER_GROUPS and isinstance(v, dict) and v.get(_LATER_GROUPS[k][0]) == _LATER_GROUPS[k][1])}
     for group, fields in ident.items():
         if isinstance(fields, dict):
             ident[group] = {k: v for k, v in fields.items()

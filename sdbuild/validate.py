@@ -30,7 +30,7 @@ from .spec import Device, MachineSpec, Spec, value_problems
 # (`diffusers.utils.import_utils._is_package_available`): the module is found and a distribution of
 # that name is installed. FlashAttention-3 is the distribution `flash_attn_3` (its module
 # `flash_attn_interface` alone does not make diffusers' `_flash_3` backend usable).
-OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao", "flash_attn", "flash_attn_3", "sageattention",
+OPTIONAL_PACKAGES = ("xformers", "accelerate", "torchao", "peft", "flash_attn", "flash_attn_3", "sageattention",
                      "DeepCache", "tomesd")
 
 GIB = 1024 ** 3

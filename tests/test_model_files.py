@@ -88,3 +88,91 @@ def test_a_single_file_checkpoint_needs_a_local_layout(tiny_single_file, tmp_pat
     assert f"model.config={tmp_path}" in text and "is not a diffusers folder" in text
     missing = tmp_path / "absent.safetensors"
     assert "does not exist" in refusal("model=sd15", f"model.path={missing}", f"model.config={folder}")
+
+
+# --- variants ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def variant_folders(tmp_path_factory):
+    """The tiny SD 1.5 folder with an fp16 variant of every component beside its default files
+    (save_pretrained(variant="fp16") of the fp16-cast pipeline), and one with the UNet's only."""
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdbuild.models import ensure_model
+
+    folder = Path(ensure_model(sdbuild.compose().model, None))
+    root = tmp_path_factory.mktemp("variant")
+    full, unet_only = root / "full", root / "unet_only"
+    shutil.copytree(folder, full)
+    StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16).save_pretrained(full, variant="fp16")
+    shutil.copytree(folder, unet_only)
+    shutil.copy(full / "unet" / "diffusion_pytorch_model.fp16.safetensors", unet_only / "unet")
+    return folder, full, unet_only
+
+
+def test_a_variant_loads_its_files_and_says_which_components_have_them(variant_folders):
+    import torch
+
+    from sdbuild.builder import build_pipeline
+
+    folder, full, unet_only = variant_folders
+    common = ["model=sd15", "run.steps=2", "run.device=cpu"]
+    pipe, info = build_pipeline(sdbuild.compose([*common, f"model.path={full}", "model.variant=fp16"]), "cpu")
+    default, _ = build_pipeline(sdbuild.compose([*common, f"model.path={full}"]), "cpu")
+    weight, base = pipe.unet.conv_in.weight, default.unet.conv_in.weight
+    assert weight.dtype == torch.float32  # the precision's dtype, read from the fp16 files
+    assert torch.equal(weight, base.half().float()) and not torch.equal(weight, base)
+    (note,) = [n for n in info.notes if n.startswith("model.variant")]
+    assert "unet" in note and "vae" in note and "default" not in note, note
+    mixed, info = build_pipeline(sdbuild.compose([*common, f"model.path={unet_only}", "model.variant=fp16"]), "cpu")
+    (note,) = [n for n in info.notes if n.startswith("model.variant")]
+    assert note.startswith("model.variant=fp16: unet from fp16 files;") and "vae" in note.split(";")[1]
+    assert torch.equal(mixed.unet.conv_in.weight, weight) and torch.equal(mixed.vae.decoder.conv_in.weight,
+                                                                         default.vae.decoder.conv_in.weight)
+
+
+def test_a_variant_no_component_has_is_refused_before_loading(variant_folders):
+    folder = variant_folders[0]
+    text = refusal("model=sd15", f"model.path={folder}", "model.variant=fp16")
+    assert "model.variant=fp16" in text and "no component" in text and "Drop model.variant" in text
+
+
+def test_a_variant_with_a_random_model_or_a_bad_name_is_refused():
+    assert "would ignore the variant" in refusal("model.variant=fp16")
+    assert "is not a variant name" in refusal("model=sd15", "model.path=/tmp", "model.variant=fp16/../x")
+
+
+# --- downloads on request ----------------------------------------------------------------------
+
+
+def test_a_hub_id_not_in_the_cache_is_refused_naming_model_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache (read at each lookup)
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    text = refusal("model=sd15", "model.path=sdbuild-test/not-cached")
+    assert "model.path=sdbuild-test/not-cached" in text and "model.download=true" in text
+
+
+def test_model_download_where_it_cannot_apply_is_refused(tmp_path):
+    assert "nothing to download" in refusal("model.download=true")
+    assert "needs model.path to be a hub id" in refusal("model=sd15", f"model.path={tmp_path}", "model.download=true")
+
+
+def test_an_unreachable_hub_is_a_clear_refusal(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    out = run_cli("model=sd15", "model.path=sdbuild-test/tiny-pipe", "model.download=true", *FAST, cwd=tmp_path,
+                  env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert f"could not be downloaded from http://127.0.0.1:{port}" in text and "Traceback" not in text

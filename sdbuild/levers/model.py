@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from ..families import family_of
-from ..models import ensure_model, model_folder, single_file
+from ..models import ensure_model, model_folder, single_file, to_download, variant_split
 from ..spec import ModelSource, Quant, Spec
 from . import precision, quant, scheduler, vae
 
@@ -27,6 +27,8 @@ def load(spec: Spec):
     dtype = precision.torch_dtype(spec.precision.dtype.value)
     kwargs: Dict[str, Any] = {precision.dtype_keyword(): dtype, "use_safetensors": True, "local_files_only": True}
     kwargs.update(family_of(spec).load_kwargs)
+    if spec.model.variant is not None:
+        kwargs["variant"] = spec.model.variant  # each component: its variant's files where it has them
     if (config := quant.quantization_config(spec)) is not None:
         kwargs["quantization_config"] = config
     if single_file(spec.model):  # one checkpoint file, its layout from the local folder model.config names
@@ -45,7 +47,8 @@ _LOADED: Dict[tuple, Any] = {}  # load key -> pristine pipeline on the CPU (one 
 
 def load_key(spec: Spec) -> tuple:
     """Everything `load` depends on."""
-    return (spec.model.source, spec.model.family, spec.model.path, spec.model.config, spec.cache_dir, spec.precision.dtype,
+    return (spec.model.source, spec.model.family, spec.model.path, spec.model.config, spec.model.variant, spec.cache_dir,
+            spec.precision.dtype,
             spec.precision.vae_dtype, spec.vae.kind, spec.vae.path, spec.scheduler.kind)
 
 
@@ -66,15 +69,28 @@ def apply(pipe, spec: Spec, device: str, info):
     `info.reuse_weights`), SDXL's VAE kept in fp32 under fp16 (`precision.upcast_sdxl_vae`)."""
     pipe = load_reusing(spec) if info.reuse_weights else load(spec)
     info.notes += precision.upcast_sdxl_vae(pipe, spec)
+    if spec.model.variant is not None:
+        info.notes.append(variant_note(spec))
     return pipe
 
 
+def variant_note(spec: Spec) -> str:
+    with_variant, without = variant_split(spec.model)
+    note = f"model.variant={spec.model.variant}: {', '.join(with_variant)} from {spec.model.variant} files"
+    return note + (f"; {', '.join(without)} from their default files (no {spec.model.variant} files)" if without else "")
+
+
 def describe(spec: Spec, device: str) -> str:
+    if to_download(spec.model):
+        source = (f"{spec.model.path}, downloaded first into the Hugging Face cache (model.download=true: configs "
+                  "and safetensors only)")
+        return (f"{spec.model.family.name} {family_of(spec).pipeline} ({spec.model.name}) from {source}, "
+                f"{precision.describe_dtype(spec)}{quant.describe(spec)}; {scheduler.describe(spec)}; VAE: {vae.describe(spec)}")
     folder = model_folder(spec.model, spec.cache_dir)
     if single_file(spec.model):
         source = f"{spec.model.path} (single-file safetensors, layout from {folder})"
     elif spec.model.source is ModelSource.pretrained:
-        source = f"{folder} (local safetensors)"
+        source = f"{folder} (local safetensors)" if spec.model.variant is None else f"{folder} ({variant_note(spec)})"
     else:
         cached = (Path(folder) / "model_index.json").exists()
         source = f"{folder} ({'cached' if cached else 'built from code with random weights on first use'})"

@@ -1,0 +1,202 @@
+"""LoRA adapters (issue 25): real tiny adapters made with peft on the tiny SD 1.5 UNet, loaded through
+diffusers' LoRA API in each lora.mode; the refusals before any weights load."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+import sdbuild
+from sdbuild.errors import SpecError
+from sdbuild.validate import Machine, validate
+
+from conftest import FAST, needs_packages, run_cli
+
+CPU = Machine(cuda=False, device_name="cpu", capability=None, packages=frozenset({"peft", "torchao", "accelerate"}),
+              diffusers_version="0.42.1", c_compiler=True)
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def write_adapter(folder: Path, rank: int, seed: int, family: str = "tiny") -> Path:
+    """A LoRA for the tiny model's denoiser, random (non-zero) A and B, saved with diffusers'
+    save_lora_weights; returns the folder (pytorch_lora_weights.safetensors inside)."""
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from sdbuild.builder import build_pipeline
+
+    spec = sdbuild.compose([f"model={family}", *FAST])
+    pipe, _ = build_pipeline(spec, "cpu")
+    denoiser = pipe.transformer if family != "tiny" else pipe.unet
+    torch.manual_seed(seed)
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False))
+    layers = get_peft_model_state_dict(denoiser)
+    if family == "tiny":
+        type(pipe).save_lora_weights(folder, unet_lora_layers=layers)
+    else:
+        type(pipe).save_lora_weights(folder, transformer_lora_layers=layers)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    pytest.importorskip("peft", reason="LoRA needs the optional package peft: pip install -e \".[lora]\"")
+    root = tmp_path_factory.mktemp("lora")
+    return write_adapter(root / "a", rank=4, seed=1), write_adapter(root / "b", rank=8, seed=2)
+
+
+def adapter_list(*items) -> str:
+    """A `lora.adapters=[{path:'...',scale:...}]` override (paths quoted for Hydra's grammar)."""
+    def value(v):
+        return f"'{v}'" if isinstance(v, Path) else v
+
+    return "lora.adapters=[" + ",".join("{" + ",".join(f"{k}:{value(v)}" for k, v in item.items()) + "}"
+                                        for item in items) + "]"
+
+
+def refusal(*overrides) -> str:
+    with pytest.raises(SpecError) as err:
+        validate(sdbuild.compose(list(overrides)), CPU)
+    return str(err.value)
+
+
+# --- refusals before loading ---------------------------------------------------------------------
+
+
+def test_adapters_with_lora_none_are_refused_not_ignored(adapters):
+    text = refusal(adapter_list({"path": adapters[0]}))
+    assert "lora=none would ignore them" in text and "lora=fused" in text
+
+
+def test_a_mode_without_adapters_and_hotswap_with_one_are_refused(adapters):
+    assert "has no adapters to load" in refusal("lora=unfused")
+    assert "needs two adapters or more" in refusal("lora=hotswap", adapter_list({"path": adapters[0]}))
+
+
+@pytest.mark.parametrize("name,content,why", [
+    ("lora.bin", b"\x80\x04", "is a pickle file"),
+    ("lora.txt", b"hello", "is not a .safetensors file"),
+    ("lora.safetensors", b"\xff" * 8 + b"{}", "not a safetensors file"),
+])
+def test_an_adapter_file_that_is_not_safetensors_is_refused(tmp_path, name, content, why):
+    (tmp_path / name).write_bytes(content)
+    text = refusal("lora=fused", adapter_list({"path": tmp_path / name}))
+    assert why in text and "lora.adapters[0]" in text
+
+
+def test_missing_adapter_and_folder_without_the_weight_file_are_refused(tmp_path):
+    assert "does not exist" in refusal("lora=fused", adapter_list({"path": tmp_path / "nope.safetensors"}))
+    text = refusal("lora=fused", adapter_list({"path": tmp_path}))
+    assert "is a folder without pytorch_lora_weights.safetensors" in text and "weight_name" in text
+
+
+def test_a_safetensors_file_without_lora_weights_is_refused(tmp_path):
+    from sdbuild.models import ensure_model
+
+    unet = next((Path(ensure_model(sdbuild.compose().model, None)) / "unet").glob("*.safetensors"))
+    assert "holds no LoRA weights" in refusal("lora=fused", adapter_list({"path": unet}))
+
+
+def test_an_adapter_for_another_family_is_refused(adapters):
+    text = refusal("model=tiny_flux", "lora=fused", adapter_list({"path": adapters[0]}))
+    assert "is an adapter for a UNet" in text and "flux" in text
+
+
+@pytest.mark.parametrize("scale", ["nan", "11", "-inf"])
+def test_a_scale_that_is_not_a_finite_weight_is_refused(adapters, scale):
+    assert "must be a finite number" in refusal("lora=unfused", adapter_list({"path": adapters[0], "scale": scale}))
+
+
+@pytest.mark.parametrize("overrides,why", [
+    (["lora=fused", "quant=int8wo"], "fuse_lora cannot add"),
+    (["lora=unfused", "attention=sdpa_fused"], "leaving their live LoRA layers out"),
+    (["lora=hotswap", "compile=trace"], "a swapped adapter never reaches it"),
+])
+def test_combinations_that_cannot_work_are_refused(adapters, overrides, why):
+    items = [{"path": adapters[0]}, {"path": adapters[1]}]
+    assert why in refusal(*overrides, adapter_list(*items))
+
+
+def test_hotswap_with_a_scale_is_refused(adapters):
+    text = refusal("lora=hotswap", adapter_list({"path": adapters[0], "scale": 0.5}, {"path": adapters[1]}))
+    assert "the next swap recompiles" in text
+
+
+def test_the_cli_refuses_a_bad_adapter_with_exit_2(tmp_path):
+    out = run_cli("lora=fused", adapter_list({"path": tmp_path / "x.ckpt"}), *FAST, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "is a pickle file" in out.stderr and "Traceback" not in out.stderr
+
+
+# --- loading, in each mode -----------------------------------------------------------------------
+
+
+def images(*overrides):
+    from helpers import built, run
+
+    spec, pipe, info = built(*overrides)
+    return run(spec, pipe), pipe, info
+
+
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_fused_and_unfused_give_the_same_image_and_differ_from_the_base(adapters):
+    import numpy as np
+
+    two = adapter_list({"path": adapters[0], "scale": 0.7}, {"path": adapters[1], "scale": 0.5})
+    base, _, _ = images()
+    fused, fused_pipe, info = images("lora=fused", two)
+    unfused, unfused_pipe, _ = images("lora=unfused", two)
+    only_first, _, _ = images("lora=unfused", adapter_list({"path": adapters[0], "scale": 0.7}))
+    # fused: the deltas are in the weights and peft's layers are gone; unfused: both adapters live
+    assert not any("lora" in n for n, _ in fused_pipe.unet.named_modules())
+    assert set(unfused_pipe.get_active_adapters()) == {"adapter_0", "adapter_1"}
+    assert np.abs(fused - unfused).max() < 1e-4  # measured: 1.9e-6 max (float32 rounding of (W + BA)x vs Wx + B(Ax))
+    assert np.abs(fused - base).max() > 0.02 and np.abs(only_first - unfused).max() > 0.01
+    record = info.lora
+    assert record["mode"] == "fused" and [a["scale"] for a in record["adapters"]] == [0.7, 0.5]
+    assert [a["rank"] for a in record["adapters"]] == [4, 8]
+    file = adapters[0] / "pytorch_lora_weights.safetensors"
+    assert record["adapters"][0]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_the_row_records_the_adapters(adapters, tmp_path):
+    spec = sdbuild.compose([*FAST, "lora=unfused", adapter_list({"path": adapters[1], "scale": 0.5})])
+    row = sdbuild.run(spec, tmp_path / "job")
+    assert row["status"] == "ok", row.get("error")
+    saved = json.loads((tmp_path / "job" / "result.json").read_text())
+    assert saved["lora"]["mode"] == "unfused" and saved["lora"]["adapters"][0]["scale"] == 0.5
+    assert saved["lora"]["adapters"][0]["path"].endswith("b/pytorch_lora_weights.safetensors")
+    assert saved["spec"]["lora"]["mode"] == "unfused" and saved["choices"]["lora"] == "unfused"
+
+
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_hotswap_eager_swaps_the_second_adapter_in(adapters, tmp_path):
+    """Without compile the swap still replaces the first adapter's weights (no recompilation to count)."""
+    import numpy as np
+
+    from helpers import built, run
+    from sdbuild.levers.lora import measure_swaps
+
+    spec, pipe, info = built("lora=hotswap", adapter_list({"path": adapters[0]}, {"path": adapters[1]}))
+    first = run(spec, pipe)
+    swaps = measure_swaps(pipe, spec, lambda: None)
+    second = run(spec, pipe)
+    b_only, _, _ = images("lora=unfused", adapter_list({"path": adapters[1]}))
+    assert info.lora["target_rank"] == 8 and swaps[0]["recompiles"] is None and swaps[0]["swap_s"] > 0
+    assert np.abs(first - second).max() > 0.01 and np.abs(second - b_only).max() < 1e-4
+
+
+@pytest.mark.slow  # torch.compile of the tiny UNet on CPU: about 2 minutes on a quiet machine, twice
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_hotswap_under_compile_swaps_without_recompiling(adapters, tmp_path):
+    """The claim to prove: prepared with the largest rank (4 then 8), the second adapter swaps into the
+    compiled UNet and the next call compiles no new graph; the row records it."""
+    spec = sdbuild.compose(["run.steps=2", "run.warmup=1", "run.repeats=1", "run.timeout_s=0", "compile=inductor",
+                            "lora=hotswap", adapter_list({"path": adapters[0]}, {"path": adapters[1]})])
+    row = sdbuild.run(spec, tmp_path / "job")
+    assert row["status"] == "ok", row.get("error")
+    (swap,) = row["lora"]["swaps"]
+    assert swap["adapter"] == 1 and swap["recompiles"] == 0, swap
+    assert swap["swap_s"] > 0 and swap["call_s"] > 0
