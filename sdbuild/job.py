@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from . import results
+from . import results, worker
 from .errors import SpecError, problem
 from .hardware import job_facts
 from .results import ERROR_LOG, IMAGE_FILE, RESULT_FILE, Status
@@ -214,9 +214,14 @@ def keep_unwritten(out_dir: Path, row: Dict[str, Any], exc: BaseException) -> Di
     """Mark `row` as one that could not be recorded in `out_dir`: `failed`, its measurement (if
     any) kept, the reason in `error` and `job.unwritten`, and said on the log at once."""
     why = f"{type(exc).__name__}: {exc}"
+    if (row.get("job") or {}).get("unwritten"):  # said already (a job's process that could not write it)
+        log.error("job %s: %s", row["job"].get("num"), row["error"])
+        return row
     measured = row.get("status") in (Status.ok.value, Status.broken.value)
+    kept = bool((row.get("latency_s") or {}).get("runs")) and not measured  # a failed row's finished runs
     row["error"] = (f"could not record the job in {out_dir} ({why})"
                     + ("; it was measured: its timings are in this row" if measured else "")
+                    + ("; the timed runs that finished are in this row" if kept else "")
                     + (f"; before that: {row['error']}" if row.get("error") and not measured else ""))
     row["status"] = Status.failed.value
     row["job"] = {**(row.get("job") or {}), "unwritten": why}
@@ -276,6 +281,7 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
                    error=f"interrupted ({signame}) before the measurement finished" + partial.said(spec))
         row.update(partial.fields())
         row["job"]["interrupted"] = signame
+        exc.row = row  # completed below (env, wall time, written): a job's process sends it back
         raise
     except Exception as exc:
         row.update(status=Status.failed.value, error=_failure_reason(exc))
@@ -414,12 +420,14 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     if (settled := settle_from_resume(spec, out_dir, row)) is not None:
         return settled  # nothing to measure: no process to start
     make_room(out_dir, row["spec_key"])  # the child's row, or none: never an earlier sweep's
-    command = [sys.executable, "-m", "sdbuild", *overrides, "isolate=false", f"hydra.run.dir={out_dir}"]
     log_path = out_dir / results.PROCESS_LOG
     interrupted = timed_out = None
-    with open(log_path, "w") as log_file:
-        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    with open(log_path, "w") as log_file, _RowPipe() as rows:
+        child = subprocess.Popen(child_command(out_dir, rows.fd), stdin=subprocess.PIPE, stdout=log_file,
+                                 stderr=subprocess.STDOUT, pass_fds=(rows.fd,), preexec_fn=_die_with_parent)
+        rows.started()
         try:
+            _hand_over(child, worker.request(row["spec"], out_dir, choices, overrides, job))
             returncode = child.wait(timeout_s or None)
         except subprocess.TimeoutExpired:
             timed_out = timeout_s
@@ -428,8 +436,9 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
         except KeyboardInterrupt as exc:
             interrupted = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
             returncode, _ = end_child(child)  # the child writes its own interrupted row
+    sent = rows.row()  # the child's row as it sent it: kept also when its result.json could not be written
     result = out_dir / results.RESULT_FILE
-    written = results.load_row(result) if result.is_file() else None
+    written = sent or (results.load_row(result) if result.is_file() else None)
     if written is not None and written["status"] != Status.unreadable.value:
         row = written
         row["job"] = {**(row.get("job") or {}), **job}
@@ -453,6 +462,71 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     if interrupted:
         raise Interrupted(interrupted)
     return row
+
+
+def child_command(out_dir: Path, rows_fd: int) -> list[str]:
+    """The command of a job's own process: `sdbuild.worker`, which composes nothing and runs the spec
+    it is handed (the job folder on its command line only names the process)."""
+    return [sys.executable, "-m", "sdbuild.worker", str(out_dir), "--rows-fd", str(rows_fd)]
+
+
+def _hand_over(child: subprocess.Popen, request: bytes) -> None:
+    """Give the child its job (one line on its stdin) and close its stdin: one job, then it exits. A
+    child that died before reading it is no error here: its exit code says what happened."""
+    try:
+        child.stdin.write(request)
+        child.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+
+
+class _RowPipe:
+    """The pipe a job's process sends its row through (`sdbuild.worker`), read by a thread so that a
+    long row never blocks the child; the row read back is validated like any row."""
+
+    def __init__(self) -> None:
+        self._read, self.fd = os.pipe()
+        self._chunks: list[bytes] = []
+        self._thread: Any = None
+
+    def __enter__(self) -> "_RowPipe":
+        return self
+
+    def started(self) -> None:
+        """The child has its copy of the write end: close ours (EOF comes when the child's closes)."""
+        import threading
+
+        os.close(self.fd)
+        self.fd = -1
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            while chunk := os.read(self._read, 1 << 16):
+                self._chunks.append(chunk)
+        finally:
+            os.close(self._read)
+
+    def row(self, wait_s: float = 5.0) -> Optional[Dict[str, Any]]:
+        """The last whole, valid row the child sent (None: none). Waits `wait_s` at most for the end of
+        the pipe: a process the child started may still hold its end open."""
+        if self._thread is not None:
+            self._thread.join(wait_s)
+        import json
+
+        for line in reversed(b"".join(self._chunks).split(b"\n")):
+            try:
+                return results.validate(json.loads(line))
+            except (ValueError, results.RowError):
+                continue
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is None:  # the child never started: nothing to read
+            os.close(self.fd)
+            os.close(self._read)
+        # else the reading thread closes the read end at the pipe's end
 
 
 def _die_with_parent() -> None:

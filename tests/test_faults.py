@@ -469,7 +469,7 @@ def test_a_sweeps_child_job_dies_with_the_sweep_even_by_kill_9(tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not children:  # the first job's own process has started
             time.sleep(0.2)
-            children = [p for p in _processes_mentioning(f"hydra.run.dir={sweep_dir}") if p != sweep.pid]
+            children = [p for p in _processes_mentioning(f"sdbuild.worker\0{sweep_dir}") if p != sweep.pid]
         assert children, "no child job process started"
         time.sleep(1.0)  # in the middle of the job (importing or building: alive either way)
         assert all(Path(f"/proc/{p}").exists() for p in children)
@@ -511,3 +511,33 @@ def test_a_job_refused_while_composing_is_a_row_and_the_sweep_goes_on(tmp_path):
     assert table["1"]["status"] == "unsupported" and "oc.env" in table["1"]["error"]
     assert table["2"]["status"] == "unsupported" and "run.nosuch" in table["2"]["error"]
     assert (tmp_path / "report.md").is_file() and not (tmp_path / results.LOCK_FILE).exists()
+
+
+# Round three (issue 27) ------------------------------------------------------------------------
+
+TEAM_CONF = ROOT / "tests" / "data" / "team_conf"
+
+
+def test_a_child_job_runs_exactly_the_job_its_parent_composed(tmp_path):
+    """Default sweep settings (each job in its own process). The parent composed each job from a search
+    path (`+preset=team_fast`), an extra `--config-dir` (`model=extra_tiny`), `hydra.job.env_set`, into
+    a sweep folder with a comma in its path: the child runs that very spec (before: it re-composed a
+    re-typed command line, and every job failed "Could not find 'preset/team_fast'" or "Ambiguous value")."""
+    extra = tmp_path / "extra_conf"
+    (extra / "model").mkdir(parents=True)
+    (extra / "model" / "extra_tiny.yaml").write_text("name: extra_tiny\nsource: tiny\nfamily: sd15\nresolution: 64\n")
+    sweep_dir = tmp_path / "a,b"
+    out = run_cli("--multirun", "--config-dir", str(extra), f"hydra.sweep.dir='{sweep_dir}'",
+                  f"hydra.searchpath=[file://{TEAM_CONF}]", "+preset=team_fast", "model=extra_tiny",
+                  "+hydra.job.env_set.SLURM_JOB_GPUS=team-env", *QUICK, "run.threads=1", "precision=fp32,bf16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = rows(sweep_dir)
+    assert sorted(found) == ["0", "1"], out.stdout[-3000:]
+    for num, precision in (("0", "fp32"), ("1", "bf16")):
+        row = found[num]
+        assert row["status"] == "ok", row["error"]
+        assert row["job"]["isolated"]
+        assert (row["preset"], row["choices"]["model"], row["choices"]["attention"]) == ("team_fast", "extra_tiny", "sdpa")
+        assert row["spec"]["precision"]["name"] == precision and row["spec"]["run"]["steps"] == 2  # command line wins
+        assert row["job"]["hardware"]["slurm_gpus"] == "team-env"  # hydra.job.env_set reached the job's process
+        assert "isolate=false" not in row["overrides"]  # the labels are the parent's, as typed
