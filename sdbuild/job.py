@@ -8,6 +8,7 @@ atomic write, the broken-image rule) is owned by `sdbuild.results`; this module 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -96,17 +97,33 @@ def environment(device: Optional[str]) -> Dict[str, Any]:
     return env
 
 
+def image_stats(images) -> Dict[str, Any]:
+    """Stats of the batch that reveal a broken image (NaN, one flat colour)."""
+    import numpy as np
+
+    return {"nan": bool(np.isnan(images).any()), "min": float(np.nanmin(images)), "max": float(np.nanmax(images)),
+            "mean": float(np.nanmean(images)), "std": float(np.nanstd(images))}
+
+
 def save_image(images, path: Path) -> Dict[str, Any]:
-    """Save the batch side by side as one PNG; return stats that reveal a broken image."""
+    """Save the batch side by side as one PNG; return `image_stats`."""
     import numpy as np
     from PIL import Image
 
-    nan = bool(np.isnan(images).any())
-    stats = {"nan": nan, "min": float(np.nanmin(images)), "max": float(np.nanmax(images)),
-             "mean": float(np.nanmean(images)), "std": float(np.nanstd(images))}
+    stats = image_stats(images)
     pixels = (np.nan_to_num(images, nan=0.0).clip(0, 1) * 255).round().astype("uint8")
     Image.fromarray(np.concatenate(list(pixels), axis=1)).save(path)
     return stats
+
+
+class ImageNotSaved(OSError):
+    """The job was measured but its image could not be written (a full disk): `fields` holds the
+    measurement, so the `failed` row keeps its timings."""
+
+    def __init__(self, path: Path, exc: BaseException, fields: Dict[str, Any]) -> None:
+        super().__init__(f"{path.name} could not be written ({type(exc).__name__}: {exc}): the job was measured, "
+                         f"its timings are in this row")
+        self.fields = fields
 
 
 def release_memory() -> None:
@@ -283,8 +300,12 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
         row["job"]["interrupted"] = signame
         exc.row = row  # completed below (env, wall time, written): a job's process sends it back
         raise
-    except Exception as exc:
-        row.update(status=Status.failed.value, error=_failure_reason(exc))
+    except ImageNotSaved as exc:
+        row.update(exc.fields)
+        row.update(status=Status.failed.value, error=str(exc))
+    except Exception as exc:  # a failure after some timed calls keeps them, as an interrupt does
+        row.update(status=Status.failed.value, latency_s=None, error=_failure_reason(exc) + partial.said(spec))
+        row.update(partial.fields())
         try:
             (out_dir / ERROR_LOG).write_text(traceback.format_exc())
         except OSError as log_exc:
@@ -401,7 +422,12 @@ def measured_fields(spec: Spec, m: Any, info: Any, out_dir: Path, compile_cache:
         energy=m.energy(),
     )
     if spec.run.save_image and m.images is not None:
-        fields["image_stats"] = save_image(m.images, out_dir / IMAGE_FILE)
+        try:
+            fields["image_stats"] = save_image(m.images, out_dir / IMAGE_FILE)
+        except OSError as exc:  # nothing measured is lost: the row keeps the timings, without an image
+            with contextlib.suppress(OSError):
+                (out_dir / IMAGE_FILE).unlink(missing_ok=True)  # half a PNG is no image
+            raise ImageNotSaved(out_dir / IMAGE_FILE, exc, {**fields, "image_stats": image_stats(m.images)}) from exc
         fields["image"] = IMAGE_FILE
     return fields
 

@@ -541,3 +541,61 @@ def test_a_child_job_runs_exactly_the_job_its_parent_composed(tmp_path):
         assert row["spec"]["precision"]["name"] == precision and row["spec"]["run"]["steps"] == 2  # command line wins
         assert row["job"]["hardware"]["slurm_gpus"] == "team-env"  # hydra.job.env_set reached the job's process
         assert "isolate=false" not in row["overrides"]  # the labels are the parent's, as typed
+
+
+ONE = ["run.steps=1", "run.warmup=0", "run.threads=1", "run.timeout_s=0"]
+
+
+def test_an_image_that_cannot_be_written_keeps_the_measurement(tmp_path):
+    """image.png cannot be written (a folder in its place; a full disk fails the same save): the row is
+    `failed`, says so, and keeps the timings, load and build times (before: a failed row without them)."""
+    from sdbuild.job import run_job
+
+    (tmp_path / "image.png").mkdir()
+    row = run_job(sdbuild.compose([*ONE, "run.repeats=2"]), tmp_path, {}, [*ONE, "run.repeats=2"], job={"num": 0})
+    assert row["status"] == "failed" and "image.png could not be written" in row["error"], row["error"]
+    assert len(row["latency_s"]["runs"]) == 2 and row["load_s"] is not None and row["image"] is None
+    assert results.read_row(tmp_path / "result.json")["latency_s"]["runs"] == row["latency_s"]["runs"]
+
+
+def test_an_error_in_timed_call_3_of_5_keeps_the_2_finished_calls(tmp_path, monkeypatch):
+    """A MemoryError in the third timed call (raised by the real tiny pipeline's VAE decoder, as an
+    allocation would) ends the job `failed`, keeping the 2 calls that finished, as an interrupt does."""
+    from sdbuild import builder
+    from sdbuild.job import run_job
+
+    real_build = builder.build_pipeline
+    calls = []
+
+    def build_failing_on_call_3(*args, **kwargs):
+        pipe, info = real_build(*args, **kwargs)
+
+        def third_call_fails(module, inputs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise MemoryError("cannot allocate the decoder's output")
+
+        pipe.vae.decoder.register_forward_pre_hook(third_call_fails)
+        return pipe, info
+
+    monkeypatch.setattr(builder, "build_pipeline", build_failing_on_call_3)
+    overrides = [*ONE, "run.repeats=5", "run.save_image=false"]
+    row = run_job(sdbuild.compose(overrides), tmp_path, {}, overrides, job={"num": 0})
+    assert len(calls) == 3
+    assert row["status"] == "failed" and row["error"].startswith("MemoryError"), row["error"]
+    assert len(row["latency_s"]["runs"]) == 2 and "2 of 5 timed runs finished" in row["error"]
+    assert results.read_row(tmp_path / "result.json")["latency_s"]["runs"] == row["latency_s"]["runs"]
+
+
+def test_a_job_process_that_cannot_write_its_row_still_hands_back_its_timings(tmp_path):
+    """In a job's own process, result.json cannot be written (a folder in its place): the row comes back
+    through the pipe with its timings, and its error's "its timings are in this row" is true (before:
+    the parent read back only the file, and the row had no timings)."""
+    from sdbuild.job import run_in_fresh_process
+
+    (tmp_path / "result.json").mkdir()
+    overrides = [*QUICK, "run.threads=1"]
+    row = run_in_fresh_process(sdbuild.compose(overrides), overrides, tmp_path, {}, {"num": 0})
+    assert row["status"] == "failed" and "it was measured: its timings are in this row" in row["error"], row["error"]
+    assert len(row["latency_s"]["runs"]) == 1 and row["job"]["isolated"] and row["job"]["unwritten"]
+    assert row["env"]["pid"] != os.getpid()  # measured in the job's own process
