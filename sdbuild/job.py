@@ -235,7 +235,8 @@ def keep_unwritten(out_dir: Path, row: Dict[str, Any], exc: BaseException) -> Di
         log.error("job %s: %s", row["job"].get("num"), row["error"])
         return row
     measured = row.get("status") in (Status.ok.value, Status.broken.value)
-    kept = bool((row.get("latency_s") or {}).get("runs")) and not measured  # a failed row's finished runs
+    kept = (bool((row.get("latency_s") or {}).get("runs")) and not measured  # a failed row's finished runs
+            and "in this row" not in (row.get("error") or ""))  # unless its error says so already
     row["error"] = (f"could not record the job in {out_dir} ({why})"
                     + ("; it was measured: its timings are in this row" if measured else "")
                     + ("; the timed runs that finished are in this row" if kept else "")

@@ -541,6 +541,9 @@ def test_a_child_job_runs_exactly_the_job_its_parent_composed(tmp_path):
         assert row["spec"]["precision"]["name"] == precision and row["spec"]["run"]["steps"] == 2  # command line wins
         assert row["job"]["hardware"]["slurm_gpus"] == "team-env"  # hydra.job.env_set reached the job's process
         assert "isolate=false" not in row["overrides"]  # the labels are the parent's, as typed
+        hydra_record = sweep_dir / num / ".hydra"  # Hydra's record of the job, written by sdbuild's callback
+        assert f"precision={precision}" in (hydra_record / "overrides.yaml").read_text()
+        assert "team_fast" in (hydra_record / "config.yaml").read_text() and (hydra_record / "hydra.yaml").is_file()
 
 
 ONE = ["run.steps=1", "run.warmup=0", "run.threads=1", "run.timeout_s=0"]
@@ -599,3 +602,41 @@ def test_a_job_process_that_cannot_write_its_row_still_hands_back_its_timings(tm
     assert row["status"] == "failed" and "it was measured: its timings are in this row" in row["error"], row["error"]
     assert len(row["latency_s"]["runs"]) == 1 and row["job"]["isolated"] and row["job"]["unwritten"]
     assert row["env"]["pid"] != os.getpid()  # measured in the job's own process
+
+
+def _tmpfs(folder: Path, size: str) -> bool:
+    """Mount a tmpfs of `size` on `folder` (root only); False where that is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_does_not_end_the_sweep(tmp_path):
+    """A 2 MiB tmpfs left with just the 16 KiB the sweep's start needs (lock, plan, Hydra's multirun.yaml):
+    Hydra's own `.hydra/*.yaml` write for job 0 would raise out of the launcher (before: exit 1, no
+    report, lock left, job 1 never ran). Now each job says what it could not write and ends in a row
+    (kept in memory), job 1 runs too, and the sweep ends with exit 0 and its lock released."""
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "2m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError):
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        os.truncate(filler, filler.stat().st_size - 16 * 1024)
+        sweep_dir = disk / "sweep"
+        out = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", *QUICK, "run.threads=1", "run.seed=1,2")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert out.stdout.count("FAILED: could not record the job") == 2, out.stdout[-3000:]  # both jobs ran to a row
+        assert "[sdbuild] job 2/2" in out.stdout and "could not write the report" in out.stdout
+        assert not (sweep_dir / results.LOCK_FILE).exists()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
