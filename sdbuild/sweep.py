@@ -137,8 +137,12 @@ def acquire_lock(sweep_dir: Path) -> Path:
             raise SweepError(
                 f"hydra.sweep.dir={sweep_dir} holds a lock file that cannot be read ({type(exc).__name__}: {exc}), "
                 f"so whether another sweep writes there is unknown. If none does, delete {path}.") from None
+        if owner is not None and not isinstance(owner, dict):  # `[1,2]`, `"x"`: no owner to name
+            raise SweepError(
+                f"hydra.sweep.dir={sweep_dir} holds a lock file that is not a lock record ({json.dumps(owner)[:80]}), "
+                f"so whether another sweep writes there is unknown. If none does, delete {path}.")
         if owner is not None and not _is_mine(owner):
-            if not isinstance(owner, dict) or not owner_dead(owner):
+            if not owner_dead(owner):
                 pid, host = (owner.get("pid"), owner.get("host")) if isinstance(owner, dict) else (None, None)
                 where = f"process {pid}" + (f" on {host}" if host != socket.gethostname() else "")
                 raise SweepError(

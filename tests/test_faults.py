@@ -640,3 +640,15 @@ def test_a_full_disk_does_not_end_the_sweep(tmp_path):
         assert not (sweep_dir / results.LOCK_FILE).exists()
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"a string"', "42"])
+def test_a_lock_file_that_is_not_a_lock_record_is_named_as_such(tmp_path, capsys, content):
+    from sdbuild.sweep import SweepError, acquire_lock
+
+    (tmp_path / results.LOCK_FILE).write_text(content)
+    with pytest.raises(SweepError):
+        acquire_lock(tmp_path)
+    said = capsys.readouterr().err
+    assert "not a lock record" in said and "None" not in said, said  # before: "process None on None"
+    assert (tmp_path / results.LOCK_FILE).read_text() == content  # never taken over
