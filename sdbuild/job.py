@@ -8,6 +8,7 @@ atomic write, the broken-image rule) is owned by `sdbuild.results`; this module 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -22,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from . import results
+from . import results, worker
 from .errors import SpecError, problem
 from .hardware import die_with_parent as _die_with_parent
 from .hardware import job_facts
@@ -96,17 +97,33 @@ def environment(device: Optional[str]) -> Dict[str, Any]:
     return env
 
 
+def image_stats(images) -> Dict[str, Any]:
+    """Stats of the batch that reveal a broken image (NaN, one flat colour)."""
+    import numpy as np
+
+    return {"nan": bool(np.isnan(images).any()), "min": float(np.nanmin(images)), "max": float(np.nanmax(images)),
+            "mean": float(np.nanmean(images)), "std": float(np.nanstd(images))}
+
+
 def save_image(images, path: Path) -> Dict[str, Any]:
-    """Save the batch side by side as one PNG; return stats that reveal a broken image."""
+    """Save the batch side by side as one PNG; return `image_stats`."""
     import numpy as np
     from PIL import Image
 
-    nan = bool(np.isnan(images).any())
-    stats = {"nan": nan, "min": float(np.nanmin(images)), "max": float(np.nanmax(images)),
-             "mean": float(np.nanmean(images)), "std": float(np.nanstd(images))}
+    stats = image_stats(images)
     pixels = (np.nan_to_num(images, nan=0.0).clip(0, 1) * 255).round().astype("uint8")
     Image.fromarray(np.concatenate(list(pixels), axis=1)).save(path)
     return stats
+
+
+class ImageNotSaved(OSError):
+    """The job was measured but its image could not be written (a full disk): `fields` holds the
+    measurement, so the `failed` row keeps its timings."""
+
+    def __init__(self, path: Path, exc: BaseException, fields: Dict[str, Any]) -> None:
+        super().__init__(f"{path.name} could not be written ({type(exc).__name__}: {exc}): the job was measured, "
+                         f"its timings are in this row")
+        self.fields = fields
 
 
 def release_memory() -> None:
@@ -214,9 +231,15 @@ def keep_unwritten(out_dir: Path, row: Dict[str, Any], exc: BaseException) -> Di
     """Mark `row` as one that could not be recorded in `out_dir`: `failed`, its measurement (if
     any) kept, the reason in `error` and `job.unwritten`, and said on the log at once."""
     why = f"{type(exc).__name__}: {exc}"
+    if (row.get("job") or {}).get("unwritten"):  # said already (a job's process that could not write it)
+        log.error("job %s: %s", row["job"].get("num"), row["error"])
+        return row
     measured = row.get("status") in (Status.ok.value, Status.broken.value)
+    kept = (bool((row.get("latency_s") or {}).get("runs")) and not measured  # a failed row's finished runs
+            and "in this row" not in (row.get("error") or ""))  # unless its error says so already
     row["error"] = (f"could not record the job in {out_dir} ({why})"
                     + ("; it was measured: its timings are in this row" if measured else "")
+                    + ("; the timed runs that finished are in this row" if kept else "")
                     + (f"; before that: {row['error']}" if row.get("error") and not measured else ""))
     row["status"] = Status.failed.value
     row["job"] = {**(row.get("job") or {}), "unwritten": why}
@@ -276,9 +299,14 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
                    error=f"interrupted ({signame}) before the measurement finished" + partial.said(spec))
         row.update(partial.fields())
         row["job"]["interrupted"] = signame
+        exc.row = row  # completed below (env, wall time, written): a job's process sends it back
         raise
-    except Exception as exc:
-        row.update(status=Status.failed.value, error=_failure_reason(exc))
+    except ImageNotSaved as exc:
+        row.update(exc.fields)
+        row.update(status=Status.failed.value, error=str(exc))
+    except Exception as exc:  # a failure after some timed calls keeps them, as an interrupt does
+        row.update(status=Status.failed.value, latency_s=None, error=_failure_reason(exc) + partial.said(spec))
+        row.update(partial.fields())
         if (rank_errors := getattr(exc, "ranks", None)) is not None:  # sdbuild.distributed.RankFailure
             row["parallel"] = {"world_size": spec.parallel.world_size, "errors": rank_errors}
         try:
@@ -415,7 +443,12 @@ def measured_fields(spec: Spec, m: Any, info: Any, out_dir: Path, compile_cache:
     if info.lora is not None:
         fields["lora"] = info.lora
     if spec.run.save_image and m.images is not None:
-        fields["image_stats"] = save_image(m.images, out_dir / IMAGE_FILE)
+        try:
+            fields["image_stats"] = save_image(m.images, out_dir / IMAGE_FILE)
+        except OSError as exc:  # nothing measured is lost: the row keeps the timings, without an image
+            with contextlib.suppress(OSError):
+                (out_dir / IMAGE_FILE).unlink(missing_ok=True)  # half a PNG is no image
+            raise ImageNotSaved(out_dir / IMAGE_FILE, exc, {**fields, "image_stats": image_stats(m.images)}) from exc
         fields["image"] = IMAGE_FILE
     return fields
 
@@ -434,12 +467,14 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     if (settled := settle_from_resume(spec, out_dir, row)) is not None:
         return settled  # nothing to measure: no process to start
     make_room(out_dir, row["spec_key"])  # the child's row, or none: never an earlier sweep's
-    command = [sys.executable, "-m", "sdbuild", *overrides, "isolate=false", f"hydra.run.dir={out_dir}"]
     log_path = out_dir / results.PROCESS_LOG
     interrupted = timed_out = None
-    with open(log_path, "w") as log_file:
-        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    with open(log_path, "w") as log_file, _RowPipe() as rows:
+        child = subprocess.Popen(child_command(out_dir, rows.fd), stdin=subprocess.PIPE, stdout=log_file,
+                                 stderr=subprocess.STDOUT, pass_fds=(rows.fd,), preexec_fn=_die_with_parent)
+        rows.started()
         try:
+            _hand_over(child, worker.request(row["spec"], out_dir, choices, overrides, job))
             returncode = child.wait(timeout_s or None)
         except subprocess.TimeoutExpired:
             timed_out = timeout_s
@@ -448,8 +483,9 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
         except KeyboardInterrupt as exc:
             interrupted = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
             returncode, _ = end_child(child)  # the child writes its own interrupted row
+    sent = rows.row()  # the child's row as it sent it: kept also when its result.json could not be written
     result = out_dir / results.RESULT_FILE
-    written = results.load_row(result) if result.is_file() else None
+    written = sent or (results.load_row(result) if result.is_file() else None)
     if written is not None and written["status"] != Status.unreadable.value:
         row = written
         row["job"] = {**(row.get("job") or {}), **job}
@@ -473,6 +509,71 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     if interrupted:
         raise Interrupted(interrupted)
     return row
+
+
+def child_command(out_dir: Path, rows_fd: int) -> list[str]:
+    """The command of a job's own process: `sdbuild.worker`, which composes nothing and runs the spec
+    it is handed (the job folder on its command line only names the process)."""
+    return [sys.executable, "-m", "sdbuild.worker", str(out_dir), "--rows-fd", str(rows_fd)]
+
+
+def _hand_over(child: subprocess.Popen, request: bytes) -> None:
+    """Give the child its job (one line on its stdin) and close its stdin: one job, then it exits. A
+    child that died before reading it is no error here: its exit code says what happened."""
+    try:
+        child.stdin.write(request)
+        child.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+
+
+class _RowPipe:
+    """The pipe a job's process sends its row through (`sdbuild.worker`), read by a thread so that a
+    long row never blocks the child; the row read back is validated like any row."""
+
+    def __init__(self) -> None:
+        self._read, self.fd = os.pipe()
+        self._chunks: list[bytes] = []
+        self._thread: Any = None
+
+    def __enter__(self) -> "_RowPipe":
+        return self
+
+    def started(self) -> None:
+        """The child has its copy of the write end: close ours (EOF comes when the child's closes)."""
+        import threading
+
+        os.close(self.fd)
+        self.fd = -1
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            while chunk := os.read(self._read, 1 << 16):
+                self._chunks.append(chunk)
+        finally:
+            os.close(self._read)
+
+    def row(self, wait_s: float = 5.0) -> Optional[Dict[str, Any]]:
+        """The last whole, valid row the child sent (None: none). Waits `wait_s` at most for the end of
+        the pipe: a process the child started may still hold its end open."""
+        if self._thread is not None:
+            self._thread.join(wait_s)
+        import json
+
+        for line in reversed(b"".join(self._chunks).split(b"\n")):
+            try:
+                return results.validate(json.loads(line))
+            except (ValueError, results.RowError):
+                continue
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is None:  # the child never started: nothing to read
+            os.close(self.fd)
+            os.close(self._read)
+        # else the reading thread closes the read end at the pipe's end
 
 
 def end_child(child: subprocess.Popen, grace_s: Optional[float] = None) -> tuple[int, Optional[str]]:

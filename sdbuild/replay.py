@@ -33,7 +33,7 @@ def load_row(path: str | Path) -> Dict[str, Any]:
         row = read_row(result)  # validated: a row that cannot be trusted is not replayed
     except RowError as exc:
         raise SystemExit(f"sdbuild.replay: {result} cannot be trusted ({exc}): nothing to replay") from None
-    if not isinstance(row.get("spec"), dict):
+    if not isinstance(row.get("spec"), dict) or not row["spec"]:  # absent: never the defaults under old labels
         raise SystemExit(f"sdbuild.replay: {result} records no spec (status {row.get('status')!r}): nothing to replay")
     return row
 
@@ -87,8 +87,37 @@ def replay(run_dir: str | Path, out_dir: Optional[str | Path] = None) -> Dict[st
     old = load_row(run_dir)
     spec = to_spec(old["spec"])
     spec.resume = None  # a replay measures again; it never copies the old measurement
-    return sdbuild.run(spec, out_dir, choices=old.get("choices") or None, overrides=old.get("overrides"),
+    spec.dry_run = False  # (and a recorded dry_run, which no job writes, does not make it print instead)
+    return sdbuild.run(spec, out_dir, choices=sdbuild.choices_of(spec), overrides=labels_of(spec, old.get("overrides")),
                        job={"replay_of": str(Path(run_dir).resolve())})
+
+
+def labels_of(spec: Any, overrides: Optional[List[Any]]) -> List[str]:
+    """The recorded overrides that the spec bears out (`precision=bf16` where the spec's precision is
+    bf16, `run.steps=4` where it runs 4 steps): a row's labels come from its spec, so a crafted
+    override that says otherwise is dropped, never copied into the new row."""
+    import yaml
+
+    from .spec import spec_to_dict
+
+    flat = _flatten(spec_to_dict(spec))
+    kept = []
+    for override in overrides or []:
+        if not isinstance(override, str) or "=" not in override:
+            continue
+        key, value = override.split("=", 1)
+        key = key.lstrip("+~")
+        try:
+            typed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            typed = value
+        recorded = flat.get(f"{key}.name", flat.get(key, _MISSING))
+        if recorded is not _MISSING and (recorded == typed or str(recorded) == value):
+            kept.append(override)
+    return kept
+
+
+_MISSING = object()
 
 
 def show_progress() -> None:

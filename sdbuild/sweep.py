@@ -137,8 +137,12 @@ def acquire_lock(sweep_dir: Path) -> Path:
             raise SweepError(
                 f"hydra.sweep.dir={sweep_dir} holds a lock file that cannot be read ({type(exc).__name__}: {exc}), "
                 f"so whether another sweep writes there is unknown. If none does, delete {path}.") from None
+        if owner is not None and not isinstance(owner, dict):  # `[1,2]`, `"x"`: no owner to name
+            raise SweepError(
+                f"hydra.sweep.dir={sweep_dir} holds a lock file that is not a lock record ({json.dumps(owner)[:80]}), "
+                f"so whether another sweep writes there is unknown. If none does, delete {path}.")
         if owner is not None and not _is_mine(owner):
-            if not isinstance(owner, dict) or not owner_dead(owner):
+            if not owner_dead(owner):
                 pid, host = (owner.get("pid"), owner.get("host")) if isinstance(owner, dict) else (None, None)
                 where = f"process {pid}" + (f" on {host}" if host != socket.gethostname() else "")
                 raise SweepError(
@@ -160,6 +164,36 @@ def release_lock(sweep_dir: Path) -> None:
         pass
 
 
+# conf/config.yaml sets `hydra.output_subdir: null`, so that Hydra writes nothing into a job's folder before
+# the job runs (its own write raises out of the launcher on a full disk, and ends the sweep); the same
+# three files are written here instead, where a failure is said and the job goes on to its row.
+HYDRA_SUBDIR = ".hydra"
+
+
+def save_hydra_files(config: DictConfig) -> Optional[str]:
+    """Hydra's record of a job in `<job>/.hydra/` (config.yaml, hydra.yaml, overrides.yaml, as Hydra
+    writes them); a folder that cannot take them (a full disk) is said on the log, never raised: the
+    job still runs and records its row (or says why it could not). Returns the reason, if any."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if config.hydra.get("output_subdir") is not None:  # asked for by name: Hydra wrote them itself
+        return None
+    folder = Path(config.hydra.runtime.output_dir) / HYDRA_SUBDIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        task = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+        for name, cfg in (("config.yaml", task), ("hydra.yaml", HydraConfig.instance().cfg),
+                          ("overrides.yaml", config.hydra.overrides.task)):
+            results.write_atomic(folder / name, OmegaConf.to_yaml(cfg))
+    except OSError as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        log.warning("could not write Hydra's record of the job into %s (%s); the job runs on", folder, why)
+        print(f"[sdbuild] could not write {folder} ({why}); the job runs on", flush=True)
+        return why
+    return None
+
+
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.total: Optional[int] = None
@@ -173,6 +207,9 @@ class SweepCallback(Callback):
         from .job import check_resume
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        # A log file that cannot be written (a full disk) must not print a traceback per log line:
+        # the jobs say what they could not write on their own lines (Python's documented switch).
+        logging.raiseExceptions = False
         try:
             check_resume(config.get("resume"))  # before any job runs: a typo would re-measure everything
         except SpecError as exc:
@@ -194,6 +231,7 @@ class SweepCallback(Callback):
                              f"Choose a folder you can write, e.g. hydra.sweep.dir=outputs/multirun/<name>") from None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        save_hydra_files(config)
         if not self.started:  # a single run
             return
         k = self.done + 1

@@ -515,7 +515,7 @@ def test_a_sweeps_child_job_dies_with_the_sweep_even_by_kill_9(tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not children:  # the first job's own process has started
             time.sleep(0.2)
-            children = [p for p in _processes_mentioning(f"hydra.run.dir={sweep_dir}") if p != sweep.pid]
+            children = [p for p in _processes_mentioning(f"sdbuild.worker\0{sweep_dir}") if p != sweep.pid]
         assert children, "no child job process started"
         time.sleep(1.0)  # in the middle of the job (importing or building: alive either way)
         assert all(Path(f"/proc/{p}").exists() for p in children)
@@ -557,3 +557,144 @@ def test_a_job_refused_while_composing_is_a_row_and_the_sweep_goes_on(tmp_path):
     assert table["1"]["status"] == "unsupported" and "oc.env" in table["1"]["error"]
     assert table["2"]["status"] == "unsupported" and "run.nosuch" in table["2"]["error"]
     assert (tmp_path / "report.md").is_file() and not (tmp_path / results.LOCK_FILE).exists()
+
+
+# Round three (issue 27) ------------------------------------------------------------------------
+
+TEAM_CONF = ROOT / "tests" / "data" / "team_conf"
+
+
+def test_a_child_job_runs_exactly_the_job_its_parent_composed(tmp_path):
+    """Default sweep settings (each job in its own process). The parent composed each job from a search
+    path (`+preset=team_fast`), an extra `--config-dir` (`model=extra_tiny`), `hydra.job.env_set`, into
+    a sweep folder with a comma in its path: the child runs that very spec (before: it re-composed a
+    re-typed command line, and every job failed "Could not find 'preset/team_fast'" or "Ambiguous value")."""
+    extra = tmp_path / "extra_conf"
+    (extra / "model").mkdir(parents=True)
+    (extra / "model" / "extra_tiny.yaml").write_text("name: extra_tiny\nsource: tiny\nfamily: sd15\nresolution: 64\n")
+    sweep_dir = tmp_path / "a,b"
+    out = run_cli("--multirun", "--config-dir", str(extra), f"hydra.sweep.dir='{sweep_dir}'",
+                  f"hydra.searchpath=[file://{TEAM_CONF}]", "+preset=team_fast", "model=extra_tiny",
+                  "+hydra.job.env_set.SLURM_JOB_GPUS=team-env", *QUICK, "run.threads=1", "precision=fp32,bf16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = rows(sweep_dir)
+    assert sorted(found) == ["0", "1"], out.stdout[-3000:]
+    for num, precision in (("0", "fp32"), ("1", "bf16")):
+        row = found[num]
+        assert row["status"] == "ok", row["error"]
+        assert row["job"]["isolated"]
+        assert (row["preset"], row["choices"]["model"], row["choices"]["attention"]) == ("team_fast", "extra_tiny", "sdpa")
+        assert row["spec"]["precision"]["name"] == precision and row["spec"]["run"]["steps"] == 2  # command line wins
+        assert row["job"]["hardware"]["slurm_gpus"] == "team-env"  # hydra.job.env_set reached the job's process
+        assert "isolate=false" not in row["overrides"]  # the labels are the parent's, as typed
+        hydra_record = sweep_dir / num / ".hydra"  # Hydra's record of the job, written by sdbuild's callback
+        assert f"precision={precision}" in (hydra_record / "overrides.yaml").read_text()
+        assert "team_fast" in (hydra_record / "config.yaml").read_text() and (hydra_record / "hydra.yaml").is_file()
+
+
+ONE = ["run.steps=1", "run.warmup=0", "run.threads=1", "run.timeout_s=0"]
+
+
+def test_an_image_that_cannot_be_written_keeps_the_measurement(tmp_path):
+    """image.png cannot be written (a folder in its place; a full disk fails the same save): the row is
+    `failed`, says so, and keeps the timings, load and build times (before: a failed row without them)."""
+    from sdbuild.job import run_job
+
+    (tmp_path / "image.png").mkdir()
+    row = run_job(sdbuild.compose([*ONE, "run.repeats=2"]), tmp_path, {}, [*ONE, "run.repeats=2"], job={"num": 0})
+    assert row["status"] == "failed" and "image.png could not be written" in row["error"], row["error"]
+    assert len(row["latency_s"]["runs"]) == 2 and row["load_s"] is not None and row["image"] is None
+    assert results.read_row(tmp_path / "result.json")["latency_s"]["runs"] == row["latency_s"]["runs"]
+
+
+def test_an_error_in_timed_call_3_of_5_keeps_the_2_finished_calls(tmp_path, monkeypatch):
+    """A MemoryError in the third timed call (raised by the real tiny pipeline's VAE decoder, as an
+    allocation would) ends the job `failed`, keeping the 2 calls that finished, as an interrupt does."""
+    from sdbuild import builder
+    from sdbuild.job import run_job
+
+    real_build = builder.build_pipeline
+    calls = []
+
+    def build_failing_on_call_3(*args, **kwargs):
+        pipe, info = real_build(*args, **kwargs)
+
+        def third_call_fails(module, inputs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise MemoryError("cannot allocate the decoder's output")
+
+        pipe.vae.decoder.register_forward_pre_hook(third_call_fails)
+        return pipe, info
+
+    monkeypatch.setattr(builder, "build_pipeline", build_failing_on_call_3)
+    overrides = [*ONE, "run.repeats=5", "run.save_image=false"]
+    row = run_job(sdbuild.compose(overrides), tmp_path, {}, overrides, job={"num": 0})
+    assert len(calls) == 3
+    assert row["status"] == "failed" and row["error"].startswith("MemoryError"), row["error"]
+    assert len(row["latency_s"]["runs"]) == 2 and "2 of 5 timed runs finished" in row["error"]
+    assert results.read_row(tmp_path / "result.json")["latency_s"]["runs"] == row["latency_s"]["runs"]
+
+
+def test_a_job_process_that_cannot_write_its_row_still_hands_back_its_timings(tmp_path):
+    """In a job's own process, result.json cannot be written (a folder in its place): the row comes back
+    through the pipe with its timings, and its error's "its timings are in this row" is true (before:
+    the parent read back only the file, and the row had no timings)."""
+    from sdbuild.job import run_in_fresh_process
+
+    (tmp_path / "result.json").mkdir()
+    overrides = [*QUICK, "run.threads=1"]
+    row = run_in_fresh_process(sdbuild.compose(overrides), overrides, tmp_path, {}, {"num": 0})
+    assert row["status"] == "failed" and "it was measured: its timings are in this row" in row["error"], row["error"]
+    assert len(row["latency_s"]["runs"]) == 1 and row["job"]["isolated"] and row["job"]["unwritten"]
+    assert row["env"]["pid"] != os.getpid()  # measured in the job's own process
+
+
+def _tmpfs(folder: Path, size: str) -> bool:
+    """Mount a tmpfs of `size` on `folder` (root only); False where that is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_does_not_end_the_sweep(tmp_path):
+    """A 2 MiB tmpfs left with just the 16 KiB the sweep's start needs (lock, plan, Hydra's multirun.yaml):
+    Hydra's own `.hydra/*.yaml` write for job 0 would raise out of the launcher (before: exit 1, no
+    report, lock left, job 1 never ran). Now each job says what it could not write and ends in a row
+    (kept in memory), job 1 runs too, and the sweep ends with exit 0 and its lock released."""
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "2m"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError):
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        os.truncate(filler, filler.stat().st_size - 16 * 1024)
+        sweep_dir = disk / "sweep"
+        out = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", *QUICK, "run.threads=1", "run.seed=1,2")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert out.stdout.count("FAILED: could not record the job") == 2, out.stdout[-3000:]  # both jobs ran to a row
+        assert "[sdbuild] job 2/2" in out.stdout and "could not write the report" in out.stdout
+        assert not (sweep_dir / results.LOCK_FILE).exists()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"a string"', "42"])
+def test_a_lock_file_that_is_not_a_lock_record_is_named_as_such(tmp_path, capsys, content):
+    from sdbuild.sweep import SweepError, acquire_lock
+
+    (tmp_path / results.LOCK_FILE).write_text(content)
+    with pytest.raises(SweepError):
+        acquire_lock(tmp_path)
+    said = capsys.readouterr().err
+    assert "not a lock record" in said and "None" not in said, said  # before: "process None on None"
+    assert (tmp_path / results.LOCK_FILE).read_text() == content  # never taken over

@@ -116,3 +116,33 @@ def test_dry_run_refuses_like_a_run(tmp_path):
     out = run_cli("dry_run=true", "precision=fp16", "run.device=cpu", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2 and "precision=fp16" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "result.json").exists()
+
+
+def _planted(recorded: Path, folder: Path, **changes) -> Path:
+    row = json.loads((recorded / "result.json").read_text())
+    row.update(changes)
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps(row))
+    return folder
+
+
+def test_a_replayed_rows_labels_come_from_its_spec(recorded, tmp_path, monkeypatch, capsys):
+    """Crafted `choices` and `overrides` that contradict the recorded spec are not copied into the new row."""
+    old = json.loads((recorded / "result.json").read_text())
+    planted = _planted(recorded, tmp_path / "old", choices={**old["choices"], "precision": "fp16", "attention": "xformers"},
+                       overrides=[*old["overrides"], "precision=fp16", "run.steps=50"])
+    code, _, new = rerun(planted, tmp_path, monkeypatch, capsys)
+    assert code == 0 and new["spec"] == old["spec"]
+    assert new["choices"]["precision"] == "fp32" and new["choices"]["attention"] == "sdpa"
+    assert new["overrides"] == old["overrides"]  # the labels the spec bears out, and only those
+
+
+def test_a_row_without_a_spec_or_with_dry_run_is_not_replayed_as_something_else(recorded, tmp_path, monkeypatch, capsys):
+    no_spec = _planted(recorded, tmp_path / "nospec", spec=None)
+    with pytest.raises(SystemExit, match="records no spec"):  # before: the defaults (50 steps) under the old labels
+        replay.main([str(no_spec)])
+    dry = json.loads((recorded / "result.json").read_text())
+    dry["spec"]["dry_run"] = True
+    planted = _planted(recorded, tmp_path / "dry", spec=dry["spec"])
+    code, _, new = rerun(planted, tmp_path, monkeypatch, capsys)  # before: a TypeError
+    assert code == 0 and new["status"] == "ok" and new["spec"]["run"]["steps"] == 4

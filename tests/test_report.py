@@ -756,3 +756,20 @@ def test_a_hostile_row_is_unreadable_and_touches_nothing_outside_its_folder(host
     assert moved is not None and moved.resolve().is_relative_to((sweep / "0").resolve())
     after = sorted(p for p in tmp_path.rglob("*") if "sweep/0/" not in str(p) + "/")
     assert after == before
+
+
+def test_results_csv_cells_never_start_a_spreadsheet_formula(tmp_path: Path):
+    """A prompt (or an error) from someone else that starts with `=`, `+`, `-` or `@` is shown as text in a
+    spreadsheet (the leading `'`), never run as a formula; a negative number stays a number."""
+    write_job(tmp_path, "0", overrides=['run.prompt==HYPERLINK("http://evil.example","x")', "run.seed=-1"])
+    write_job(tmp_path, "1", overrides=["run.prompt=+cmd|' /C calc'!A0", "run.seed=2"])
+    write_job(tmp_path, "2", overrides=["run.prompt=-2+3", "run.seed=3"], status="failed", median=None,
+              error="@SUM(A1) in the error")
+    report.aggregate(tmp_path)
+    table = read_csv(tmp_path)
+    assert table["0"]["run.prompt"] == '\'=HYPERLINK("http://evil.example","x")'
+    assert table["1"]["run.prompt"] == "'+cmd|' /C calc'!A0" and table["2"]["run.prompt"] == "'-2+3"
+    assert table["2"]["error"] == "'@SUM(A1) in the error" and table["0"]["run.seed"] == "-1"
+    for row in table.values():
+        for column, cell in row.items():
+            assert not cell.startswith(("=", "+", "@")) and (not cell.startswith("-") or float(cell) < 0), (column, cell)

@@ -263,6 +263,25 @@ def test_cli_runs_a_team_preset_on_a_team_model(tmp_path):
     assert (tmp_path / "image.png").exists()
 
 
+@pytest.mark.slow  # 2 jobs of 50 steps in their own processes: ~30 s on a quiet machine, 15 min on a loaded one
+def test_the_team_sweep_of_the_docs_runs_word_for_word_in_the_default_mode(tmp_path):
+    """docs/teams-and-safety.md's team sweep, as written there, in the default mode (each job in a
+    process of its own): both jobs run the team's preset (before: "Could not find 'preset/team_pkg_sdpa'")."""
+    import shlex
+
+    doc = (ROOT / "docs" / "teams-and-safety.md").read_text()
+    (line,) = [ln for ln in doc.splitlines() if ln.startswith("python -m sdbuild --multirun") and "pkg://" in ln]
+    argv = shlex.split(line)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TEAM_PKG), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/multirun/*/*/result.json")]
+    assert sorted(r["spec"]["precision"]["name"] for r in found) == ["bf16", "fp32"], out.stdout[-3000:]
+    for row in found:
+        assert row["status"] == "ok" and row["job"]["isolated"], row["error"]
+        assert row["preset"] == "team_pkg_sdpa" and row["choices"]["attention"] == "sdpa"
+
+
 # --help, one refusal, the package docstring ---------------------------------------------------------
 
 

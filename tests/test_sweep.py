@@ -246,7 +246,8 @@ def test_mistyped_resume_and_a_live_sweep_in_the_folder_are_refused(tmp_path):
     assert "Traceback" not in out.stderr and not list(busy.glob("*/result.json"))
 
 
-def test_isolated_job_never_reports_a_stale_row_and_a_crashed_one_keeps_its_spec(tmp_path):
+def test_isolated_job_never_reports_a_stale_row_and_a_crashed_one_keeps_its_spec(tmp_path, monkeypatch):
+    from sdbuild import job as job_module
     from sdbuild.job import run_in_fresh_process
     from sdbuild.config import compose
     from sdbuild.report import analyse
@@ -254,8 +255,10 @@ def test_isolated_job_never_reports_a_stale_row_and_a_crashed_one_keeps_its_spec
     job = tmp_path / "0"
     _prepared_row(job, ["precision=fp32"], "ok", latency_s=results.latency_stats([0.1, 0.1, 0.1]))  # an old sweep's
     spec = compose(FAST)
-    # The child gets an override it cannot compose: it dies before writing a row.
-    row = run_in_fresh_process(spec, [*FAST, "run.steps=not-a-number"], job, {"precision": "fp32"}, {"num": 0})
+    # The job's process dies before writing a row (as a segfault or the OOM killer would end it).
+    monkeypatch.setattr(job_module, "child_command",
+                        lambda out_dir, fd: [sys.executable, "-c", "import sys; print('dying'); sys.exit(1)"])
+    row = run_in_fresh_process(spec, list(FAST), job, {"precision": "fp32"}, {"num": 0})
     assert row["status"] == "failed" and "exited with code 1" in row["error"] and row["job"]["isolated"]
     on_disk = results.read_row(job / "result.json")
     assert on_disk["status"] == "failed" and on_disk["spec"]["run"]["steps"] == 4  # the spec, composed in the parent

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .. import results
 from .analyse import Sweep, analyse
-from .render import NOISY_MARK, fmt_seconds, machine_lines, median
+from .render import NOISY_MARK, fmt_seconds, machine_lines, median, spreadsheet_safe
 
 COMPARISON_FILE = "comparison.csv"
 
@@ -69,6 +69,7 @@ def write_csv(sweeps: list[Sweep], lines: list[dict], path: Path) -> Path:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["configuration", "spec_key"] + [f"{s.path}:median_s" for s in sweeps])
     for line in lines:
-        writer.writerow([line["label"], line["spec_key"]] + [median(c) if c and not c["broken"] else "" for c in line["cells"]])
+        writer.writerow([spreadsheet_safe(line["label"]), line["spec_key"]]
+                        + [median(c) if c and not c["broken"] else "" for c in line["cells"]])
     results.write_atomic(path, buf.getvalue())
     return path

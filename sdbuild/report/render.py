@@ -335,12 +335,29 @@ def _csv_record(row: dict, sweep: Sweep) -> dict:
     return {k: _csv_value(v) for k, v in record.items()}
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string that would start a formula (`=HYPERLINK(...)`,
+    `+cmd|...`, `@SUM`, a prompt from someone else) gets the usual leading `'`; numbers, and text that
+    is a number (`-1`), are left as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def write_csv(sweep: Sweep) -> Path:
-    """results.csv: one line per job, every row including unreadable and missing ones."""
+    """results.csv: one line per job, every row including unreadable and missing ones; every text cell
+    `spreadsheet_safe`."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=csv_columns(sweep), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(_csv_record(row, sweep) for row in sweep.rows)
+    writer.writerows({k: spreadsheet_safe(v) for k, v in _csv_record(row, sweep).items()} for row in sweep.rows)
     path = sweep.path / CSV_FILE
     results.write_atomic(path, out.getvalue())
     return path
