@@ -88,7 +88,7 @@ def sd(args) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 100 == 0 or step == vae_steps - 1:
+        if step % 20 == 0 or step == vae_steps - 1:
             log(f"vae step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
     vae.eval()
     with torch.no_grad():
@@ -131,7 +131,7 @@ def sd(args) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        if step % 50 == 0 or step == unet_steps - 1:
+        if step % 20 == 0 or step == unet_steps - 1:
             log(f"unet step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
     log(f"unet + text encoder trained in {time.time() - t0:.0f} s")
 
