@@ -44,5 +44,5 @@ def test_cli_row_records_adherence(tmp_path):
                    f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads((tmp_path / "result.json").read_text())
-    assert row["status"] == "ok" and row["adherence"]["images"] == 10
+    assert row["status"] == "ok" and row["adherence"]["images"] == 20  # 10 prompts x the default seeds 0, 1
     assert 0.0 <= row["adherence"]["score"] <= 1.0
