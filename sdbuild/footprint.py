@@ -25,7 +25,9 @@ def vae_channels(spec: Spec) -> int:
 
     if spec.vae.kind is VaeKind.tiny:
         return TAESD_CHANNELS
-    return (TINY_VAE if spec.model.source is ModelSource.tiny else SD15_VAE)["block_out_channels"][0]
+    # The drawn model's VAE is narrower (8) than the tiny one: the tiny width bounds it from above.
+    tiny = spec.model.source in (ModelSource.tiny, ModelSource.drawn)
+    return (TINY_VAE if tiny else SD15_VAE)["block_out_channels"][0]
 
 
 def decode_bytes(spec: Spec) -> Optional[int]:

@@ -28,7 +28,7 @@ from .errors import SpecError, problem
 from .hardware import die_with_parent as _die_with_parent
 from .hardware import job_facts
 from .results import ERROR_LOG, IMAGE_FILE, RESULT_FILE, Status
-from .spec import CompileMethod, Spec, spec_key, spec_to_dict
+from .spec import CompileMethod, ModelSource, Spec, spec_key, spec_to_dict
 
 log = logging.getLogger("sdbuild")
 CHILD_GRACE_S = 30  # how long an interrupted isolate=true child gets to write its own row
@@ -410,6 +410,7 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
     if (swaps := lora.measure_swaps(pipe, spec, lambda: pipeline_call(spec, pipe)(**call_kwargs(spec, pipe, device)))):
         info.lora["swaps"] = swaps  # after the timed calls: the image and latency are the first adapter's
     fields = measured_fields(spec, m, info, out_dir, compile_cache_stats(spec, counters_before))
+    fields["adherence"] = adherence_fields(spec, pipe, device)
     fields["measurement"] = results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
                                                        calls=len(m.runs_s), stop=m.stop_reason, threads=threads)
     return fields
@@ -428,6 +429,30 @@ def _launch_and_record(spec: Spec, device: str, out_dir: Path, label: str) -> Di
                                                        calls=len(m.runs_s), stop=m.stop_reason,
                                                        threads=answer["ranks"]["0"]["facts"]["threads"])
     return fields
+
+
+def adherence_fields(spec: Spec, pipe, device: str) -> Optional[Dict[str, Any]]:
+    """The row's `adherence` (drawn models only, after the timed calls): the built pipeline draws
+    fidelity.prompts x fidelity.seeds and the drawn reader (sdbuild/drawn.py) reads each image's digit
+    and colours back. None for any other model (the reader knows only the drawn set) or with
+    fidelity.prompts=[]."""
+    import numpy as np
+
+    from . import drawn
+    from .run_inputs import adherence_calls
+
+    if spec.model.source is not ModelSource.drawn:
+        return None
+    prompts = drawn.ADHERENCE_PROMPTS if spec.fidelity.prompts is None else list(spec.fidelity.prompts)
+    if not prompts or not spec.fidelity.seeds:
+        return None
+    started = time.perf_counter()
+    call, wanted, seen = pipeline_call(spec, pipe), [], []
+    for chunk, kwargs in adherence_calls(spec, pipe, device, prompts, spec.fidelity.seeds):
+        images = np.asarray(call(**kwargs).images)
+        seen += drawn.read((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+        wanted += [drawn.parse_prompt(p) for p in chunk]
+    return drawn.adherence_record(wanted, seen, seconds=time.perf_counter() - started)
 
 
 def measured_fields(spec: Spec, m: Any, info: Any, out_dir: Path, compile_cache: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -7,6 +7,8 @@ with safetensors weights, loaded by its family's pipeline class (``from_pretrain
   to its snapshot folder here). Checked per component before loading. sdbuild downloads only when
   asked (``model.download=true``: huggingface_hub's snapshot_download, safetensors and configs only,
   into the normal HF cache, in the load step); the default stays offline.
+- ``drawn``: a tiny pipeline trained on the drawn set (sdbuild/drawn.py, scripts/train_tiny.py),
+  shipped with the package as a diffusers folder under sdbuild/data/ (DRAWN_MODELS), loaded as is.
 - ``tiny`` / ``arch``: a pipeline built from code with a fixed seed and random weights: the
   embedded tiny model, or a published architecture (SD 1.5, SDXL, Flux, SD 3.5) at full size, each
   laid out and built by its family (sdbuild/families/<family>.py). It is saved once to the cache
@@ -28,10 +30,15 @@ from typing import Optional
 
 from .errors import problem
 from .families import FAMILIES, random_family
-from .spec import LoraAdapter, LoraMode, ModelSource, ModelSpec, Spec
+from .spec import LoraAdapter, LoraMode, ModelFamily, ModelSource, ModelSpec, Spec
 
 # Bump when the code that builds a random model changes, so stale caches are not reused.
 RANDOM_MODEL_VERSION = 1
+
+# The drawn models shipped with the package: family -> folder under sdbuild/data (scripts/train_tiny.py).
+DATA_DIR = Path(__file__).parent / "data"
+DRAWN_MODELS = {ModelFamily.sd15: "tiny_drawn"}
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SDBUILD_CACHE", Path.home() / ".cache" / "sdbuild"))
@@ -55,6 +62,8 @@ def model_folder(model: ModelSpec, cache_dir: str | None) -> str:
         return str(Path(model.config).expanduser())
     if model.source is ModelSource.pretrained:
         return str(local_folder(model.path))
+    if model.source is ModelSource.drawn:
+        return str(DATA_DIR / DRAWN_MODELS[model.family])
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     return str(root / f"{random_model_name(model)}-v{RANDOM_MODEL_VERSION}")
 
@@ -65,7 +74,7 @@ def ensure_model(model: ModelSpec, cache_dir: str | None) -> str:
     if to_download(model):
         download_model(model)
     folder = model_folder(model, cache_dir)
-    if model.source is not ModelSource.pretrained and not (Path(folder) / "model_index.json").exists():
+    if model.source in (ModelSource.tiny, ModelSource.arch) and not (Path(folder) / "model_index.json").exists():
         save_random_pipeline(random_model_name(model), Path(folder))
     return folder
 
@@ -208,13 +217,16 @@ def pickle_problem(option: str, path: str) -> Optional[str]:
 
 def ignored_path_problem(spec: Spec) -> Optional[str]:
     """A `model.path` the chosen source would drop: tiny/arch models build random weights from code,
-    so the path would be silently ignored while the row claims to measure it."""
+    drawn models load the weights shipped with sdbuild, so the path would be silently ignored while
+    the row claims to measure it."""
     model = spec.model
     if model.source is ModelSource.pretrained or not model.path:
         return None
     pretrained = model.family.value  # conf/model/<family>.yaml is each family's pretrained model
-    return problem(f"model.path={model.path}", f"model={model.name} (source={model.source.value}) builds its weights "
-                   "from code with a fixed seed and would ignore this path",
+    own = ("loads the weights shipped with sdbuild" if model.source is ModelSource.drawn
+           else "builds its weights from code with a fixed seed")
+    return problem(f"model.path={model.path}", f"model={model.name} (source={model.source.value}) {own} "
+                   "and would ignore this path",
                    f"Choose the family's pretrained model with it: model={pretrained} model.path={model.path}, "
                    f"or drop model.path to measure the random model")
 
@@ -231,6 +243,8 @@ def model_problems(spec: Spec) -> list[str]:
     if spec.model.download and (why := download_problem(spec.model)):
         return [why]
     problems = []
+    if spec.model.source is ModelSource.drawn:
+        problems += drawn_problems(spec.model)
     if single_file(spec.model):
         problems += single_file_problems(spec.model)
     elif to_download(spec.model):
@@ -245,6 +259,16 @@ def model_problems(spec: Spec) -> list[str]:
         problems += folder_problems("vae.path", spec.vae.path, "config.json", ("",),
                                     "vae.path=/path/to/taesd (a folder with config.json and safetensors weights)")
     return problems
+
+
+def drawn_problems(model: ModelSpec) -> list[str]:
+    """A drawn model exists for its family and its shipped folder is complete."""
+    if model.family not in DRAWN_MODELS:
+        return [problem(f"model.source=drawn", f"there is no drawn model of family {model.family.value}",
+                        "Use model=" + ", model=".join(DRAWN_MODELS.values()) + ", or source=tiny for a random one")]
+    folder = DATA_DIR / DRAWN_MODELS[model.family]
+    return folder_problems("model.source=drawn", str(folder), "model_index.json", COMPONENTS[model.family],
+                           "reinstall sdbuild, or train it: python scripts/train_tiny.py sd")
 
 
 def single_file_problems(model: ModelSpec) -> list[str]:

@@ -109,6 +109,10 @@ FIELDS: Dict[str, tuple] = {
     # lora != none: {mode, adapters: [{path, sha256, scale, rank}], target_rank, swaps: [{adapter, path,
     # swap_s, call_s, recompiles}]} (sdbuild/levers/lora.py)
     "lora": (dict,),
+    # Drawn models only (model.source=drawn): {score, digit, colour, background, images, seconds}, the
+    # share of fidelity.prompts x fidelity.seeds images the drawn reader reads as their prompt says
+    # (sdbuild/drawn.py); null on every other model (no reader for them).
+    "adherence": (dict,),
 }
 NUMERIC_FIELDS = ("warmup_s", "load_s", "build_s", "peak_memory_mb", "warmup_peak_memory_mb",
                   "peak_memory_reserved_mb", "steps_per_s")
@@ -348,6 +352,11 @@ def untrusted_fields(data: Dict[str, Any]) -> None:
     _bounded(job.get("num"), "job.num", MAX_COUNT, whole=True)
     for name in ("wall_s", "timeout_s"):
         _bounded(job.get(name), f"job.{name}", MAX_SECONDS)
+    adherence = data.get("adherence") or {}
+    for name in ("score", "digit", "colour", "background"):
+        _bounded(adherence.get(name), f"adherence.{name}", 1.0)
+    _bounded(adherence.get("images"), "adherence.images", MAX_COUNT, whole=True)
+    _bounded(adherence.get("seconds"), "adherence.seconds", MAX_SECONDS)
     for name, value in (data.get("paired") or {}).items():
         if name in ("median", "low", "high", "confidence"):
             _bounded(value, f"paired.{name}", 1e6)

@@ -67,3 +67,22 @@ def pipeline_call(spec: Spec, pipe):
 
     call.__wrapped__ = pipe  # the pipeline itself, for whoever inspects what is measured
     return call
+
+
+def adherence_calls(spec: Spec, pipe, device: str, prompts, seeds):
+    """The prompt-adherence pass's calls (sdbuild.job.adherence_fields): every prompt with every seed,
+    `fidelity.batch` images a call, each image's noise drawn from its own seed as a single run's is;
+    otherwise the row's own call (steps, guidance, size). Yields (prompts of the call, kwargs)."""
+    import dataclasses
+
+    pairs = [(p, s) for s in seeds for p in prompts]
+    for start in range(0, len(pairs), spec.fidelity.batch):
+        chunk = pairs[start:start + spec.fidelity.batch]
+        noise = [initial_latents(dataclasses.replace(spec, run=dataclasses.replace(spec.run, batch_size=1, seed=s)),
+                                 pipe, device) for _, s in chunk]
+        one = dataclasses.replace(spec, run=dataclasses.replace(spec.run, batch_size=len(chunk), negative_prompt=None))
+        kwargs = call_kwargs(one, pipe, device)
+        kwargs.update(prompt=[p for p, _ in chunk], latents=torch.cat(noise))
+        if spec.run.negative_prompt is not None:
+            kwargs["negative_prompt"] = [spec.run.negative_prompt] * len(chunk)
+        yield [p for p, _ in chunk], kwargs

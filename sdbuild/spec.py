@@ -102,6 +102,7 @@ class ModelSource(enum.Enum):
     tiny = "tiny"  # embedded tiny model, built from code once, then loaded from safetensors
     pretrained = "pretrained"  # hub id or local folder, loaded with from_pretrained
     arch = "arch"  # published architecture, random weights
+    drawn = "drawn"  # tiny model trained on the drawn set (scripts/train_tiny.py), shipped in sdbuild/data
 
 
 class ModelFamily(enum.Enum):
@@ -361,6 +362,17 @@ class MachineSpec:
 
 
 @dataclass
+class FidelitySpec:
+    """The prompt-adherence pass of a drawn model (sdbuild/drawn.py): after the timed calls, the built
+    pipeline draws every prompt with every seed (batched, the row's steps, guidance and scheduler) and
+    the drawn reader scores the images. Other models have no reader, so no pass and no `adherence`."""
+
+    prompts: Optional[List[str]] = None  # None: drawn.ADHERENCE_PROMPTS; [] turns the pass off
+    seeds: List[int] = field(default_factory=lambda: [0, 1])
+    batch: int = 20  # images per pipeline call
+
+
+@dataclass
 class Spec:
     """Everything that defines one measured pipeline. `resume` and `preset` do not change it."""
 
@@ -379,6 +391,7 @@ class Spec:
     run: RunSpec = field(default_factory=RunSpec)
     # The machine validated against: this one (local, probed) or a profile that plans for another.
     machine: MachineSpec = field(default_factory=MachineSpec)
+    fidelity: FidelitySpec = field(default_factory=FidelitySpec)
     # A finished sweep folder: combinations already measured there are copied, not re-run.
     resume: Optional[str] = None
     # Name of the `+preset=` a job came from (set by the preset files), for report ordering.
@@ -575,10 +588,35 @@ def value_problems(spec: Spec) -> list[str]:
     for option, value in (("cache_dir", spec.cache_dir), ("compile.cache_dir", spec.compile.cache_dir)):
         if value is not None and (why := _unwritable(value)):
             problems.append(problem(f"{option}={value}", why, f"Set {option} to a folder you can write, or leave it unset"))
-    problems += measurement_problems(run) + range_problems(spec)
+    problems += measurement_problems(run) + range_problems(spec) + fidelity_problems(spec)
     if spec.resume is not None and not os.path.isdir(os.path.expanduser(spec.resume)):
         problems.append(problem(f"resume={spec.resume}", "is not a folder", "Point resume at an earlier sweep's folder "
                                 "(outputs/multirun/<time>)"))
+    return problems
+
+
+def fidelity_problems(spec: Spec) -> list[str]:
+    """fidelity.prompts are drawn-set prompts, read by the drawn reader: only a drawn model has one;
+    fidelity.seeds are seeds torch takes."""
+    from .drawn import parse_prompt
+    from .errors import problem
+
+    fid, problems = spec.fidelity, []
+    for seed in fid.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            problems.append(problem(f"fidelity.seeds={list(fid.seeds)}", f"holds {seed!r}, not a seed",
+                                    "Use seeds between 0 and 2**64-1, e.g. fidelity.seeds=[0,1]"))
+    if not fid.prompts:
+        return problems
+    if spec.model.source is not ModelSource.drawn:
+        return problems + [problem(f"fidelity.prompts", f"asks for prompt adherence, but model={spec.model.name} has no "
+                                   "reader (the drawn reader knows only the drawn set's images)",
+                                   "Use a drawn model (model=tiny_drawn), or drop fidelity.prompts")]
+    for text in fid.prompts:
+        try:
+            parse_prompt(text)
+        except ValueError as exc:
+            problems.append(problem(f"fidelity.prompts", str(exc), "Use prompts such as 'a red 7 on a blue background'"))
     return problems
 
 
@@ -631,6 +669,7 @@ RANGES: dict = {
     "parallel.ulysses_degree": (1, 64, "Use parallel.ulysses_degree=2 (ranks; 1: no Ulysses split)"),
     "parallel.ring_degree": (1, 64, "Use parallel.ring_degree=2 (ranks; 1: no ring split)"),
     "parallel.tp_degree": (1, 64, "Use parallel.tp_degree=2 (ranks; 1: no tensor split)"),
+    "fidelity.batch": (1, 1024, "Use fidelity.batch=20 (images per call of the adherence pass)"),
 }
 MAX_SLICE = 4096  # attention.slice_size as a number of heads / slices
 
@@ -756,7 +795,9 @@ _LATER_FIELDS = {
     ("run", "max_measure_s"): RunSpec.max_measure_s, ("attention", "backend"): AttentionBackend.default.name,
     ("memory", "layerwise_fp8"): False, ("cache", "weight"): CacheSpec.weight,
     ("model", "variant"): None, ("model", "download"): False,
+    ("fidelity", "prompts"): FidelitySpec.prompts, ("fidelity", "seeds"): [0, 1], ("fidelity", "batch"): FidelitySpec.batch,
 }
+_LATER_SECTIONS = {"fidelity"}  # sections added later: left out where every field is at its default
 # Groups added later: left out while their switch (field, value) is off.
 _LATER_GROUPS = {"cache": ("method", CacheMethod.none.name), "parallel": ("method", ParallelMethod.none.name),
                  "lora": ("mode", LoraMode.none.name)}
@@ -775,5 +816,6 @@ def spec_key(spec_dict: dict) -> str:
             ident[group] = {k: v for k, v in fields.items()
                             if not (group == "run" and k in _NOT_RUN_IDENTITY)
                             and _LATER_FIELDS.get((group, k), _UNSET) != v}
+    ident = {k: v for k, v in ident.items() if not (k in _LATER_SECTIONS and v == {})}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -722,6 +722,7 @@ HOSTILE = {
     "job.num": ({"job": {"num": -3}}, "job.num"),
     "job.wall_s": ({"job": {"num": 0, "wall_s": "soon"}}, "job.wall_s"),
     "paired.median": ({"paired": {"median": 1e300}}, "paired.median"),
+    "adherence.score": ({"adherence": {"score": 1.5, "images": 60}}, "adherence.score"),
 }
 
 

@@ -91,6 +91,8 @@ def describe(spec: Spec, device: str) -> str:
         source = f"{spec.model.path} (single-file safetensors, layout from {folder})"
     elif spec.model.source is ModelSource.pretrained:
         source = f"{folder} (local safetensors)" if spec.model.variant is None else f"{folder} ({variant_note(spec)})"
+    elif spec.model.source is ModelSource.drawn:
+        source = f"{folder} (shipped safetensors, trained on the drawn set)"
     else:
         cached = (Path(folder) / "model_index.json").exists()
         source = f"{folder} ({'cached' if cached else 'built from code with random weights on first use'})"

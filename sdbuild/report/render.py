@@ -87,6 +87,27 @@ def _fmt_psnr(v: Optional[float]) -> str:
     return DASH if v is None else ("inf" if math.isinf(v) else f"{v:.2f}")
 
 
+def _fmt_adherence(row: dict) -> str:
+    score = (row.get("adherence") or {}).get("score")
+    return DASH if score is None else f"{score:.3f} ({row['adherence'].get('images')})"
+
+
+def adherence_line(sweep: Sweep) -> Optional[str]:
+    """What the adherence column means, and why rows without it have none; None when no row has one."""
+    scored = [r for r in sweep.readable if (r.get("adherence") or {}).get("score") is not None]
+    if not scored:
+        return None
+    text = ("the share of images the drawn reader (sdbuild/drawn.py) reads as their prompt says (digit, digit colour "
+            "and background), over fidelity.prompts x fidelity.seeds; a regression signal for lossy levers on the "
+            "drawn models, not a measure of a real model's quality")
+    others = sorted({((r["spec"] or {}).get("model") or {}).get("name") or "?" for r in sweep.readable
+                     if r["status"] in COMPLETED_VALUES and r not in scored})
+    if others:
+        text += (f"; {', '.join('model=' + m for m in others)} {'has' if len(others) == 1 else 'have'} none: the "
+                 "reader knows only the drawn set's images")
+    return text + "."
+
+
 def _fmt_int(v: Optional[int]) -> str:
     return DASH if v is None else str(v)
 
@@ -146,6 +167,8 @@ def build_table(sweep: Sweep) -> Table:
         measures.insert(4, ("paired speed-up (95% interval)", fmt_paired))
     if any(_energy(r) is not None for r in sweep.readable):
         measures.append(("energy (J/image)", _fmt_energy))
+    if adherence_line(sweep):  # drawn models: the reader's score (images scored)
+        measures.append(("adherence (images)", _fmt_adherence))
 
     def text(row: dict, key: str) -> str:
         value = row["job"] if key == "job" else row["preset"] if key == "preset" else results.label_values(row).get(key)
@@ -306,7 +329,8 @@ def csv_columns(sweep: Sweep) -> list[str]:
         "runs", "noisy", "machine_busy", "warmup_s", "build_s", "load_s", "peak_memory_mb", "peak_memory_scope",
         "steps_per_s", "speedup", "speedup_noisy", "psnr_db", "ssim", "max_abs_diff", "broken", "image", "job", "spec_key", "baseline",
         "note", "reused_from", "overrides", "measure_mode", "measure_calls", "paired_speedup", "paired_low",
-        "paired_high", "paired_n", "paired_reference_job", "energy_j_per_image", "energy_source",
+        "paired_high", "paired_n", "paired_reference_job", "energy_j_per_image", "energy_source", "adherence",
+        "adherence_images",
     ]
 
 
@@ -331,7 +355,9 @@ def _csv_record(row: dict, sweep: Sweep) -> dict:
                   paired_speedup=paired.get("median"), paired_low=paired.get("low"), paired_high=paired.get("high"),
                   paired_n=paired.get("n"), paired_reference_job=paired.get("reference_job"),
                   energy_j_per_image=energy.get("joules_per_image"),
-                  energy_source=energy.get("source") or (f"none: {energy['reason']}" if energy.get("reason") else None))
+                  energy_source=energy.get("source") or (f"none: {energy['reason']}" if energy.get("reason") else None),
+                  adherence=(row.get("adherence") or {}).get("score"),
+                  adherence_images=(row.get("adherence") or {}).get("images"))
     return {k: _csv_value(v) for k, v in record.items()}
 
 
@@ -390,6 +416,8 @@ def render_markdown(sweep: Sweep, table: Table) -> str:
     lines = [f"# Sweep report: {_md(sweep.path.name)}", "", f"**Fastest:** {_md(fastest_line(sweep))}", ""]
     if banner := random_weights_banner(sweep):
         lines += [f"> **Random weights:** {_md(banner)}", ""]
+    if adherence := adherence_line(sweep):
+        lines += [f"**Adherence:** {_md(adherence)}", ""]
     lines += [f"**{_md(title)}:** {_md(text)}  " for title, text in machine_lines(sweep)]
     lines += ["", f"**Rows:** {summary_line(sweep)}", ""]
     if (sweep.path / LADDER_FILE).exists():  # a hydra/sweeper=ladder run: its ladder leads the page
@@ -460,6 +488,8 @@ def render_html(sweep: Sweep, table: Table) -> str:
     if banner := random_weights_banner(sweep):
         parts.append(f'<div id="random-weights" class="banner" role="note"><strong>Random weights:</strong> '
                      f"{esc(banner)}</div>")
+    if adherence := adherence_line(sweep):
+        parts.append(f'<p id="adherence"><strong>Adherence:</strong> {esc(adherence)}</p>')
     parts += [f"<p><strong>{esc(name)}:</strong> {esc(text)}</p>" for name, text in machine_lines(sweep)]
     parts.append(f"<p>Rows: {esc(summary_line(sweep))}</p>")
     if (sweep.path / LADDER_FILE).exists():

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Train the drawn-set models that ship with sdbuild (issue 26), seeded, on CPU.
+
+    python scripts/train_tiny.py reader        # the digit reader -> sdbuild/data/drawn_reader.safetensors
+    python scripts/train_tiny.py sd            # the tiny SD 1.x pipeline -> sdbuild/data/tiny_drawn/
+
+Each part logs its progress and ends with its held-out measurement. `--smoke` trains a few steps
+into a temporary folder (what the test runs); the shipped weights come from the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def reader(args) -> None:
+    import numpy as np
+    import torch
+
+    from sdbuild import drawn
+
+    out = Path(args.out) if args.out else drawn.READER_WEIGHTS
+    n, epochs = (256, 1) if args.smoke else (args.samples, args.epochs)
+    t0 = time.time()
+    model = drawn.train_reader(seed=args.seed, n=n, epochs=epochs, out=out, log=log)
+    log(f"trained in {time.time() - t0:.0f} s")
+    # Held out: another seed of the set, read end to end (colours from pixels, digit by the CNN).
+    images, labels = drawn.dataset(args.seed + 1000, 500 if args.smoke else 3000)
+    seen = drawn.read(images, model=model)
+    for field in ("digit", "colour", "background"):
+        acc = np.mean([getattr(a, field) == getattr(b, field) for a, b in zip(seen, labels)])
+        log(f"held-out {field} accuracy {acc:.4f}")
+    log(f"held-out all-three accuracy {np.mean([a == b for a, b in zip(seen, labels)]):.4f}")
+
+
+# The drawn SD 1.x pipeline: the embedded tiny layout (sdbuild/families/sd15.py: TINY_UNET, TINY_TEXT) with
+# an AutoencoderTiny (TAESD's architecture at width 16: 8x down, 4 latent channels) in place of the
+# AutoencoderKL. The AutoencoderKL's GroupNorms erase a flat image's colour (these images are two flat
+# colours): in trials it learned nothing in 60 steps, even overfitting one batch; TAESD has no norm layers.
+DRAWN_VAE = dict(encoder_block_out_channels=(16, 16, 16, 16), decoder_block_out_channels=(16, 16, 16, 16),
+                 num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+
+
+SD_FOLDER = Path(__file__).resolve().parent.parent / "sdbuild" / "data" / "tiny_drawn"
+
+
+def sd(args) -> None:
+    """Train the tiny SD 1.x pipeline on the canonical drawings of all 300 prompts: first the VAE
+    (reconstruction, a little noise on the latents), then the UNet and the CLIP text encoder together on the
+    VAE's latents (epsilon prediction, SD 1.5's noise schedule, 10 % empty prompts so classifier-free
+    guidance has an unconditional branch). Saved with save_pretrained (safetensors), loaded back with
+    from_pretrained, and measured: adherence of 50-step DDIM images on seeds never used in training."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdbuild import drawn
+    from sdbuild.families.common import clip_text_encoder, clip_tokenizer
+    from sdbuild.families.sd15 import SD15_SCHEDULER, TINY_TEXT, TINY_UNET
+
+    out = Path(args.out) if args.out else SD_FOLDER
+    vae_steps, unet_steps = (3, 3) if args.smoke else (args.vae_steps, args.unet_steps)
+    gen = torch.Generator().manual_seed(args.seed)
+    labels = drawn.all_labels()
+    prompts = [l.prompt for l in labels]
+    x = torch.from_numpy(drawn.canonical(labels)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderTiny(**DRAWN_VAE)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
+    t0 = time.time()
+    for step in range(vae_steps):
+        idx = torch.randint(0, len(x), (args.vae_batch,), generator=gen)
+        z = vae.encode(x[idx]).latents
+        rec = vae.decode(z + args.vae_noise * torch.randn(z.shape, generator=gen)).sample
+        loss = F.mse_loss(rec, x[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0 or step == vae_steps - 1:
+            log(f"vae step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(c).latents for c in x.split(50)])
+        recon = torch.cat([vae.decode(z).sample for z in latents.split(50)])
+    recon_u8 = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    mse = float(((recon.clamp(-1, 1) - x) ** 2).mean() / 4)  # on a 0..1 scale
+    read_back = drawn.adherence(recon_u8, prompts) if drawn.READER_WEIGHTS.exists() else float("nan")
+    log(f"vae trained in {time.time() - t0:.0f} s; reconstruction PSNR {10 * np.log10(1 / mse):.1f} dB, "
+        f"read back by the reader: {read_back:.3f}")
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+
+    tokenizer, vocab = clip_tokenizer()
+    torch.manual_seed(args.seed + 1)
+    text = clip_text_encoder(CLIPTextModel, TINY_TEXT, vocab).train()
+    torch.manual_seed(args.seed + 2)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    ids = tokenizer(prompts + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    empty = len(prompts)
+    # v-prediction (as SD 2.x; every UNet sampler sdbuild offers takes it): at high noise the target is the
+    # image itself, which a briefly trained UNet learns first, and that is where the digit is decided.
+    noise_schedule = DDIMScheduler(**dict(SD15_SCHEDULER, prediction_type="v_prediction"))
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=max(unet_steps, 1), pct_start=0.1)
+    t0 = time.time()
+    for step in range(unet_steps):
+        idx = torch.randint(0, len(prompts), (args.unet_batch,), generator=gen)
+        cond = torch.where(torch.rand(len(idx), generator=gen) < 0.1, empty, idx)
+        noise = torch.randn((len(idx),) + latents.shape[1:], generator=gen)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(idx),), generator=gen)
+        noisy = noise_schedule.add_noise(latents[idx], noise, t)
+        pred = unet(noisy, t, text(ids[cond])[0]).sample
+        loss = F.mse_loss(pred, noise_schedule.get_velocity(latents[idx], noise, t))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 20 == 0 or step == unet_steps - 1:
+            log(f"unet step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+    log(f"unet + text encoder trained in {time.time() - t0:.0f} s")
+
+    pipe = StableDiffusionPipeline(unet=unet.eval(), vae=vae, text_encoder=text.eval(), tokenizer=tokenizer,
+                                   scheduler=noise_schedule, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    log(f"saved to {out}")
+    if not drawn.READER_WEIGHTS.exists():
+        log("no reader weights yet: not measured (train the reader, then run: train_tiny.py sd-eval)")
+        return
+    evaluate(out, n=10 if args.smoke else args.eval_prompts, seeds=(1000,) if args.smoke else (1000, 1001),
+             steps=3 if args.smoke else args.eval_steps, png=args.png)
+
+
+def evaluate(folder: Path, n: int, seeds, steps: int, png: str | None = None) -> float:
+    """Adherence of the saved pipeline, loaded with from_pretrained: n prompts spread over the set, each
+    with every seed (seeds the training never drew), fp32, `steps` DDIM steps, guidance 7.5."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdbuild import drawn
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    labels = drawn.all_labels()
+    prompts = [labels[i].prompt for i in np.linspace(0, len(labels) - 1, n).round().astype(int)]
+    t0 = time.time()
+    images, wanted = [], []
+    for seed in seeds:
+        gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, generator=gens, output_type="np",
+                   height=64, width=64).images
+        images.append((out * 255).round().astype(np.uint8))
+        wanted += prompts
+    images = np.concatenate(images)
+    hits = drawn.matches(images, wanted)
+    seen = drawn.read(images)
+    for field in ("digit", "colour", "background"):
+        acc = np.mean([getattr(s, field) == getattr(drawn.parse_prompt(p), field) for s, p in zip(seen, wanted)])
+        log(f"generated {field} accuracy {acc:.3f}")
+    score = sum(hits) / len(hits)
+    log(f"adherence {score:.3f} over {len(hits)} images ({len(prompts)} prompts x {len(seeds)} seeds, {steps} DDIM "
+        f"steps, {time.time() - t0:.0f} s)")
+    from PIL import Image
+
+    grid = np.concatenate([np.concatenate(list(images[r * 10:(r + 1) * 10]), 1) for r in range(min(4, len(images) // 10))], 0)
+    if png:
+        Image.fromarray(grid).save(png)
+        log(f"samples: {png}")
+    return score
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["reader", "sd", "sd-eval"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--out", default=None, help="where to write (default: the shipped location under sdbuild/data)")
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--unet-steps", type=int, default=500)
+    p.add_argument("--unet-batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--vae-noise", type=float, default=0.05)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--eval-prompts", type=int, default=60)
+    p.add_argument("--eval-steps", type=int, default=50)
+    p.add_argument("--png", default=None, help="save a grid of evaluated samples here")
+    p.add_argument("--smoke", action="store_true", help="a few seconds of training, to check the script runs")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.part == "sd-eval":
+        folder = Path(args.out) if args.out else SD_FOLDER
+        evaluate(folder, n=args.eval_prompts, seeds=(1000, 1001), steps=args.eval_steps, png=args.png)
+    else:
+        {"reader": reader, "sd": sd}[args.part](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
