@@ -141,8 +141,8 @@ def local_folder(path: str) -> Path:
     try:
         return Path(snapshot_download(path, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise NotLocal(path, "is a hub id that is not in the local Hugging Face cache, and sdbuild never "
-                             "downloads") from None
+        raise NotLocal(path, "is a hub id that is not in the local Hugging Face cache, and sdbuild "
+                             "downloads only when asked") from None
 
 
 def safetensors_in(folder: Path) -> bool:

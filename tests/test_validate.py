@@ -201,13 +201,14 @@ def test_bad_values_say_what_and_what_instead(overrides, needle):
 
 
 def test_a_hub_id_outside_the_local_cache_is_refused_before_loading():
-    # sdbuild never downloads: a hub id must already be in the Hugging Face cache (test_specs.py
-    # loads one that is); otherwise the refusal says how to get it.
+    # sdbuild downloads only with model.download=true: otherwise a hub id must already be in the
+    # Hugging Face cache (test_specs.py loads one that is), and the refusal says how to get it.
     for hub_id in ("org/some-model.v1", "stable-diffusion-v1-5/stable-diffusion-v1-5"):  # the second: model=sd15's default
         overrides = ["model=sd15"] + ([f"model.path={hub_id}"] if hub_id.startswith("org/") else [])
         assert problems(overrides) == (
-            f"model.path={hub_id}: is a hub id that is not in the local Hugging Face cache, and sdbuild never "
-            f"downloads. Download it once yourself (`hf download {hub_id}`), or set model.path=/path/to/a/diffusers/folder")
+            f"model.path={hub_id}: is a hub id that is not in the local Hugging Face cache, and sdbuild downloads "
+            f"only when asked. Download it once yourself (`hf download {hub_id}`), or set model.download=true "
+            "(sdbuild fetches its safetensors and configs), or set model.path=/path/to/a/diffusers/folder")
 
 
 def test_a_pipeline_folder_with_safetensors_is_accepted(tmp_path):
