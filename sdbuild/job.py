@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from . import results, worker
+from . import results
 from .errors import SpecError, problem
 from .hardware import die_with_parent as _die_with_parent
 from .hardware import job_facts
@@ -499,7 +499,7 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
                                  stderr=subprocess.STDOUT, pass_fds=(rows.fd,), preexec_fn=_die_with_parent)
         rows.started()
         try:
-            _hand_over(child, worker.request(row["spec"], out_dir, choices, overrides, job))
+            _hand_over(child, worker_request(row["spec"], out_dir, choices, overrides, job))
             returncode = child.wait(timeout_s or None)
         except subprocess.TimeoutExpired:
             timed_out = timeout_s
@@ -534,6 +534,18 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     if interrupted:
         raise Interrupted(interrupted)
     return row
+
+
+def worker_request(spec_dict: Dict[str, Any], out_dir: Path, choices: Dict[str, str], overrides: list[str],
+                   job: Dict[str, Any]) -> bytes:
+    """One job for `sdbuild.worker`: the line this parent writes to the worker's stdin (the worker
+    imports this module, so the request is made here, not there)."""
+    import json
+
+    from .results import _strict_json
+
+    return (json.dumps(_strict_json({"spec": spec_dict, "out_dir": str(out_dir), "choices": dict(choices),
+                                     "overrides": list(overrides), "job": dict(job)})) + "\n").encode()
 
 
 def child_command(out_dir: Path, rows_fd: int) -> list[str]:

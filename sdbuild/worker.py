@@ -25,15 +25,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 
-def request(spec_dict: Dict[str, Any], out_dir: Path, choices: Dict[str, str], overrides: list[str],
-            job: Dict[str, Any]) -> bytes:
-    """One job for a worker: the line its parent writes to the worker's stdin."""
-    from .results import _strict_json
-
-    return (json.dumps(_strict_json({"spec": spec_dict, "out_dir": str(out_dir), "choices": dict(choices),
-                                     "overrides": list(overrides), "job": dict(job)})) + "\n").encode()
-
-
 def _send(fd: int, row: Dict[str, Any]) -> None:
     """The row back to the parent, as one line; a parent that has gone away is not an error here."""
     from .results import _strict_json

@@ -144,36 +144,46 @@ runpy.run_module("sdbuild", run_name="__main__", alter_sys=True)
 
 def test_sweep_over_plain_fields_failures_and_broken_images(tmp_path, model_cache):
     """One in-process sweep over plain fields, not groups (model.path x run.guidance_scale): a model folder
-    with corrupt weights fails while loading (error.log), guidance 1e38 overflows to a NaN image (broken);
-    rows are labelled and grouped by model.path; the good weights are read from disk once for two jobs."""
+    with corrupt weights fails while loading (error.log), one whose VAE decoder holds a NaN weight loads and
+    draws a NaN image (broken), guidance 1e38 is refused before anything loads (out of range: it would
+    overflow to a NaN image); rows are labelled and grouped by model.path; the good weights are read from
+    disk once for two jobs."""
+    from safetensors.torch import load_file, save_file
+
     from sdbuild.models import ensure_model
     from sdbuild.spec import ModelSpec
 
     tiny = ensure_model(ModelSpec(), str(model_cache))
-    good, bad = tmp_path / "good", tmp_path / "bad"
-    shutil.copytree(tiny, good)
-    shutil.copytree(tiny, bad)
+    good, bad, nan = tmp_path / "good", tmp_path / "bad", tmp_path / "nan"
+    for folder in (good, bad, nan):
+        shutil.copytree(tiny, folder)
     (bad / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights" * 100)
+    vae_file = nan / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(vae_file)
+    weights["decoder.conv_out.weight"][0, 0, 0, 0] = float("nan")
+    save_file(weights, vae_file)
     loads = tmp_path / "loads.txt"
     script = tmp_path / "count_loads.py"
     script.write_text(COUNT_LOADS.format(log=str(loads), root=str(ROOT)))
     sweep_dir = tmp_path / "sweep"
     out = subprocess.run([sys.executable, str(script), "--multirun", f"hydra.sweep.dir={sweep_dir}", *FAST,
-                          "model=sd15", "run.height=64", "run.width=64", f"model.path={good},{bad}",
+                          "model=sd15", "run.height=64", "run.width=64", f"model.path={good},{bad},{nan}",
                           "run.guidance_scale=7.5,1e38"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     found = {(Path(r["spec"]["model"]["path"]).name, r["spec"]["run"]["guidance_scale"]): (k, r)
              for k, r in rows(sweep_dir).items()}
-    assert len(found) == 4, found.keys()
-    assert loads.read_text().splitlines().count(str(good)) == 1  # two jobs on these weights, one load
-    for guidance in (7.5, 1e38):
-        job, row = found[("bad", guidance)]
-        assert row["status"] == "failed" and "error.log" in row["error"], row["error"]
-        assert "Traceback" in (sweep_dir / job / "error.log").read_text()
+    assert len(found) == 6, found.keys()
+    assert loads.read_text().splitlines().count(str(good)) == 1  # one job on these weights ran, one load
+    job, row = found[("bad", 7.5)]
+    assert row["status"] == "failed" and "error.log" in row["error"], row["error"]
+    assert "Traceback" in (sweep_dir / job / "error.log").read_text()
+    for name in ("good", "bad", "nan"):
+        refused = found[(name, 1e38)][1]
+        assert refused["status"] == "unsupported" and "run.guidance_scale=1e+38: must be <= 100" in refused["error"]
     ok_job, ok = found[("good", 7.5)]
     assert ok["status"] == "ok" and ok["peak_memory_scope"] == "shared_process", ok["error"]
-    job, broken = found[("good", 1e38)]
+    job, broken = found[("nan", 7.5)]
     assert broken["status"] == "broken" and "broken image" in broken["error"], (broken["error"], broken["image_stats"])
     table = {r["job"]: r for r in csv_rows(sweep_dir)}
     assert table[job]["speedup"] == "" and table[ok_job]["noisy"].startswith("1 timed run (< 3)")
@@ -183,7 +193,7 @@ def test_sweep_over_plain_fields_failures_and_broken_images(tmp_path, model_cach
     assert "model.path" in header and "run.guidance_scale" in header
     assert f"failed: model.path={bad}, run.guidance_scale=7.5" in md
     # model and guidance are workload: each (model, guidance) pair is compared only with itself
-    assert "4 comparison groups" in md and f"model sd15 ({good})" in md and f"model sd15 ({bad})" in md
+    assert f"model sd15 ({good})" in md and f"model sd15 ({bad})" in md and f"model sd15 ({nan})" in md
 
 
 def _prepared_row(folder, overrides, status, **fields):
