@@ -264,7 +264,7 @@ def model_problems(spec: Spec) -> list[str]:
 def drawn_problems(model: ModelSpec) -> list[str]:
     """A drawn model exists for its family and its shipped folder is complete."""
     if model.family not in DRAWN_MODELS:
-        return [problem(f"model.source=drawn", f"there is no drawn model of family {model.family.value}",
+        return [problem("model.source=drawn", f"there is no drawn model of family {model.family.value}",
                         "Use model=" + ", model=".join(DRAWN_MODELS.values()) + ", or source=tiny for a random one")]
     folder = DATA_DIR / DRAWN_MODELS[model.family]
     return folder_problems("model.source=drawn", str(folder), "model_index.json", COMPONENTS[model.family],

@@ -609,14 +609,14 @@ def fidelity_problems(spec: Spec) -> list[str]:
     if not fid.prompts:
         return problems
     if spec.model.source is not ModelSource.drawn:
-        return problems + [problem(f"fidelity.prompts", f"asks for prompt adherence, but model={spec.model.name} has no "
+        return problems + [problem("fidelity.prompts", f"asks for prompt adherence, but model={spec.model.name} has no "
                                    "reader (the drawn reader knows only the drawn set's images)",
                                    "Use a drawn model (model=tiny_drawn), or drop fidelity.prompts")]
     for text in fid.prompts:
         try:
             parse_prompt(text)
         except ValueError as exc:
-            problems.append(problem(f"fidelity.prompts", str(exc), "Use prompts such as 'a red 7 on a blue background'"))
+            problems.append(problem("fidelity.prompts", str(exc), "Use prompts such as 'a red 7 on a blue background'"))
     return problems
 
 
