@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
-from hydra_plugins.sdbuild_ladder._ladder import Bounds, Measured, NoiseRule, Verdict, choose, rejection
+from hydra_plugins.sdbuild_ladder._ladder import (Bounds, Measured, NoiseRule, Verdict, choose, measure_fidelity,
+                                             rejection)
 from sdbuild.fidelity import compare, compare_files, psnr, ssim
 
 
@@ -321,3 +322,24 @@ def test_a_baseline_that_cannot_run_stops_the_ladder_with_its_reason(tmp_path):
     assert "Traceback" not in out.stderr
     assert len(list(tmp_path.glob("*/result.json"))) == 2  # both options have their row
     assert "| baseline |" in (tmp_path / "ladder.md").read_text()
+
+
+def test_the_adherence_bound_keeps_a_lever_only_within_its_drop_from_the_baseline():
+    """hydra.sweeper.adherence_drop (drawn models): the drop is measured against the baseline's own
+    score by measure_fidelity, and a faster lever that draws worse than the bound allows is not kept."""
+    base = _m("a", 1.0, 0.95, 1.05)
+    close, far, none = _m("close", 0.5, 0.5, 0.5), _m("far", 0.4, 0.4, 0.4), _m("none", 0.3, 0.3, 0.3)
+    for m, score in ((base, 0.95), (close, 0.92), (far, 0.70)):
+        m.row["adherence"] = {"score": score, "images": 60}
+    for m in (base, close, far, none):
+        measure_fidelity(m, base)  # no images here: PSNR cannot be compared, adherence can
+    assert close.adherence_drop == pytest.approx(0.03) and far.adherence_drop == pytest.approx(0.25)
+    assert none.adherence_drop is None
+    bounds = Bounds(psnr_db=None, adherence_drop=0.05)
+    kept, trials = choose(base, [base, close, far, none], bounds)
+    assert kept.spec_key == "close"
+    verdicts, reasons = _verdicts(trials), {t.m.spec_key: t.reason for t in trials}
+    assert verdicts["far"] == Verdict.fidelity and "0.250 below the baseline's" in reasons["far"]
+    assert verdicts["none"] == Verdict.fidelity and "only drawn models" in reasons["none"]
+    # without the bound, the fastest is kept
+    assert choose(base, [base, close, far, none], Bounds(psnr_db=None))[0].spec_key == "none"

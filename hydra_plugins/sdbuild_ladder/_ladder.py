@@ -60,6 +60,8 @@ class Verdict(enum.Enum):
 class Bounds:
     psnr_db: Optional[float] = FIDELITY_BOUND_DB
     ssim: Optional[float] = None
+    # Drawn models only: the most a lever may lower the row's prompt adherence below the baseline's.
+    adherence_drop: Optional[float] = None
     memory_mb: Optional[float] = None
     noise: NoiseRule = NoiseRule.spread
     min_gain: float = 0.0
@@ -79,6 +81,13 @@ class Measured:
     ssim: Optional[float] = None
     max_abs_diff: Optional[float] = None
     fidelity_error: Optional[str] = None
+    adherence_drop: Optional[float] = None  # the baseline's adherence score minus this row's
+
+    @property
+    def adherence(self) -> Optional[float]:
+        """The row's prompt-adherence score (drawn models only; sdbuild.drawn), or None."""
+        score = ((self.row or {}).get("adherence") or {}).get("score")
+        return float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None
 
     @property
     def status(self) -> str:
@@ -129,11 +138,14 @@ class Measured:
 
 
 def measure_fidelity(m: Measured, baseline: Measured) -> None:
-    """PSNR and SSIM of `m`'s image against the baseline's (sdbuild.fidelity), or why not."""
+    """PSNR and SSIM of `m`'s image against the baseline's (sdbuild.fidelity), or why not; and for drawn
+    models how far its prompt adherence fell below the baseline's."""
     from sdbuild.fidelity import compare_files
 
     if not m.ok:
         return
+    if m.adherence is not None and baseline.adherence is not None:
+        m.adherence_drop = baseline.adherence - m.adherence
     if m.image is None or baseline.image is None:
         m.fidelity_error = "no image to compare (run.save_image=false?)"
         return
@@ -160,6 +172,13 @@ def rejection(m: Measured, bounds: Bounds) -> Optional[tuple[Verdict, str]]:
             return Verdict.fidelity, f"PSNR {m.psnr_db:.1f} dB < {bounds.psnr_db:g} dB against the baseline"
         if bounds.ssim is not None and not m.ssim >= bounds.ssim:
             return Verdict.fidelity, f"SSIM {m.ssim:.4f} < {bounds.ssim:g} against the baseline"
+    if bounds.adherence_drop is not None:  # what the image shows, read by the drawn reader: no pixels compared
+        if m.adherence_drop is None:
+            return Verdict.fidelity, ("no adherence score to bound (only drawn models have one, e.g. "
+                                      "model=tiny_drawn, with fidelity.prompts on)")
+        if not m.adherence_drop <= bounds.adherence_drop:
+            return Verdict.fidelity, (f"adherence {m.adherence:.3f} is {m.adherence_drop:.3f} below the "
+                                      f"baseline's (bound {bounds.adherence_drop:g})")
     if bounds.memory_mb is not None and (m.peak_memory_mb is None or m.peak_memory_mb > bounds.memory_mb):
         return Verdict.memory, f"peak memory {m.peak_memory_mb} MB > budget {bounds.memory_mb:g} MB"
     return None

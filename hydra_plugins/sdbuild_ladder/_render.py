@@ -61,6 +61,7 @@ def measured_json(m: Measured, ladder: Ladder) -> Dict[str, Any]:
         "folder": str(m.folder) if m.folder else None, "reused": m.reused, "status": m.status,
         "error": row.get("error"), "latency_s": row.get("latency_s"), "peak_memory_mb": m.peak_memory_mb,
         "speedup": ladder.speedup(m), "psnr_db": _num(m.psnr_db), "ssim": m.ssim, "max_abs_diff": m.max_abs_diff,
+        "adherence": m.adherence, "adherence_drop": m.adherence_drop,
         "fidelity_error": m.fidelity_error, "measurement": row.get("measurement"), "paired": row.get("paired"),
         "busy": m.busy, "noise": noise_reasons(row) if row else [],
     }
@@ -74,7 +75,7 @@ def to_json(ladder: Ladder) -> Dict[str, Any]:
     b = ladder.bounds
     return {
         "axes": ladder.axes, "order": ladder.order, "start": ladder.start, "fixed_overrides": ladder.fixed,
-        "bounds": {"psnr_db": b.psnr_db, "ssim": b.ssim, "memory_mb": b.memory_mb, "noise": b.noise.value,
+        "bounds": {"psnr_db": b.psnr_db, "ssim": b.ssim, "adherence_drop": b.adherence_drop, "memory_mb": b.memory_mb, "noise": b.noise.value,
                    "min_gain": b.min_gain},
         "baseline": measured_json(ladder.baseline, ladder) if ladder.baseline else None,
         "steps": [{"axis": s.axis, "incumbent": s.incumbent.choices[s.axis], "kept": s.kept.choices[s.axis],
@@ -254,6 +255,8 @@ def _rules(ladder: Ladder) -> List[str]:
     lines = [
         f"PSNR >= {b.psnr_db:g} dB against the baseline image" if b.psnr_db is not None else "no PSNR bound",
         f"SSIM >= {b.ssim:g}" if b.ssim is not None else "SSIM reported, not enforced",
+        *([f"prompt adherence at most {b.adherence_drop:g} below the baseline's"]
+          if b.adherence_drop is not None else []),
         f"peak memory <= {b.memory_mb:g} MB" if b.memory_mb is not None else "no memory budget",
         f"noise rule {noise}" + (f", and at least {b.min_gain:.0%} faster" if b.min_gain else ""),
     ]

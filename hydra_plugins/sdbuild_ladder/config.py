@@ -38,6 +38,10 @@ class LadderConf:
     psnr_db: Optional[float] = FIDELITY_BOUND_DB
     # Optional SSIM bound (0..1) beside PSNR, e.g. 0.98; null: reported, not enforced.
     ssim: Optional[float] = None
+    # Drawn models (model=tiny_drawn): keep a lever only when the row's prompt adherence (sdbuild.drawn's
+    # reader) is at most this far below the baseline's, e.g. 0.05; null: reported, not enforced. Set
+    # psnr_db=null beside it to judge lossy levers by what the image shows rather than by its pixels.
+    adherence_drop: Optional[float] = None
     # Optional peak memory budget (MB, the row's peak_memory_mb): options above it are not kept.
     memory_mb: Optional[float] = None
     # spread, median, or paired (needs interleave); null: paired with interleave=true, else spread.

@@ -45,7 +45,7 @@ class LadderError(CompactHydraException):
 class LadderSweeper(Sweeper):
     def __init__(self, params: Optional[Dict[str, str]] = None, order: Optional[Sequence[str]] = None,
                  start: Optional[Dict[str, str]] = None, psnr_db: Optional[float] = FIDELITY_BOUND_DB,
-                 ssim: Optional[float] = None,
+                 ssim: Optional[float] = None, adherence_drop: Optional[float] = None,
                  memory_mb: Optional[float] = None, noise: Optional[NoiseRule] = None, min_gain: float = 0.0,
                  second_pass: bool = True, preset_path: Optional[str] = None, interleave: bool = False,
                  max_held: Optional[int] = None) -> None:
@@ -57,7 +57,7 @@ class LadderSweeper(Sweeper):
         if noise is None:  # paired intervals where the calls are paired, else the spread rule
             noise = NoiseRule.paired if interleave else NoiseRule.spread
         self.interleave, self.max_held = interleave, max_held
-        self.bounds = Bounds(psnr_db=psnr_db, ssim=ssim, memory_mb=memory_mb, noise=noise, min_gain=min_gain)
+        self.bounds = Bounds(psnr_db=psnr_db, ssim=ssim, adherence_drop=adherence_drop, memory_mb=memory_mb, noise=noise, min_gain=min_gain)
         self.second_pass = second_pass
         self.preset_path = preset_path
         self.hydra_context: Optional[HydraContext] = None
