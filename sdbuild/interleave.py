@@ -62,7 +62,8 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
     from .builder import build_pipeline
     from .levers.compile import set_inductor_caches
     from .levers.precision import set_numeric_flags
-    from .job import ImageNotSaved, base_row, environment, measured_fields, pipeline_call, release_memory, write_row
+    from .job import (ImageNotSaved, adherence_fields, base_row, environment, measured_fields, pipeline_call,
+                      release_memory, write_row)
     from .measure import Candidate, apply_threads, measure_group
     from .run_inputs import call_kwargs
     from .spec import repeat_count, thread_count
@@ -124,12 +125,17 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
             if pos in group.failures:
                 fail(i, *group.failures[pos])
                 continue
-            m, (_, info, threads) = group.measurements[pos], built[i]
+            m, (pipe, info, threads) = group.measurements[pos], built[i]
             try:
                 fields = measured_fields(members[i].spec, m, info, members[i].out_dir, None)
             except ImageNotSaved as exc:  # measured: the failed row keeps the timings
                 finish(i, Status.failed, str(exc), **exc.fields)
                 continue
+            set_numeric_flags(members[i].spec)  # drawn models: the adherence pass, under this member's flags
+            try:
+                fields["adherence"] = adherence_fields(members[i].spec, pipe, devices[i])
+            except Exception as exc:  # the timings stand; the score could not be taken
+                fields["adherence"] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
             fields["measurement"] = results.measurement_record(
                 mode=mode, repeats=run.repeats, calls=len(m.runs_s), stop=group.stop_reason, threads=threads,
                 group=group_id, members=keys, position=i, reference=keys[reference], fallback=fallback)
