@@ -188,7 +188,33 @@ def test_two_gloo_ranks_write_one_row_whose_image_is_the_degree_one_image(tmp_pa
     diff = float(np.abs(parallel_image - single).max())
     print(f"ulysses 2 vs degree 1: max abs diff {diff:.2e}, {compare(single[0], parallel_image[0])}")
     assert diff < 1e-4  # measured: 1.5e-6 (images in [0, 1]; the attention sums in another order across ranks)
+    fidelity = par["fidelity"]  # the job's own comparison, rendered in rank 0 after the timed calls
+    assert (fidelity["tolerance"], fidelity["within_tolerance"], fidelity["images"]) == (1e-4, True, 1), fidelity
+    assert fidelity["max_abs_diff"] == pytest.approx(diff, rel=0.5, abs=1e-6) and fidelity["ssim"] > 0.9999
     assert session_processes(launcher_pid(out)) == []
+
+
+@pytest.mark.slow  # 3-4 minutes on 2 loaded cores: a degree-1 job, then two ranks
+def test_a_sweep_over_parallel_none_and_ulysses_reports_speedup_efficiency_and_fidelity(tmp_path):
+    """The issue's "done when": `--multirun parallel=none,ulysses` reports the efficiency, from real rows."""
+    from sdbuild import report
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "sdbuild", "--multirun", f"hydra.sweep.dir={tmp_path}",
+                           "model=tiny_flux", "run.steps=2", "run.warmup=1", "run.repeats=7", "parallel=none,ulysses"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = {r["job"]: r for r in report.analyse(tmp_path).rows}
+    assert [rows[j]["status"] for j in ("0", "1")] == ["ok", "ok"]
+    v = rows["1"]["parallel_vs_one"]
+    assert v["reference_job"] == "0" and v["world_size"] == 2 and v["low"] is not None
+    assert v["efficiency"] == pytest.approx(rows["0"]["latency_s"]["median"] / rows["1"]["latency_s"]["median"] / 2)
+    assert rows["1"]["parallel"]["fidelity"]["within_tolerance"] is True
+    text = (tmp_path / "report.md").read_text()
+    assert f"of 2 ranks ({v['efficiency_low']:.2f}" in text and "(tolerance 0.0001: within)" in text
+    print(f"sweep: degree 1 {rows['0']['latency_s']['median']:.3f} s, ulysses 2 {rows['1']['latency_s']['median']:.3f} s,"
+          f" speed-up x{v['speedup']:.2f} ({v['low']:.2f}-{v['high']:.2f}), efficiency {v['efficiency']:.2f}, "
+          f"max abs diff {rows['1']['parallel']['fidelity']['max_abs_diff']:.2e}, load {os.getloadavg()}")
 
 
 @pytest.mark.slow  # about 2 minutes: the ranks build before one is killed
