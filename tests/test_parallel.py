@@ -243,6 +243,39 @@ def test_a_rank_killed_mid_run_fails_the_job_with_each_ranks_error_and_leaves_no
     assert session_processes(launcher_pid(out)) == []
 
 
+@pytest.mark.slow  # about 2.5 minutes: the ranks build, one hangs, the job waits out run.timeout_s=100
+def test_a_hung_rank_fails_the_job_within_run_timeout_s_naming_the_hang_and_leaves_no_process(tmp_path):
+    out = tmp_path / "hung"
+    limit = 100
+    started = time.monotonic()
+    job = sdbuild(out, "parallel=ulysses", "run.steps=50", "run.repeats=50", f"run.timeout_s={limit}")
+    progress = out / "ranks" / "progress" / "1"
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and job.poll() is None:  # rank 1 into its calls: its progress file says so
+        time.sleep(0.5)
+        try:
+            if "in pipeline call" in json.loads(progress.read_text())["at"]:
+                break
+        except (OSError, ValueError):
+            continue
+    assert job.poll() is None, finish(job, out)[-2000:]
+    launcher = launcher_pid(out)
+    victim = json.loads(progress.read_text())["pid"]  # the rank writes its own pid there
+    assert victim in session_processes(launcher)
+    os.kill(victim, signal.SIGSTOP)  # hung: alive, never reaches the next barrier; rank 0 waits there for it
+    log = finish(job, out, timeout=limit + 120)
+    took = time.monotonic() - started
+    assert job.returncode == 1, log[-3000:]
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "failed" and f"timed out after {limit} s (run.timeout_s)" in row["error"], row["error"]
+    errors = row["parallel"]["errors"]
+    assert "in pipeline call" in errors["1"] and f"process {victim} stopped)" in errors["1"], errors  # the hang
+    assert "sleeping" in errors["0"], errors  # rank 0 waited for it (in a collective of that call, or the next barrier)
+    assert "rank 1: no progress for" in row["error"] and "stopped" in row["error"]
+    assert took < limit + 60, took  # the limit, the two ending signals' grace, and the row
+    assert session_processes(launcher) == []
+
+
 def test_a_ranks_error_is_read_from_torch_elastics_own_error_file(tmp_path):
     """What the launcher says for a rank: the exception line `record` wrote (torch's ProcessFailure reads
     the file), or the signal that killed it."""
