@@ -69,12 +69,12 @@ def model_folder(model: ModelSpec, cache_dir: str | None) -> str:
 
 
 def ensure_model(model: ModelSpec, cache_dir: str | None) -> str:
-    """Return the folder to load; build and save the random model first if it is not cached, and
+    """Return the folder to load; build and save the random model first if it is not cached whole, and
     download a hub id first with model.download=true (checked like any folder once it is here)."""
     if to_download(model):
         download_model(model)
     folder = model_folder(model, cache_dir)
-    if model.source in (ModelSource.tiny, ModelSource.arch) and not (Path(folder) / "model_index.json").exists():
+    if model.source in (ModelSource.tiny, ModelSource.arch) and not random_model_complete(Path(folder), model.family):
         save_random_pipeline(random_model_name(model), Path(folder))
     return folder
 
@@ -84,19 +84,38 @@ def build_random_pipeline(name: str):
     return random_family(name).build_random(name)
 
 
-def save_random_pipeline(name: str, folder: Path) -> None:
-    """Save atomically: a half-written folder is never mistaken for a cached model."""
+def random_model_complete(folder: Path, family: ModelFamily) -> bool:
+    """Whether a cached random model is whole: its model_index.json and safetensors weights in every
+    component's folder (a folder without them is rebuilt, never loaded)."""
+    return (folder / "model_index.json").is_file() and all(safetensors_in(folder / c) for c in COMPONENTS[family])
+
+
+def save_random_pipeline(name: str, folder: Path) -> bool:
+    """Build the random model `name` into `folder`, once, whoever else asks at the same time: under an
+    exclusive lock on a file beside it (fcntl.flock: released by the kernel if the holder dies), built
+    into a temporary sibling folder and renamed into place, so a reader sees no folder or a whole one.
+    A process that waited for the lock finds the folder whole and builds nothing. A folder there that is
+    not whole (a component without weights) is removed and built again. Returns whether this call built it."""
+    import fcntl
+    import logging
+
+    family = random_family(name).family
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        build_random_pipeline(name).save_pretrained(tmp, safe_serialization=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the file closes
+        if random_model_complete(folder, family):
+            return False  # built by another process while this one waited
+        if folder.exists():
+            logging.getLogger("sdbuild").warning("%s is not a whole model (a component has no weights): "
+                                                 "building it again", folder)
+            shutil.rmtree(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
         try:
-            tmp.rename(folder)
-        except OSError:  # another process saved it first
-            if not (folder / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            build_random_pipeline(name).save_pretrained(tmp, safe_serialization=True)
+            os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return True
 
 
 # The components a pipeline folder must carry, each a subfolder with its own safetensors weights.

@@ -111,3 +111,27 @@ def describe(speedup: Optional[Interval]) -> str:
     if not speedup.bounded:
         return f"x{speedup.median:.2f} (no 95% interval at {speedup.n} calls; needs {min_samples()})"
     return f"x{speedup.median:.2f} ({speedup.low:.2f}–{speedup.high:.2f}, {speedup.n} pairs)"
+
+
+UNPAIRED_METHOD = ("ratio of two medians measured apart; interval from each median's exact order-statistic "
+                   "interval at 1 - (1 - confidence) / 2 (Bonferroni: both hold together with >= confidence)")
+
+
+def ratio_of_medians(reference: Sequence[float], candidate: Sequence[float],
+                     confidence: float = CONFIDENCE) -> Interval:
+    """median(reference) / median(candidate) for calls that were NOT paired (two jobs measured one after the
+    other, e.g. a parallel job and its degree-1 partner): no call of one saw the same machine as a call of
+    the other, so there are no paired ratios. The interval divides the bounds of each median's own
+    interval, each taken at 1 - (1 - confidence) / 2, so that both cover their medians at once with at least
+    `confidence` (whatever the two distributions): [ref.low / cand.high, ref.high / cand.low]. It holds only
+    as far as the machine stayed the same between the two jobs. n is the smaller sample; without enough
+    calls in either (min_samples at the stricter level: 7) low and high are None."""
+    if any(c <= 0 for c in candidate):
+        raise ValueError("a call time must be positive")
+    each = 1.0 - (1.0 - confidence) / 2
+    ref, cand = median_interval(reference, each), median_interval(candidate, each)
+    ratio = ref.median / cand.median
+    n = min(ref.n, cand.n)
+    if not (ref.bounded and cand.bounded):
+        return Interval(ratio, None, None, n, 0.0)
+    return Interval(ratio, ref.low / cand.high, ref.high / cand.low, n, 1.0 - (1.0 - ref.confidence) - (1.0 - cand.confidence))

@@ -188,7 +188,33 @@ def test_two_gloo_ranks_write_one_row_whose_image_is_the_degree_one_image(tmp_pa
     diff = float(np.abs(parallel_image - single).max())
     print(f"ulysses 2 vs degree 1: max abs diff {diff:.2e}, {compare(single[0], parallel_image[0])}")
     assert diff < 1e-4  # measured: 1.5e-6 (images in [0, 1]; the attention sums in another order across ranks)
+    fidelity = par["fidelity"]  # the job's own comparison, rendered in rank 0 after the timed calls
+    assert (fidelity["tolerance"], fidelity["within_tolerance"], fidelity["images"]) == (1e-4, True, 1), fidelity
+    assert fidelity["max_abs_diff"] == pytest.approx(diff, rel=0.5, abs=1e-6) and fidelity["ssim"] > 0.9999
     assert session_processes(launcher_pid(out)) == []
+
+
+@pytest.mark.slow  # 3-4 minutes on 2 loaded cores: a degree-1 job, then two ranks
+def test_a_sweep_over_parallel_none_and_ulysses_reports_speedup_efficiency_and_fidelity(tmp_path):
+    """The issue's "done when": `--multirun parallel=none,ulysses` reports the efficiency, from real rows."""
+    from sdbuild import report
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "sdbuild", "--multirun", f"hydra.sweep.dir={tmp_path}",
+                           "model=tiny_flux", "run.steps=2", "run.warmup=1", "run.repeats=7", "parallel=none,ulysses"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = {r["job"]: r for r in report.analyse(tmp_path).rows}
+    assert [rows[j]["status"] for j in ("0", "1")] == ["ok", "ok"]
+    v = rows["1"]["parallel_vs_one"]
+    assert v["reference_job"] == "0" and v["world_size"] == 2 and v["low"] is not None
+    assert v["efficiency"] == pytest.approx(rows["0"]["latency_s"]["median"] / rows["1"]["latency_s"]["median"] / 2)
+    assert rows["1"]["parallel"]["fidelity"]["within_tolerance"] is True
+    text = (tmp_path / "report.md").read_text()
+    assert f"of 2 ranks ({v['efficiency_low']:.2f}" in text and "(tolerance 0.0001: within)" in text
+    print(f"sweep: degree 1 {rows['0']['latency_s']['median']:.3f} s, ulysses 2 {rows['1']['latency_s']['median']:.3f} s,"
+          f" speed-up x{v['speedup']:.2f} ({v['low']:.2f}-{v['high']:.2f}), efficiency {v['efficiency']:.2f}, "
+          f"max abs diff {rows['1']['parallel']['fidelity']['max_abs_diff']:.2e}, load {os.getloadavg()}")
 
 
 @pytest.mark.slow  # about 2 minutes: the ranks build before one is killed
@@ -215,6 +241,39 @@ def test_a_rank_killed_mid_run_fails_the_job_with_each_ranks_error_and_leaves_no
     errors = row["parallel"]["errors"]
     assert sorted(errors) == ["0", "1"] and any("SIGKILL" in why for why in errors.values()), errors
     assert session_processes(launcher_pid(out)) == []
+
+
+@pytest.mark.slow  # about 2.5 minutes: the ranks build, one hangs, the job waits out run.timeout_s=100
+def test_a_hung_rank_fails_the_job_within_run_timeout_s_naming_the_hang_and_leaves_no_process(tmp_path):
+    out = tmp_path / "hung"
+    limit = 100
+    started = time.monotonic()
+    job = sdbuild(out, "parallel=ulysses", "run.steps=50", "run.repeats=50", f"run.timeout_s={limit}")
+    progress = out / "ranks" / "progress" / "1"
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and job.poll() is None:  # rank 1 into its calls: its progress file says so
+        time.sleep(0.5)
+        try:
+            if "in pipeline call" in json.loads(progress.read_text())["at"]:
+                break
+        except (OSError, ValueError):
+            continue
+    assert job.poll() is None, finish(job, out)[-2000:]
+    launcher = launcher_pid(out)
+    victim = json.loads(progress.read_text())["pid"]  # the rank writes its own pid there
+    assert victim in session_processes(launcher)
+    os.kill(victim, signal.SIGSTOP)  # hung: alive, never reaches the next barrier; rank 0 waits there for it
+    log = finish(job, out, timeout=limit + 120)
+    took = time.monotonic() - started
+    assert job.returncode == 1, log[-3000:]
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "failed" and f"timed out after {limit} s (run.timeout_s)" in row["error"], row["error"]
+    errors = row["parallel"]["errors"]
+    assert "in pipeline call" in errors["1"] and f"process {victim} stopped)" in errors["1"], errors  # the hang
+    assert "sleeping" in errors["0"], errors  # rank 0 waited for it (in a collective of that call, or the next barrier)
+    assert "rank 1: no progress for" in row["error"] and "stopped" in row["error"]
+    assert took < limit + 60, took  # the limit, the two ending signals' grace, and the row
+    assert session_processes(launcher) == []
 
 
 def test_a_ranks_error_is_read_from_torch_elastics_own_error_file(tmp_path):

@@ -16,6 +16,7 @@ from ..fidelity import FIDELITY_BOUND_DB, compare
 from ..results import COMPLETED, Status
 from ..spec import (AttentionProcessor, CacheMethod, CompileMethod, Dtype, MemoryFormat, ModelSource, Offload, Quant,
                     VaeKind)
+from . import parallel
 from .load import existing_dir, load
 
 BASELINE_NAME = "fp32/contiguous/classic attention/no compile/no offload/no quant/full VAE/no cache"
@@ -99,6 +100,7 @@ def analyse(sweep_dir: str | Path, rows: Optional[list[dict]] = None, unwritten:
     for group in sweep.groups:
         _choose_baseline(group)
         _compare(group, root)
+    parallel.annotate(sweep.readable, usable)  # parallel rows: speed-up and efficiency on their degree-1 row
     return sweep
 
 

@@ -16,6 +16,7 @@ from .. import results
 from ..results import LATENCY_STATS, MEMORY_SCOPES, MemoryScope, MIN_RUNS, NOISY_CV, Status
 from ..fidelity import FIDELITY_BOUND_DB
 from ..stats import describe, interval_from_dict
+from . import parallel
 from .analyse import COMPLETED_VALUES, Sweep, fastest, random_weights, usable
 
 CSV_FILE = "results.csv"
@@ -169,6 +170,10 @@ def build_table(sweep: Sweep) -> Table:
         measures.append(("energy (J/image)", _fmt_energy))
     if adherence_line(sweep):  # drawn models: the reader's score (images scored)
         measures.append(("adherence (images)", _fmt_adherence))
+    if parallel.has_parallel(sweep.readable):  # rows run as several ranks: against the same spec at degree 1
+        measures += [("parallel speed-up vs degree 1", parallel.fmt_speedup),
+                     ("parallel efficiency", parallel.fmt_efficiency),
+                     ("fidelity to degree 1", parallel.fmt_fidelity)]
 
     def text(row: dict, key: str) -> str:
         value = row["job"] if key == "job" else row["preset"] if key == "preset" else results.label_values(row).get(key)
@@ -331,7 +336,7 @@ def csv_columns(sweep: Sweep) -> list[str]:
         "note", "reused_from", "overrides", "measure_mode", "measure_calls", "paired_speedup", "paired_low",
         "paired_high", "paired_n", "paired_reference_job", "energy_j_per_image", "energy_source", "adherence",
         "adherence_images",
-    ]
+    ] + (list(parallel.CSV_COLUMNS) if parallel.has_parallel(sweep.readable) else [])
 
 
 def _csv_record(row: dict, sweep: Sweep) -> dict:
@@ -358,6 +363,8 @@ def _csv_record(row: dict, sweep: Sweep) -> dict:
                   energy_source=energy.get("source") or (f"none: {energy['reason']}" if energy.get("reason") else None),
                   adherence=(row.get("adherence") or {}).get("score"),
                   adherence_images=(row.get("adherence") or {}).get("images"))
+    if parallel.has_parallel(sweep.readable):
+        record.update(parallel.csv_record(row))
     return {k: _csv_value(v) for k, v in record.items()}
 
 
@@ -424,7 +431,7 @@ def render_markdown(sweep: Sweep, table: Table) -> str:
         lines += [f"**Ladder:** this sweep was walked by the ladder tuner: the kept steps, what each bought and "
                   f"every option tried are in [{LADDER_FILE}]({LADDER_FILE}) ([html]({LADDER_HTML})).", ""]
     lines += _settings_lines(sweep) if sweep.groups else ["No completed or failed rows to compare."]
-    lines += ["", METHOD, ""]
+    lines += ["", METHOD, ""] + ([parallel.METHOD, ""] if parallel.has_parallel(sweep.readable) else [])
     if table.rows:
         lines.append("| " + " | ".join(_md(h) for h in table.headers) + " |")
         lines.append("|" + "|".join("---:" if n else "---" for n in table.numeric) + "|")
@@ -497,6 +504,8 @@ def render_html(sweep: Sweep, table: Table) -> str:
                      f'(kept steps, what each bought, every option tried).</p>')
     parts += [f"<p>Run: {esc(g.description)}<br><strong>Baseline:</strong> {esc(g.reason)}</p>" for g in sweep.groups]
     parts.append(f"<p>{esc(METHOD)}</p>")
+    if parallel.has_parallel(sweep.readable):
+        parts.append(f'<p id="parallel">{esc(parallel.METHOD)}</p>')
     if table.rows:
         parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in table.headers) + "<th>image</th></tr>")
         for row, cells in table.rows:
