@@ -146,19 +146,30 @@ class NotLocal(FileNotFoundError):
         self.why = why
 
 
-def local_folder(path: str) -> Path:
+# The files of a hub snapshot that say what it is (configs, tokenizers); weights are checked per component
+# (folder_problems), so a snapshot holding only some of a repo's files (a download with allow_patterns,
+# which leaves the repo's pickles behind) is still found.
+CONFIG_PATTERNS = ("*.json", "*.txt", "*.model")
+
+
+def local_folder(path: str, patterns=CONFIG_PATTERNS) -> Path:
     """`path` as a local folder: itself if it exists, else the cached snapshot of the hub id it
-    names. Never reaches for the network (`local_files_only`)."""
+    names. Never reaches for the network (`local_files_only`). huggingface_hub refuses a cached
+    snapshot that lacks files its listing of the repo has (IncompleteSnapshotError) unless told which
+    files are wanted: `patterns`, the configs by default."""
     folder = Path(path).expanduser()
     if folder.exists():
         return folder
     if not is_hub_id(path):
         raise NotLocal(path, "does not exist and is not a hub id (org/name)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(path, local_files_only=True))
+        return Path(snapshot_download(path, local_files_only=True, allow_patterns=list(patterns)))
+    except IncompleteSnapshotError as exc:
+        raise NotLocal(path, f"is a hub id whose cached snapshot is incomplete ({str(exc).split(': ', 1)[-1][:200]}), "
+                             "and sdbuild downloads only when asked") from None
     except LocalEntryNotFoundError:
         raise NotLocal(path, "is a hub id that is not in the local Hugging Face cache, and sdbuild "
                              "downloads only when asked") from None
@@ -512,12 +523,19 @@ def variant_folder_problems(model: ModelSpec) -> list[str]:
 # Downloads on request (model.download=true) ------------------------------------------------------
 
 # What a download fetches: configs, tokenizers and safetensors weights; never pickles (.bin, .ckpt, ...).
-DOWNLOAD_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors")
+DOWNLOAD_PATTERNS = (*CONFIG_PATTERNS, "*.safetensors")
 
 
-def cached(path: str) -> bool:
+def download_patterns(variant: Optional[str]) -> list:
+    """The files model.download=true fetches: configs and safetensors weights (only the variant's)."""
+    if not variant:
+        return list(DOWNLOAD_PATTERNS)
+    return [*CONFIG_PATTERNS, f"*.{variant}.safetensors", f"*.{variant}-*-of-*.safetensors"]
+
+
+def cached(path: str, patterns=CONFIG_PATTERNS) -> bool:
     try:
-        local_folder(path)
+        local_folder(path, patterns)
     except NotLocal:
         return False
     return True
@@ -526,7 +544,8 @@ def cached(path: str) -> bool:
 def to_download(model: ModelSpec) -> bool:
     """Whether the load step downloads first: model.download=true and a hub id not in the local cache."""
     return (model.download and model.source is ModelSource.pretrained and bool(model.path) and not single_file(model)
-            and not Path(model.path).expanduser().exists() and is_hub_id(model.path) and not cached(model.path))
+            and not Path(model.path).expanduser().exists() and is_hub_id(model.path)
+            and not cached(model.path, download_patterns(model.variant)))  # an interrupted download resumes
 
 
 def download_problem(model: ModelSpec) -> Optional[str]:
@@ -552,11 +571,8 @@ def download_model(model: ModelSpec) -> Path:
 
     from .errors import SpecError
 
-    patterns = list(DOWNLOAD_PATTERNS)
-    if model.variant:
-        patterns[-1:] = [f"*.{model.variant}.safetensors", f"*.{model.variant}-*-of-*.safetensors"]
     try:
-        folder = Path(snapshot_download(model.path, allow_patterns=patterns))
+        folder = Path(snapshot_download(model.path, allow_patterns=download_patterns(model.variant)))
     except Exception as exc:  # noqa: BLE001: every way a download fails is a refusal with its reason
         why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
         raise SpecError([problem(f"model.path={model.path} model.download=true",

@@ -357,6 +357,14 @@ def untrusted_fields(data: Dict[str, Any]) -> None:
         _bounded(adherence.get(name), f"adherence.{name}", 1.0)
     _bounded(adherence.get("images"), "adherence.images", MAX_COUNT, whole=True)
     _bounded(adherence.get("seconds"), "adherence.seconds", MAX_SECONDS)
+    swaps = (data.get("lora") or {}).get("swaps") if isinstance(data.get("lora"), dict) else None
+    if swaps is not None and not (isinstance(swaps, list) and all(isinstance(s, dict) for s in swaps)):
+        raise RowError("lora.swaps should be a list of swaps")
+    for swap in swaps or []:
+        _bounded(swap.get("adapter"), "lora.swaps.adapter", MAX_COUNT, whole=True)
+        _bounded(swap.get("recompiles"), "lora.swaps.recompiles", MAX_COUNT, whole=True)
+        for name in ("swap_s", "call_s"):
+            _bounded(swap.get(name), f"lora.swaps.{name}", MAX_SECONDS)
     for name, value in (data.get("paired") or {}).items():
         if name in ("median", "low", "high", "confidence"):
             _bounded(value, f"paired.{name}", 1e6)

@@ -200,3 +200,36 @@ def test_hotswap_under_compile_swaps_without_recompiling(adapters, tmp_path):
     (swap,) = row["lora"]["swaps"]
     assert swap["adapter"] == 1 and swap["recompiles"] == 0, swap
     assert swap["swap_s"] > 0 and swap["call_s"] > 0
+
+
+# --- the transformer family: tiny Flux -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux_adapter(tmp_path_factory):
+    """A rank-4 LoRA made with peft on the tiny Flux transformer's attention, saved with FluxPipeline's
+    own save_lora_weights (transformer.* keys)."""
+    pytest.importorskip("peft", reason="LoRA needs the optional package peft: pip install -e \".[lora]\"")
+    return write_adapter(tmp_path_factory.mktemp("flux-lora") / "f", rank=4, seed=3, family="tiny_flux")
+
+
+def test_a_flux_adapter_given_to_a_unet_is_refused(flux_adapter):
+    text = refusal("lora=unfused", adapter_list({"path": flux_adapter}))
+    assert "is an adapter for a transformer (Flux, SD3)" in text and "sd15" in text
+
+
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_flux_fused_and_unfused_give_the_same_image_and_differ_from_the_base(flux_adapter):
+    import numpy as np
+
+    one = adapter_list({"path": flux_adapter, "scale": 0.8})
+    base, _, _ = images("model=tiny_flux")
+    fused, fused_pipe, info = images("model=tiny_flux", "lora=fused", one)
+    unfused, unfused_pipe, _ = images("model=tiny_flux", "lora=unfused", one)
+    assert not any("lora" in n for n, _ in fused_pipe.transformer.named_modules())
+    assert unfused_pipe.get_active_adapters() == ["adapter_0"]
+    assert any("lora" in n for n, _ in unfused_pipe.transformer.named_modules())
+    print(f"flux fused vs unfused max abs diff {np.abs(fused - unfused).max():.3g}, vs base {np.abs(fused - base).max():.3g}")
+    assert np.abs(fused - unfused).max() < 1e-4  # measured: 1.25e-6 max (float32 rounding of (W + BA)x vs Wx + B(Ax))
+    assert np.abs(fused - base).max() > 0.02 and np.abs(unfused - base).max() > 0.02
+    assert info.lora["mode"] == "fused" and info.lora["adapters"][0]["rank"] == 4

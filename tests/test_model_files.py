@@ -176,3 +176,52 @@ def test_an_unreachable_hub_is_a_clear_refusal(tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     text = out.stdout + out.stderr
     assert f"could not be downloaded from http://127.0.0.1:{port}" in text and "Traceback" not in text
+
+
+@pytest.fixture(scope="module")
+def hub_repo(tmp_path_factory):
+    """The embedded tiny SD 1.5 pipeline's saved folder as a hub repo, with a pickle beside the UNet's
+    safetensors (a download must never fetch it)."""
+    import shutil
+
+    from sdbuild.models import ensure_model
+
+    folder = Path(ensure_model(sdbuild.compose().model, None))
+    repo = shutil.copytree(folder, tmp_path_factory.mktemp("hub") / "repo")
+    (repo / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04 a pickle: never fetched")
+    return repo
+
+
+def test_model_download_fetches_safetensors_and_configs_then_loads_offline(hub_repo, tmp_path):
+    """model.download=true against a real HTTP server speaking the hub's API (tests/fake_hub.py), with
+    huggingface_hub's own snapshot_download: the row is ok, only configs and safetensors were fetched
+    (the .bin beside them was not), and a second run without model.download loads from the cache
+    with the hub gone and HF_HUB_OFFLINE=1."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from fake_hub import FakeHub
+
+    common = ["model=sd15", "model.path=sdbuild-test/tiny-pipe", "run.steps=2", "run.warmup=0", "run.repeats=1",
+              "run.height=64", "run.width=64", "run.device=cpu"]
+    hf = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_DISABLE_XET": "1"}
+    with FakeHub({"sdbuild-test/tiny-pipe": hub_repo}) as hub:
+        first = run_cli(*common, "model.download=true", f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path,
+                        env={**hf, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"})
+        fetched = hub.fetched()
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    row = json.loads((tmp_path / "first" / "result.json").read_text())
+    assert row["status"] == "ok", row.get("error")
+    served = {p.relative_to(hub_repo).as_posix() for p in hub_repo.rglob("*") if p.is_file()}
+    assert sorted(fetched) == sorted(served - {"unet/diffusion_pytorch_model.bin"}), fetched
+    snapshot = next((tmp_path / "hf" / "hub" / "models--sdbuild-test--tiny-pipe" / "snapshots").iterdir())
+    assert not list(snapshot.rglob("*.bin")) and (snapshot / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+    second = run_cli(*common, f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path,
+                     env={**hf, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "1"})  # the hub is shut down
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    assert json.loads((tmp_path / "second" / "result.json").read_text())["status"] == "ok"
+    images = [np.asarray(Image.open(tmp_path / run / "image.png")) for run in ("first", "second")]
+    assert images[0].std() > 0 and np.array_equal(images[0], images[1])

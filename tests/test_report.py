@@ -297,6 +297,31 @@ def test_html_escapes_text(grid: Path):
     assert "\\| pipes" in (grid / "report.md").read_text()
 
 
+def test_lora_swaps_are_in_the_report_pages(grid: Path):
+    """A lora=hotswap row's swaps (each swap's time, the next call's, Dynamo's new graphs) are a column of
+    report.md and index.html (escaped like every cell) and a JSON cell of results.csv; rows without swaps
+    show a dash, and a sweep without hotswap rows has no such column."""
+    report.aggregate(grid)
+    assert "LoRA swaps" not in (grid / "report.md").read_text()
+    swaps = [{"adapter": 1, "path": "/a/b.safetensors", "swap_s": 0.0123, "call_s": 0.8, "recompiles": 0},
+             {"adapter": 2, "path": "/a/c.safetensors", "swap_s": 0.02, "call_s": 95.5, "recompiles": 1}]
+    lora = {"mode": "hotswap", "adapters": [], "target_rank": 8, "swaps": swaps}
+    write_job(grid, "4", precision="bf16", median=0.9, overrides=["precision=bf16", "lora=hotswap"], lora=lora)
+    write_job(grid, "5", precision="fp8", median=0.9, overrides=["precision=fp8", "lora=hotswap"],
+              lora={**lora, "swaps": [{**swaps[0], "recompiles": None}]})
+    report.aggregate(grid)
+    cell = ("adapter 1: swap 0.0123 s, next call 0.8000 s, 0 new graphs; "
+            "adapter 2: swap 0.0200 s, next call 95.50 s, 1 new graph")
+    md, page = (grid / "report.md").read_text(), (grid / "index.html").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| job"))
+    assert "LoRA swaps" in header and f"| {cell} |" in md and "not compiled" in md
+    assert f'<td class="num">{cell}</td>' in page and "<th>LoRA swaps</th>" in page
+    (line4,) = [line for line in md.splitlines() if line.startswith("| 4 ")]
+    (line0,) = [line for line in md.splitlines() if line.startswith("| 0 ")]
+    assert cell in line4 and "adapter 1" not in line0
+    assert json.loads(read_csv(grid)["4"]["lora_swaps"]) == swaps and read_csv(grid)["0"]["lora_swaps"] == ""
+
+
 def test_pareto_frontier():
     # (latency, memory): 0 fastest but biggest, 1 smallest but slowest, 2 dominated by 3
     points = [(0.5, 400.0), (2.0, 100.0), (1.5, 300.0), (1.0, 200.0)]
@@ -723,6 +748,7 @@ HOSTILE = {
     "job.wall_s": ({"job": {"num": 0, "wall_s": "soon"}}, "job.wall_s"),
     "paired.median": ({"paired": {"median": 1e300}}, "paired.median"),
     "adherence.score": ({"adherence": {"score": 1.5, "images": 60}}, "adherence.score"),
+    "lora.swaps.swap_s": ({"lora": {"mode": "hotswap", "swaps": [{"adapter": 1, "swap_s": 1e300}]}}, "lora.swaps.swap_s"),
 }
 
 

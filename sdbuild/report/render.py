@@ -109,6 +109,25 @@ def adherence_line(sweep: Sweep) -> Optional[str]:
     return text + "."
 
 
+def lora_swaps(row: dict) -> list:
+    """A lora=hotswap row's measured swaps (sdbuild/levers/lora.py: measure_swaps); [] for other rows."""
+    lora = row.get("lora")
+    swaps = lora.get("swaps") if isinstance(lora, dict) else None
+    return [s for s in swaps if isinstance(s, dict)] if isinstance(swaps, list) else []
+
+
+def _fmt_swaps(row: dict) -> str:
+    """`adapter 1: swap 0.0123 s, next call 0.8000 s, 0 new graphs; adapter 2: ...` (`not compiled` where
+    nothing was: the row's compile is none)."""
+    def one(s: dict) -> str:
+        graphs = s.get("recompiles")
+        graphs = "not compiled" if graphs is None else f"{graphs} new graph{'' if graphs == 1 else 's'}"
+        return (f"adapter {s.get('adapter')}: swap {fmt_seconds(s.get('swap_s'))} s, next call "
+                f"{fmt_seconds(s.get('call_s'))} s, {graphs}")
+
+    return "; ".join(one(s) for s in lora_swaps(row)) or DASH
+
+
 def _fmt_int(v: Optional[int]) -> str:
     return DASH if v is None else str(v)
 
@@ -174,6 +193,8 @@ def build_table(sweep: Sweep) -> Table:
         measures += [("parallel speed-up vs degree 1", parallel.fmt_speedup),
                      ("parallel efficiency", parallel.fmt_efficiency),
                      ("fidelity to degree 1", parallel.fmt_fidelity)]
+    if any(lora_swaps(r) for r in sweep.readable):  # lora=hotswap: each swap, the call after it, new graphs
+        measures.append(("LoRA swaps", _fmt_swaps))
 
     def text(row: dict, key: str) -> str:
         value = row["job"] if key == "job" else row["preset"] if key == "preset" else results.label_values(row).get(key)
@@ -335,7 +356,7 @@ def csv_columns(sweep: Sweep) -> list[str]:
         "steps_per_s", "speedup", "speedup_noisy", "psnr_db", "ssim", "max_abs_diff", "broken", "image", "job", "spec_key", "baseline",
         "note", "reused_from", "overrides", "measure_mode", "measure_calls", "paired_speedup", "paired_low",
         "paired_high", "paired_n", "paired_reference_job", "energy_j_per_image", "energy_source", "adherence",
-        "adherence_images",
+        "adherence_images", "lora_swaps",
     ] + (list(parallel.CSV_COLUMNS) if parallel.has_parallel(sweep.readable) else [])
 
 
@@ -362,7 +383,8 @@ def _csv_record(row: dict, sweep: Sweep) -> dict:
                   energy_j_per_image=energy.get("joules_per_image"),
                   energy_source=energy.get("source") or (f"none: {energy['reason']}" if energy.get("reason") else None),
                   adherence=(row.get("adherence") or {}).get("score"),
-                  adherence_images=(row.get("adherence") or {}).get("images"))
+                  adherence_images=(row.get("adherence") or {}).get("images"),
+                  lora_swaps=lora_swaps(row) or None)
     if parallel.has_parallel(sweep.readable):
         record.update(parallel.csv_record(row))
     return {k: _csv_value(v) for k, v in record.items()}
