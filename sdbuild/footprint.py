@@ -56,8 +56,9 @@ def machine_memory_bytes(device: str) -> Optional[int]:
         return None
 
 
-def memory_problem(spec: Spec, device: str, available: Optional[int]) -> Optional[str]:
-    """A problem when the spec's least memory need is beyond what `device` has (None: it may fit)."""
+def memory_problem(spec: Spec, device: str, available: Optional[int], where: str = "here") -> Optional[str]:
+    """A problem when the spec's least memory need is beyond what `device` has (None: it may fit).
+    `where` names the machine: "here" for this one, "on machine=h100" for a profile planned against."""
     need = decode_bytes(spec)
     if need is None or available is None or need <= available:
         return None
@@ -69,4 +70,4 @@ def memory_problem(spec: Spec, device: str, available: Optional[int]) -> Optiona
                                           f"a smaller run.batch_size" if several else "") + " or smaller images")
     return problem(f"run.batch_size={run.batch_size} run.height={height} run.width={width}",
                    f"the VAE decode alone needs at least {need / gb:.0f} GB, more than the {available / gb:.0f} GB "
-                   f"of {'GPU' if device == 'cuda' else 'host'} memory here", instead)
+                   f"of {'GPU' if device == 'cuda' else 'host'} memory {where}", instead)

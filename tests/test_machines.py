@@ -347,3 +347,10 @@ def test_python_headers_are_found_under_debians_posix_local_scheme(tmp_path, mon
                         {**sysconfig._INSTALL_SCHEMES["posix_prefix"], "include": str(tmp_path)})
     assert validate_mod.python_include_dir() == sysconfig.get_paths(scheme="posix_prefix")["include"]
     assert Machine.probe().python_headers
+
+
+def test_a_memory_refusal_names_the_profile_it_planned_against():
+    """Planned against a profile, the VAE-decode memory refusal names that machine, not "here"."""
+    big = ["precision=fp16", "run.batch_size=8", "run.height=8192", "run.width=8192"]
+    text = refusal("machine=rtx4090", *big)
+    assert "GPU memory on machine=rtx4090" in text and "memory here" not in text
