@@ -121,3 +121,17 @@ def test_the_quick_start_console_script_runs(tmp_path):
 def test_the_quick_start_default_job_runs(tmp_path):
     out = run_as_written(quick_start_blocks()[1][0], tmp_path)
     assert "median" in out.stdout and list(tmp_path.glob("outputs/runs/*/result.json")), out.stdout
+
+
+def test_no_tracked_file_holds_a_merge_conflict_marker():
+    """A conflict left in a docs page outside the generated tables once landed on main unseen."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    marked = []
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix not in {".md", ".py", ".yaml", ".yml", ".toml", ".sh", ".txt", ".cfg"} or not path.is_file():
+            continue
+        lines = path.read_text(errors="replace").splitlines()
+        marked += [f"{name}:{i}" for i, line in enumerate(lines, 1)
+                   if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line == "======="]
+    assert not marked, marked
