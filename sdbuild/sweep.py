@@ -46,12 +46,43 @@ def planned_jobs(config: DictConfig) -> Optional[List[List[str]]]:
 
         if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
             return None
-        params = config.hydra.sweeper.get("params") or {}
-        overrides = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+        params = _unresolved(config.hydra.sweeper.get("params")) or {}
+        overrides = [f"{k}={v}" for k, v in params.items()] + _unresolved(config.hydra.overrides.task)
         parsed = OverridesParser.create().parse_overrides(overrides)
-        return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        return [as_typed(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     except Exception:  # the plan is a courtesy to the report; never fail a sweep over it
         return None
+
+
+def _unresolved(node: Any) -> Any:
+    """A config node as plain data, its `${...}` left as written (iterating a ListConfig resolves
+    each item: `run.prompt=${run.seed}` would read `run.prompt=0`, `\\${` would lose its `\\`)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=False) if node is not None else None
+
+
+def as_typed(overrides: Any) -> List[str]:
+    """A job's overrides as they are recorded (the row's `overrides`, plan.json): each one as it was
+    typed, `key=value` with the value's text (`run.prompt=${run.seed}`, `run.prompt=a \\${x} b`),
+    never resolved, and the same whether the job is a single run (Hydra hands over the typed text)
+    or one job of a sweep (Hydra hands over its re-quoted form, `run.prompt=$\\{run.seed\\}`).
+    Accepts a ListConfig (read unresolved) or a list of strings; anything Hydra cannot parse is kept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    typed = []
+    for item in (_unresolved(overrides) if not isinstance(overrides, list) else overrides) or []:
+        item = str(item)
+        try:
+            override = parser.parse_override(item)
+        except Exception:
+            typed.append(item)
+            continue
+        value = override.value()
+        # Only a string's text is re-quoted by Hydra's sweeper; numbers, lists and the rest stay as given.
+        typed.append(f"{override.get_key_element()}={value}" if isinstance(value, str) else item)
+    return typed
 
 
 def count_jobs(config: DictConfig) -> Optional[int]:

@@ -698,3 +698,21 @@ def test_a_lock_file_that_is_not_a_lock_record_is_named_as_such(tmp_path, capsys
     said = capsys.readouterr().err
     assert "not a lock record" in said and "None" not in said, said  # before: "process None on None"
     assert (tmp_path / results.LOCK_FILE).read_text() == content  # never taken over
+
+
+def test_overrides_are_recorded_as_typed_in_the_row_and_the_plan(tmp_path):
+    """Defect 5: the documented `\\${` escape and a `${run.seed}` reference, swept. Both rows are `ok` in
+    the report (before: "unreadable: written by another sweep", plan.json held the resolved overrides,
+    the rows the escaped ones), and the row, the plan and the report's csv record each override as typed
+    (before: plan.json said `run.prompt=0`), while the spec holds what they mean."""
+    typed = ["run.prompt=a \\${x} b", "run.prompt=${run.seed}"]
+    out = run_cli("--multirun", f"hydra.sweep.dir={tmp_path}", *QUICK, "run.threads=1", "run.timeout_s=0",
+                  "run.prompt=a \\${x} b,${run.seed}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = {str(j["num"]): j["overrides"] for j in json.loads((tmp_path / results.PLAN_FILE).read_text())["jobs"]}
+    found, table = rows(tmp_path), csv_rows(tmp_path)
+    for num, override, prompt in (("0", typed[0], "a ${x} b"), ("1", typed[1], "0")):
+        assert table[num]["status"] == "ok", table[num]["error"]
+        assert found[num]["overrides"][-1] == override and plan[num][-1] == override, (found[num]["overrides"], plan[num])
+        assert found[num]["spec"]["run"]["prompt"] == prompt
+    assert "written by another sweep" not in (tmp_path / "report.md").read_text()
