@@ -716,3 +716,26 @@ def test_overrides_are_recorded_as_typed_in_the_row_and_the_plan(tmp_path):
         assert found[num]["overrides"][-1] == override and plan[num][-1] == override, (found[num]["overrides"], plan[num])
         assert found[num]["spec"]["run"]["prompt"] == prompt
     assert "written by another sweep" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_job_interrupted_as_its_process_finishes_is_not_ok(tmp_path, monkeypatch):
+    """The signal comes as the job's process finishes its `ok` row (Ctrl-C right after the child's
+    last call): the row keeps its timings but does not claim ok (before: `ok` with job.interrupted)."""
+    from sdbuild.job import Interrupted, run_in_fresh_process
+
+    wait, calls = subprocess.Popen.wait, []
+
+    def wait_then_interrupted(self, timeout=None):
+        code = wait(self, timeout)
+        calls.append(code)
+        if len(calls) == 1:  # the job's own wait: its process has finished, then the signal arrives
+            raise Interrupted("SIGINT")
+        return code
+
+    monkeypatch.setattr(subprocess.Popen, "wait", wait_then_interrupted)
+    spec = sdbuild.compose([*QUICK, "run.threads=1"])
+    with pytest.raises(KeyboardInterrupt):
+        run_in_fresh_process(spec, list(QUICK), tmp_path, {}, {"num": 0})
+    row = results.read_row(tmp_path / results.RESULT_FILE)
+    assert calls[0] == 0 and row["job"]["interrupted"] == "SIGINT"
+    assert row["status"] == "failed" and "interrupted" in row["error"] and len(row["latency_s"]["runs"]) == 1
