@@ -225,6 +225,20 @@ def save_hydra_files(config: DictConfig) -> Optional[str]:
     return None
 
 
+_RUNNING: List[Any] = []  # (callback, config) of the sweep this process runs, between its start and its end
+
+
+def finish_interrupted_sweep() -> Optional[str]:
+    """After Ctrl-C or SIGTERM ended a sweep (Hydra calls no end callback then): release the lock and
+    write the report of what was measured, as the sweep's end would. Returns what to say (None when
+    no sweep was running)."""
+    if not _RUNNING:
+        return None
+    callback, config = _RUNNING.pop()
+    callback.on_multirun_end(config)
+    return f"the sweep's report covers the jobs that ran: {Path(config.hydra.sweep.dir)}"
+
+
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.total: Optional[int] = None
@@ -251,6 +265,7 @@ class SweepCallback(Callback):
         self.dry_run = bool(config.get("dry_run"))
         if self.dry_run:  # a dry run measures nothing: no lock, plan or report in the sweep folder
             return
+        _RUNNING[:] = [(self, config)]
         try:
             acquire_lock(sweep_dir)
             if jobs is not None:
@@ -291,6 +306,7 @@ class SweepCallback(Callback):
 
         if self.dry_run:
             return
+        _RUNNING.clear()
         sweep_dir = Path(config.hydra.sweep.dir)
         release_lock(sweep_dir)
         try:
