@@ -24,7 +24,23 @@ def main() -> None:
     if problems := plain_typos(sys.argv[1:]):
         print(f"sdbuild: refused:\n{SpecError(problems)}", file=sys.stderr)
         sys.exit(2)
-    hydra_main()
+    import signal
+
+    def sigterm(signum, frame):  # a scheduler's or `timeout`'s SIGTERM, also between a sweep's jobs
+        from .job import Interrupted
+
+        raise Interrupted("SIGTERM")
+
+    signal.signal(signal.SIGTERM, sigterm)
+    try:
+        hydra_main()
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the job's row is written; one line, no traceback
+        from .sweep import finish_interrupted_sweep
+
+        signame = getattr(exc, "signame", "SIGINT")
+        where = finish_interrupted_sweep()
+        print(f"sdbuild: interrupted ({signame})" + (f"; {where}" if where else ""), file=sys.stderr, flush=True)
+        sys.exit(130 if signame == "SIGINT" else 128 + int(getattr(signal, signame, signal.SIGTERM)))
 
 
 def plain_typos(argv: list[str]) -> list[str]:

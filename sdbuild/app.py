@@ -20,6 +20,7 @@ from . import results
 from .errors import SpecError
 from .results import Status
 from .spec import GROUPS, to_spec
+from .sweep import as_typed
 
 log = logging.getLogger("sdbuild")
 
@@ -76,7 +77,7 @@ def refused_job(exc: SpecError) -> Dict[str, Any]:
 
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices[g] for g in GROUPS if hc.runtime.choices.get(g)}
-    row = refused_row(Path(hc.runtime.output_dir), choices, list(hc.overrides.task),
+    row = refused_row(Path(hc.runtime.output_dir), choices, as_typed(hc.overrides.task),
                       {"num": hc.job.num, "output_dir": hc.runtime.output_dir}, exc)
     print(summary_line(row), flush=True)
     return row
@@ -110,7 +111,7 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     job = {"num": hc.job.num if multirun else None, "output_dir": str(out_dir)}
-    overrides = list(hc.overrides.task)
+    overrides = as_typed(hc.overrides.task)  # as typed: never resolved (plan.json records the same)
     try:
         spec = to_spec(cfg)
     except SpecError as exc:  # composed but refused: in a sweep a row, and the sweep goes on

@@ -530,6 +530,9 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
         row["job"]["timed_out"] = True
     if interrupted:
         row["job"]["interrupted"] = interrupted
+        if row["status"] == Status.ok.value:  # an interrupted job's row never claims ok (its timings are kept)
+            row.update(status=Status.failed.value,
+                       error=f"interrupted ({interrupted}) as its process finished; its timings are in this row")
     write_row(out_dir, row)
     if interrupted:
         raise Interrupted(interrupted)

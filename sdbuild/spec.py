@@ -588,6 +588,11 @@ def value_problems(spec: Spec) -> list[str]:
     for option, value in (("cache_dir", spec.cache_dir), ("compile.cache_dir", spec.compile.cache_dir)):
         if value is not None and (why := _unwritable(value)):
             problems.append(problem(f"{option}={value}", why, f"Set {option} to a folder you can write, or leave it unset"))
+        elif option == "compile.cache_dir" and value is not None and (why := not_own_folder(value)):
+            problems.append(problem(f"{option}={value}", f"{why}: torch loads compiled code and unpickles cache entries "
+                                    "from this folder, so everyone who can write there could run code in this job",
+                                    f"Set {option} to a folder of your own that only you can write (e.g. "
+                                    "compile.cache_dir=outputs/compile_cache), or leave it unset"))
     problems += measurement_problems(run) + range_problems(spec) + fidelity_problems(spec)
     if spec.resume is not None and not os.path.isdir(os.path.expanduser(spec.resume)):
         problems.append(problem(f"resume={spec.resume}", "is not a folder", "Point resume at an earlier sweep's folder "
@@ -778,6 +783,71 @@ def _unwritable(path: str) -> Optional[str]:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"cannot be written ({existing} is not writable)"
     return None
+
+
+def _private_group(gid: int) -> bool:
+    """Whether group `gid` is this user's own private group (the user's name, no other member:
+    the usual one-user group), where a group write bit lets nobody else in."""
+    import grp
+    import pwd
+
+    try:
+        group, me = grp.getgrgid(gid), pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return False
+    return gid == os.getgid() and group.gr_name == me and set(group.gr_mem) <= {me}
+
+
+def _others_write(st: os.stat_result, sticky_ok: bool) -> Optional[str]:
+    """Who else than this user can write into a file or folder with these stat facts (None: nobody)."""
+    import stat as stat_
+
+    if st.st_uid not in (os.getuid(), 0):
+        return f"owned by user {st.st_uid}"
+    shared = not (sticky_ok and st.st_mode & stat_.S_ISVTX)  # a sticky folder (/tmp): nobody swaps another's entry
+    if st.st_mode & stat_.S_IWOTH and shared:
+        return "writable by every user"
+    if st.st_mode & stat_.S_IWGRP and shared and not _private_group(st.st_gid):
+        return f"writable by group {st.st_gid}"
+    return None
+
+
+MAX_CACHE_ENTRIES = 200_000  # a compile cache folder with more entries is not walked whole: refused
+
+
+def not_own_folder(path: str) -> Optional[str]:
+    """Why a compile cache folder is not this user's alone, else None. The folder (when it exists)
+    and everything in it must be owned by this user (or root) and writable by nobody else (a group
+    write bit only for the user's private group), with no symbolic links; each folder above it must
+    be writable by nobody else either, or be sticky like /tmp (else someone could swap the folder
+    for theirs). A folder that does not exist yet is made by the job, with this user's umask."""
+    folder = os.path.abspath(os.path.expanduser(path))
+    parent = folder
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if parent == folder:
+        parent = os.path.dirname(folder)
+        seen = 0
+        for top, dirs, files in os.walk(folder):
+            for entry in ([top] if top == folder else []) + [os.path.join(top, n) for n in dirs + files]:
+                seen += 1
+                if seen > MAX_CACHE_ENTRIES:
+                    return f"holds more than {MAX_CACHE_ENTRIES} entries (too many to check)"
+                try:
+                    st = os.lstat(entry)
+                except OSError as exc:
+                    return f"cannot be checked ({entry}: {exc.strerror})"
+                where = "is" if entry == folder else f"holds {entry}, which is"
+                if os.path.islink(entry):
+                    return f"{where} a symbolic link"
+                if why := _others_write(st, sticky_ok=False):
+                    return f"{where} {why}"
+    while True:
+        if why := _others_write(os.stat(parent), sticky_ok=True):
+            return f"is inside {parent}, which is {why}"
+        if parent == os.path.dirname(parent):
+            return None
+        parent = os.path.dirname(parent)
 
 
 # Fields that say how a run is measured or where it is stored, not what pipeline is built:

@@ -46,12 +46,43 @@ def planned_jobs(config: DictConfig) -> Optional[List[List[str]]]:
 
         if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
             return None
-        params = config.hydra.sweeper.get("params") or {}
-        overrides = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+        params = _unresolved(config.hydra.sweeper.get("params")) or {}
+        overrides = [f"{k}={v}" for k, v in params.items()] + _unresolved(config.hydra.overrides.task)
         parsed = OverridesParser.create().parse_overrides(overrides)
-        return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        return [as_typed(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     except Exception:  # the plan is a courtesy to the report; never fail a sweep over it
         return None
+
+
+def _unresolved(node: Any) -> Any:
+    """A config node as plain data, its `${...}` left as written (iterating a ListConfig resolves
+    each item: `run.prompt=${run.seed}` would read `run.prompt=0`, `\\${` would lose its `\\`)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=False) if node is not None else None
+
+
+def as_typed(overrides: Any) -> List[str]:
+    """A job's overrides as they are recorded (the row's `overrides`, plan.json): each one as it was
+    typed, `key=value` with the value's text (`run.prompt=${run.seed}`, `run.prompt=a \\${x} b`),
+    never resolved, and the same whether the job is a single run (Hydra hands over the typed text)
+    or one job of a sweep (Hydra hands over its re-quoted form, `run.prompt=$\\{run.seed\\}`).
+    Accepts a ListConfig (read unresolved) or a list of strings; anything Hydra cannot parse is kept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    typed = []
+    for item in (_unresolved(overrides) if not isinstance(overrides, list) else overrides) or []:
+        item = str(item)
+        try:
+            override = parser.parse_override(item)
+        except Exception:
+            typed.append(item)
+            continue
+        value = override.value()
+        # Only a string's text is re-quoted by Hydra's sweeper; numbers, lists and the rest stay as given.
+        typed.append(f"{override.get_key_element()}={value}" if isinstance(value, str) else item)
+    return typed
 
 
 def count_jobs(config: DictConfig) -> Optional[int]:
@@ -194,6 +225,20 @@ def save_hydra_files(config: DictConfig) -> Optional[str]:
     return None
 
 
+_RUNNING: List[Any] = []  # (callback, config) of the sweep this process runs, between its start and its end
+
+
+def finish_interrupted_sweep() -> Optional[str]:
+    """After Ctrl-C or SIGTERM ended a sweep (Hydra calls no end callback then): release the lock and
+    write the report of what was measured, as the sweep's end would. Returns what to say (None when
+    no sweep was running)."""
+    if not _RUNNING:
+        return None
+    callback, config = _RUNNING.pop()
+    callback.on_multirun_end(config)
+    return f"the sweep's report covers the jobs that ran: {Path(config.hydra.sweep.dir)}"
+
+
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.total: Optional[int] = None
@@ -220,6 +265,7 @@ class SweepCallback(Callback):
         self.dry_run = bool(config.get("dry_run"))
         if self.dry_run:  # a dry run measures nothing: no lock, plan or report in the sweep folder
             return
+        _RUNNING[:] = [(self, config)]
         try:
             acquire_lock(sweep_dir)
             if jobs is not None:
@@ -260,6 +306,7 @@ class SweepCallback(Callback):
 
         if self.dry_run:
             return
+        _RUNNING.clear()
         sweep_dir = Path(config.hydra.sweep.dir)
         release_lock(sweep_dir)
         try:

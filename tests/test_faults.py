@@ -698,3 +698,81 @@ def test_a_lock_file_that_is_not_a_lock_record_is_named_as_such(tmp_path, capsys
     said = capsys.readouterr().err
     assert "not a lock record" in said and "None" not in said, said  # before: "process None on None"
     assert (tmp_path / results.LOCK_FILE).read_text() == content  # never taken over
+
+
+def test_overrides_are_recorded_as_typed_in_the_row_and_the_plan(tmp_path):
+    """Defect 5: the documented `\\${` escape and a `${run.seed}` reference, swept. Both rows are `ok` in
+    the report (before: "unreadable: written by another sweep", plan.json held the resolved overrides,
+    the rows the escaped ones), and the row, the plan and the report's csv record each override as typed
+    (before: plan.json said `run.prompt=0`), while the spec holds what they mean."""
+    typed = ["run.prompt=a \\${x} b", "run.prompt=${run.seed}"]
+    out = run_cli("--multirun", f"hydra.sweep.dir={tmp_path}", *QUICK, "run.threads=1", "run.timeout_s=0",
+                  "run.prompt=a \\${x} b,${run.seed}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = {str(j["num"]): j["overrides"] for j in json.loads((tmp_path / results.PLAN_FILE).read_text())["jobs"]}
+    found, table = rows(tmp_path), csv_rows(tmp_path)
+    for num, override, prompt in (("0", typed[0], "a ${x} b"), ("1", typed[1], "0")):
+        assert table[num]["status"] == "ok", table[num]["error"]
+        assert found[num]["overrides"][-1] == override and plan[num][-1] == override, (found[num]["overrides"], plan[num])
+        assert found[num]["spec"]["run"]["prompt"] == prompt
+    assert "written by another sweep" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_job_interrupted_as_its_process_finishes_is_not_ok(tmp_path, monkeypatch):
+    """The signal comes as the job's process finishes its `ok` row (Ctrl-C right after the child's
+    last call): the row keeps its timings but does not claim ok (before: `ok` with job.interrupted)."""
+    from sdbuild.job import Interrupted, run_in_fresh_process
+
+    wait, calls = subprocess.Popen.wait, []
+
+    def wait_then_interrupted(self, timeout=None):
+        code = wait(self, timeout)
+        calls.append(code)
+        if len(calls) == 1:  # the job's own wait: its process has finished, then the signal arrives
+            raise Interrupted("SIGINT")
+        return code
+
+    monkeypatch.setattr(subprocess.Popen, "wait", wait_then_interrupted)
+    spec = sdbuild.compose([*QUICK, "run.threads=1"])
+    with pytest.raises(KeyboardInterrupt):
+        run_in_fresh_process(spec, list(QUICK), tmp_path, {}, {"num": 0})
+    row = results.read_row(tmp_path / results.RESULT_FILE)
+    assert calls[0] == 0 and row["job"]["interrupted"] == "SIGINT"
+    assert row["status"] == "failed" and "interrupted" in row["error"] and len(row["latency_s"]["runs"]) == 1
+
+
+def test_ctrl_c_of_a_single_run_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C (SIGINT) while a single run measures: its row is written, stderr says so in one line,
+    no traceback, exit 130 (before: a 42-frame traceback)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sdbuild", "run.steps=2", "run.warmup=0", "run.repeats=100000",
+                             "run.threads=1", f"hydra.run.dir={tmp_path}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "__main__.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and "run 2/100000" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "sdbuild: interrupted (SIGINT)" in err, err[-3000:]
+    assert results.read_row(tmp_path / "result.json")["job"]["interrupted"] == "SIGINT"
+
+
+def test_sigterm_of_a_sweep_writes_its_report_and_releases_the_lock(tmp_path):
+    """`timeout N python -m sdbuild --multirun ...`: SIGTERM while job 2 of 3 runs. One line, no
+    traceback; the report covers what was measured (job 0 ok, job 1 interrupted, job 2 missing) and
+    the lock is released (before: an `Interrupted: SIGTERM` traceback, no report, the lock left)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sdbuild", "--multirun", f"hydra.sweep.dir={tmp_path}",
+                             "run.steps=2", "run.warmup=0", "run.threads=1", "run.repeats=1,100000,1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and "run 2/100000" not in "".join(
+            p.read_text() for p in tmp_path.glob("1/*.log")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "sdbuild: interrupted (SIGTERM)" in err, err[-3000:]
+    table = csv_rows(tmp_path)
+    assert table["0"]["status"] == "ok" and table["1"]["status"] == "failed" and table["2"]["status"] == "missing"
+    assert (tmp_path / "report.md").is_file() and not (tmp_path / results.LOCK_FILE).exists()

@@ -707,6 +707,19 @@ def test_report_md_shows_a_prompt_s_html_as_text(tmp_path: Path):
     assert "<img src=x" not in md and "&lt;img src=x onerror=alert(1)> &amp; a cat" in md
 
 
+def test_report_md_shows_a_prompt_s_markdown_image_as_text(tmp_path: Path):
+    """A prompt's `![x](http://...)` (or a link) is text in report.md, as a Markdown renderer reads it:
+    no image fetched from a remote address when the report is viewed (before: rendered as an <img>)."""
+    markdown_it = pytest.importorskip("markdown_it")
+    prompt = "a cat ![x](http://example.invalid/t.png) [here](http://example.invalid/)"
+    for job, seed in (("0", 0), ("1", 1)):
+        write_job(tmp_path, job, spec=make_spec(prompt=prompt, seed=seed), overrides=[f"run.prompt={prompt}",
+                  f"run.seed={seed}"])
+    html_text = markdown_it.MarkdownIt("commonmark").enable("table").render(report.aggregate(tmp_path).read_text())
+    assert "example.invalid" in html_text  # the prompt is shown...
+    assert 'src="http' not in html_text and 'href="http' not in html_text  # ...as text: no image, no link
+
+
 def test_the_plot_of_many_rows_shows_the_fastest_and_stays_readable(tmp_path: Path):
     from sdbuild.report.plot import MAX_BARS
 

@@ -322,3 +322,58 @@ def test_the_package_docstring_example_runs_on_cpu():
     line = next(line for line in sdbuild.__doc__.splitlines() if "sdbuild.compose(" in line)
     overrides = ast.literal_eval(re.search(r"compose\((\[.*?\])\)", line).group(1))
     assert validate(sdbuild.compose(overrides), CPU) == "cpu"
+
+
+# A compile cache folder is code (issue 27, defect 7) ------------------------------------------------
+
+
+def _cache_with_entry(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "fxgraph" / "ab").mkdir(parents=True)
+    entry = cache / "fxgraph" / "ab" / "entry"
+    entry.write_bytes(b"planted")
+    return cache, entry
+
+
+@pytest.mark.parametrize("planted, said", [
+    ("world-writable entry", "which is writable by every user"),
+    ("entry of another user", "which is owned by user 54321"),
+    ("entry of another group", "which is writable by group 54321"),
+    ("world-writable folder", "cache: is writable by every user"),
+    ("folder of another user", "cache: is owned by user 54321"),
+    ("link inside", "which is a symbolic link"),
+    ("world-writable parent", "which is writable by every user"),
+])
+def test_a_compile_cache_folder_someone_else_can_write_is_refused(planted, said, tmp_path):
+    """torch unpickles FX-graph/AOTAutograd entries and loads compiled kernels from compile.cache_dir:
+    a folder (or an entry in it, or a folder above it) that another user can write is refused before
+    anything loads, naming the option, the reason and a folder of one's own (before: any folder)."""
+    if "another" in planted and os.geteuid() != 0:
+        pytest.skip("giving a file to another user or group needs root")
+    cache, entry = _cache_with_entry(tmp_path)
+    overrides = ["compile=inductor_cached", f"compile.cache_dir={cache}"]
+    assert validate(sdbuild.compose(overrides), CPU) == "cpu"  # one's own folder: used
+    if planted == "world-writable entry":
+        entry.chmod(0o666)
+    elif planted == "entry of another user":
+        os.chown(entry, 54321, -1)
+    elif planted == "entry of another group":
+        os.chown(entry, -1, 54321)
+        entry.chmod(0o664)
+    elif planted == "world-writable folder":
+        cache.chmod(0o777)
+    elif planted == "folder of another user":
+        os.chown(cache, 54321, -1)
+    elif planted == "link inside":
+        (cache / "fxgraph" / "link").symlink_to(tmp_path)
+    elif planted == "world-writable parent":
+        tmp_path.chmod(0o777)
+    message = refusal(overrides)
+    assert f"compile.cache_dir={cache}" in message and said in message and "Set compile.cache_dir to a folder of your own" in message
+
+
+def test_a_new_compile_cache_folder_in_a_sticky_tmp_is_accepted(tmp_path):
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    assert validate(sdbuild.compose(["compile=inductor_cached", f"compile.cache_dir={sticky / 'new' / 'c'}"]), CPU) == "cpu"

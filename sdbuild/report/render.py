@@ -425,8 +425,10 @@ def write_csv(sweep: Sweep) -> Path:
 def _md(text: str) -> str:
     """Text safe inside a Markdown table cell or list item: one line, `&` and `<` escaped (a prompt's
     `<img onerror=...>` is shown, never rendered: no tag can open without `<`; `>=` stays readable),
-    pipes escaped."""
-    return " ".join(str(text).split()).replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|")
+    pipes and square brackets escaped (a prompt's `![x](http://...)` is shown as text: no remote image
+    is fetched when the report is viewed, and no link is made)."""
+    return (" ".join(str(text).split()).replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|")
+            .replace("[", "\\[").replace("]", "\\]"))
 
 
 def _settings_lines(sweep: Sweep) -> list[str]:
