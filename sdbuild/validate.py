@@ -327,9 +327,9 @@ def validate(spec: Spec, machine: Optional[Machine] = None) -> str:
             chosen = f"{req.group}={getattr(spec, req.group).name}"
             option = req.option if req.option.startswith(chosen) else f"{chosen} ({req.option})"
             problems.append(problem(option, f"needs {requirement_needs(req)}, but {missing}", req.instead))
-    where = f"on machine={machine.profile}" if machine.profile else "here"
-    if device != "unknown" and (too_big := memory_problem(spec, device, machine.gpu_memory if device == "cuda"
-                                                          else machine.host_memory, where)):
+    if device != "unknown" and (too_big := memory_problem(
+            spec, device, machine.gpu_memory if device == "cuda" else machine.host_memory,
+            f"on machine={machine.profile}" if machine.profile and not machine.probed else "here")):
         problems.append(too_big)
     for excl in EXCLUSIONS:
         if excl.applies(spec) and (device == "cuda" or not excl.cuda_only):
