@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import config_dir
-from .errors import SpecError
+from .errors import SpecError, problem
 from .spec import GROUPS, check_keys, register_configs
 
 register_configs()
@@ -21,7 +21,7 @@ def main() -> None:
     if len(sys.argv) == 2 and sys.argv[1] in ("--help", "-h"):
         print(fast_help())
         return
-    if problems := plain_typos(sys.argv[1:]):
+    if problems := plain_typos(sys.argv[1:]) + unknown_options(sys.argv[1:]):
         print(f"sdbuild: refused:\n{SpecError(problems)}", file=sys.stderr)
         sys.exit(2)
     import signal
@@ -49,21 +49,14 @@ def plain_typos(argv: list[str]) -> list[str]:
     Hydra would refuse them too, but with "To append to your config use +key=value", which sends
     a typo the wrong way. Read with Hydra's own argument and override parsers, before composing;
     anything they cannot parse is left to Hydra's message."""
-    import contextlib
-    import io
-
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
 
     from .spec import unknown_keys
 
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            args = get_args_parser().parse_args(argv)
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except (SystemExit, Exception):
+    parsed = _parsed(argv)
+    if parsed is None:
         return []
+    args, overrides = parsed
     if args.shell_completion:
         return []
     groups = {d.name for d in Path(config_dir()).iterdir() if d.is_dir()}
@@ -81,6 +74,59 @@ def plain_typos(argv: list[str]) -> list[str]:
             node = node[part]
         node.setdefault(leaf, None)
     return unknown_keys(typed)
+
+
+def _parsed(argv: list[str]):
+    """(Hydra's parsed arguments, its parsed overrides), or None where Hydra's parsers refuse them
+    (Hydra then says why)."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(argv)
+        return args, OverridesParser.create().parse_overrides(args.overrides)
+    except (SystemExit, Exception):
+        return None
+
+
+def unknown_options(argv: list[str]) -> list[str]:
+    """`group=option` (or `+group=option`, or a sweep `group=a,b`) naming an option that is not a
+    file of sdbuild's conf/<group>/, each with the group's options. Hydra would refuse it too, after
+    composing, with its traceback hint and exit 1; this is a user's mistake: exit 2, before anything
+    loads. Left to Hydra where its own search path can hold other options (`hydra.searchpath`,
+    `--config-dir`, `--config-path`) and for overrides only it can read (ranges, globs)."""
+    from hydra.core.override_parser.types import OverrideType
+
+    parsed = _parsed(argv)
+    if parsed is None:
+        return []
+    args, overrides = parsed
+    if args.shell_completion or args.config_dir or args.config_path or any(
+            o.key_or_group.startswith("hydra.searchpath") for o in overrides):
+        return []
+    conf = Path(config_dir())
+    problems = []
+    for override in overrides:
+        group = override.key_or_group
+        folder = conf / group
+        if override.type not in (OverrideType.CHANGE, OverrideType.ADD) or override.package is not None \
+                or "." in group or group == "hydra" or group.startswith("hydra/") or not folder.is_dir():
+            continue
+        try:
+            values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                      else [override.get_value_element_as_str()])
+        except Exception:  # a range, glob or interpolation: Hydra's to read
+            continue
+        options = sorted(f.stem for f in folder.glob("*.yaml"))
+        for value in values:
+            if value not in options and value != "null":
+                problems.append(problem(f"{group}={value}", f"is not an option of the {group} group",
+                                        f"Use one of: {', '.join(options)} (`sdbuild --help` lists every group)"))
+    return problems
 
 
 def group_listing(conf: Path) -> str:

@@ -60,6 +60,11 @@ REFUSALS = [
     (["dry_run=true", "model=sd15", "model.path=../nope"], "model.path=../nope: does not exist and is not a hub id",
      False),
     (["run.seed=99999999999999999999999"], "run.seed=99999999999999999999999: must be <= 18446744073709551615", True),
+    # an option a group does not have (issue 27's weak messages): exit 2 naming the group's options, not
+    # Hydra's "Could not find" with exit 1; in a sweep too, before any job runs
+    (["precision=fp17"], "precision=fp17: is not an option of the precision group. Use one of: bf16,", False),
+    (["--multirun", "precision=fp32,fp17"], "precision=fp17: is not an option of the precision group", False),
+    (["+preset=nosuch"], "preset=nosuch: is not an option of the preset group", False),
 ]
 
 
