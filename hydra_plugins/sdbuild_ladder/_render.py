@@ -75,8 +75,8 @@ def to_json(ladder: Ladder) -> Dict[str, Any]:
     b = ladder.bounds
     return {
         "axes": ladder.axes, "order": ladder.order, "start": ladder.start, "fixed_overrides": ladder.fixed,
-        "bounds": {"psnr_db": b.psnr_db, "ssim": b.ssim, "adherence_drop": b.adherence_drop, "memory_mb": b.memory_mb, "noise": b.noise.value,
-                   "min_gain": b.min_gain},
+        "bounds": {"psnr_db": b.psnr_db, "ssim": b.ssim, "adherence_drop": b.adherence_drop,
+                   "memory_mb": b.memory_mb, "noise": b.noise.value, "min_gain": b.min_gain},
         "baseline": measured_json(ladder.baseline, ladder) if ladder.baseline else None,
         "steps": [{"axis": s.axis, "incumbent": s.incumbent.choices[s.axis], "kept": s.kept.choices[s.axis],
                    "changed": s.changed, "trials": [trial_json(t, ladder) for t in s.trials]} for s in ladder.steps],

@@ -57,7 +57,8 @@ class LadderSweeper(Sweeper):
         if noise is None:  # paired intervals where the calls are paired, else the spread rule
             noise = NoiseRule.paired if interleave else NoiseRule.spread
         self.interleave, self.max_held = interleave, max_held
-        self.bounds = Bounds(psnr_db=psnr_db, ssim=ssim, adherence_drop=adherence_drop, memory_mb=memory_mb, noise=noise, min_gain=min_gain)
+        self.bounds = Bounds(psnr_db=psnr_db, ssim=ssim, adherence_drop=adherence_drop, memory_mb=memory_mb,
+                             noise=noise, min_gain=min_gain)
         self.second_pass = second_pass
         self.preset_path = preset_path
         self.hydra_context: Optional[HydraContext] = None
