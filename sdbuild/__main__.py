@@ -21,7 +21,8 @@ def main() -> None:
     if len(sys.argv) == 2 and sys.argv[1] in ("--help", "-h"):
         print(fast_help())
         return
-    if problems := plain_typos(sys.argv[1:]) + unknown_options(sys.argv[1:]):
+    if problems := (unreadable_overrides(sys.argv[1:]) or
+                    plain_typos(sys.argv[1:]) + unknown_options(sys.argv[1:]) + mistyped_values(sys.argv[1:])):
         print(f"sdbuild: refused:\n{SpecError(problems)}", file=sys.stderr)
         sys.exit(2)
     import signal
@@ -74,6 +75,81 @@ def plain_typos(argv: list[str]) -> list[str]:
             node = node[part]
         node.setdefault(leaf, None)
     return unknown_keys(typed)
+
+
+def unreadable_overrides(argv: list[str]) -> list[str]:
+    """Each override Hydra's grammar cannot read (`precision=[a`, an unbalanced quote), with the
+    parser's own reason. Hydra would refuse them too, with exit 1 and its traceback hint; this is a
+    user's mistake: exit 2, before anything loads. Arguments argparse itself refuses are argparse's."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(argv)
+    except (SystemExit, Exception):
+        return []
+    parser, problems = OverridesParser.create(), []
+    for text in args.overrides:
+        try:
+            parser.parse_overrides([text])
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            problems.append(problem(text, f"is not an override Hydra can read ({reason})",
+                                    "Write key=value, a sweep as key=a,b; quote a value with spaces, commas or "
+                                    "brackets (\"key='a, b'\"); the grammar: "
+                                    "https://hydra.cc/docs/advanced/override_grammar/basic/"))
+    return problems
+
+
+def mistyped_values(argv: list[str]) -> list[str]:
+    """Each `field=value` (or sweep value) that the typed spec cannot hold (`run.steps=abc`,
+    `run.steps=`, `precision.tf32=maybe`), checked against the Spec schema before composing.
+    Hydra would refuse it while composing, with exit 1 (in a sweep: when it reaches that job,
+    after the jobs before it ran); here it is refused at once with exit 2, naming the value.
+    Interpolations (`${...}`) are left to the resolver checks, ranges and globs to Hydra."""
+    import dataclasses
+
+    from hydra.core.override_parser.types import OverrideType
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .spec import Spec
+
+    parsed = _parsed(argv)
+    if parsed is None:
+        return []
+    args, overrides = parsed
+    if args.shell_completion:
+        return []
+    fields = {f.name for f in dataclasses.fields(Spec)}
+    schema = OmegaConf.structured(Spec)
+    problems = []
+    for override in overrides:
+        key = override.key_or_group
+        if (override.type is not OverrideType.CHANGE or override.package is not None or "." not in key
+                or key.split(".")[0] not in fields):
+            continue
+        try:
+            values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        except Exception:  # a glob, or a sweep only Hydra can expand
+            continue
+        for value in values:
+            if isinstance(value, str) and "${" in value:
+                continue
+            try:
+                OmegaConf.update(schema.copy(), key, value, merge=True)
+            except OmegaConfBaseException as exc:
+                reason = str(exc).strip().splitlines()[0]
+                problems.append(problem(f"{key}={value}", f"is not a value this field can hold ({reason})",
+                                        "Give a value of the field's type; docs/options.md lists each field "
+                                        "with its type and default"))
+            except Exception:  # a key the schema does not have: plain_typos names it
+                continue
+    return problems
 
 
 def _parsed(argv: list[str]):

@@ -65,6 +65,13 @@ REFUSALS = [
     (["precision=fp17"], "precision=fp17: is not an option of the precision group. Use one of: bf16,", False),
     (["--multirun", "precision=fp32,fp17"], "precision=fp17: is not an option of the precision group", False),
     (["+preset=nosuch"], "preset=nosuch: is not an option of the preset group", False),
+    # a value the typed field cannot hold, an override Hydra cannot read: exit 2 naming it (was exit 1 with
+    # Hydra's "Error merging override" / "no viable alternative"); in a sweep before any job runs
+    (["run.steps=abc"], "run.steps=abc: is not a value this field can hold", False),
+    (["run.steps="], "run.steps=: is not a value this field can hold", False),
+    (["precision.tf32=maybe"], "precision.tf32=maybe: is not a value this field can hold", False),
+    (["--multirun", "run.steps=2,abc"], "run.steps=abc: is not a value this field can hold", False),
+    (["precision=[a"], "precision=[a: is not an override Hydra can read", False),
 ]
 
 
