@@ -3,6 +3,8 @@
 
     python scripts/train_tiny.py reader        # the digit reader -> sdbuild/data/drawn_reader.safetensors
     python scripts/train_tiny.py sd            # the tiny SD 1.x pipeline -> sdbuild/data/tiny_drawn/
+    python scripts/train_tiny.py flux          # the tiny Flux pipeline -> sdbuild/data/tiny_flux_drawn/
+                                               # (needs the SD one: it shares its trained VAE)
 
 Each part logs its progress and ends with its held-out measurement. `--smoke` trains a few steps
 into a temporary folder (what the test runs); the shipped weights come from the defaults.
@@ -158,17 +160,119 @@ def sd(args) -> None:
              steps=3 if args.smoke else args.eval_steps, png=args.png)
 
 
-def evaluate(folder: Path, n: int, seeds, steps: int, png: str | None = None) -> float:
+FLUX_FOLDER = Path(__file__).resolve().parent.parent / "sdbuild" / "data" / "tiny_flux_drawn"
+# The drawn Flux transformer: the embedded tiny Flux's layout (sdbuild/families/flux.py) at width 64 (4 heads
+# of 16) with four single-stream blocks, on the drawn SD pipeline's VAE latents (4 channels, 4x down: packed
+# 2x2, 16 in-channels and 64 image tokens at 64x64 pixels).
+DRAWN_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=16,
+                              num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
+                              guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+def flux(args) -> None:
+    """Train the tiny Flux pipeline on the canonical drawings of all 300 prompts by flow matching, in the
+    latent space of the drawn SD pipeline's trained VAE (an AutoencoderTiny: kept as trained, not trained
+    again; FluxPipeline reads its 4x downsampling from `block_out_channels`, written into its config).
+    The transformer, the CLIP and the T5 encoders (the embedded tiny sizes) train together: x_t =
+    (1 - s) x0 + s noise, the target noise - x0, s drawn logit-normal (as SD3 and Flux train), the guidance
+    embedding fed a random scale in [1, 10] so that any guidance_scale a run gives is one it has seen
+    (FluxPipeline has no classifier-free guidance batch: the prompt alone must decide). Saved with
+    save_pretrained (safetensors), loaded back with from_pretrained, and measured like the SD one."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderTiny, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from sdbuild import drawn
+    from sdbuild.families.common import clip_text_encoder, clip_tokenizer, t5_encoder, t5_tokenizer
+    from sdbuild.families.flux import FLUX_SCHEDULER, TINY_CLIP, TINY_T5
+
+    out = Path(args.out) if args.out else FLUX_FOLDER
+    steps = 3 if args.smoke else args.unet_steps
+    gen = torch.Generator().manual_seed(args.seed)
+    labels = drawn.all_labels()
+    prompts = [l.prompt for l in labels]
+    x = torch.from_numpy(drawn.canonical(labels)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    sd_vae = Path(args.init) if args.init else SD_FOLDER / "vae"
+    vae = AutoencoderTiny.from_pretrained(sd_vae).eval()
+    vae.register_to_config(block_out_channels=list(vae.config.encoder_block_out_channels))  # FluxPipeline: 4x down
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(c).latents for c in x.split(50)]) * vae.config.scaling_factor
+    side = latents.shape[-1]
+
+    init = Path(args.resume) if args.resume else None
+    clip_tok, vocab = clip_tokenizer()
+    tokenizer_2 = t5_tokenizer()
+    torch.manual_seed(args.seed + 1)
+    text = (CLIPTextModel.from_pretrained(init / "text_encoder") if init
+            else clip_text_encoder(CLIPTextModel, TINY_CLIP, vocab)).train()
+    torch.manual_seed(args.seed + 2)
+    from transformers import T5EncoderModel
+
+    t5 = (T5EncoderModel.from_pretrained(init / "text_encoder_2") if init else t5_encoder(TINY_T5, tokenizer_2)).train()
+    torch.manual_seed(args.seed + 3)
+    transformer = (FluxTransformer2DModel.from_pretrained(init / "transformer") if init
+                   else FluxTransformer2DModel(**DRAWN_FLUX_TRANSFORMER)).train()
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    pipe = FluxPipeline(transformer=transformer, vae=vae, text_encoder=text, text_encoder_2=t5, tokenizer=clip_tok,
+                        tokenizer_2=tokenizer_2, scheduler=scheduler)
+    clip_ids = clip_tok(prompts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+    t5_ids = tokenizer_2(prompts, padding="max_length", max_length=args.t5_tokens, truncation=True,
+                         return_tensors="pt").input_ids
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, side // 2, side // 2, "cpu", torch.float32)
+    txt_ids = torch.zeros(args.t5_tokens, 3)
+    params = list(transformer.parameters()) + list(text.parameters()) + list(t5.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=max(steps, 1), pct_start=0.1)
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(prompts), (args.unet_batch,), generator=gen)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        s = torch.sigmoid(torch.randn(len(idx), generator=gen))
+        xt = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
+        packed = FluxPipeline._pack_latents(xt, len(idx), x0.shape[1], side, side)
+        target = FluxPipeline._pack_latents(noise - x0, len(idx), x0.shape[1], side, side)
+        pooled = text(clip_ids[idx], output_hidden_states=False).pooler_output
+        per_token = t5(t5_ids[idx], output_hidden_states=False)[0]
+        guidance = 1 + 9 * torch.rand(len(idx), generator=gen)
+        pred = transformer(hidden_states=packed, timestep=s, guidance=guidance, pooled_projections=pooled,
+                           encoder_hidden_states=per_token, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 20 == 0 or step == steps - 1:
+            log(f"transformer step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+    log(f"transformer + text encoders trained in {time.time() - t0:.0f} s")
+    for part in (transformer, text, t5):
+        part.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    log(f"saved to {out}")
+    evaluate(out, n=10 if args.smoke else args.eval_prompts, seeds=(1000,) if args.smoke else (1000, 1001),
+             steps=3 if args.smoke else args.eval_steps, png=args.png, flow=True, t5_tokens=args.t5_tokens)
+
+
+def evaluate(folder: Path, n: int, seeds, steps: int, png: str | None = None, flow: bool = False,
+             t5_tokens: int = 512) -> float:
     """Adherence of the saved pipeline, loaded with from_pretrained: n prompts spread over the set, each
-    with every seed (seeds the training never drew), fp32, `steps` DDIM steps, guidance 7.5."""
+    with every seed (seeds the training never drew), fp32, `steps` steps (SD: DDIM, classifier-free
+    guidance 7.5; Flux, `flow`: its flow-matching Euler scheduler, guidance embedding 7.5)."""
     import numpy as np
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline
 
     from sdbuild import drawn
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+    if flow:
+        pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     labels = drawn.all_labels()
     prompts = [labels[i].prompt for i in np.linspace(0, len(labels) - 1, n).round().astype(int)]
@@ -176,8 +280,9 @@ def evaluate(folder: Path, n: int, seeds, steps: int, png: str | None = None) ->
     images, wanted = [], []
     for seed in seeds:
         gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
+        extra = dict(max_sequence_length=t5_tokens) if flow else {}
         out = pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, generator=gens, output_type="np",
-                   height=64, width=64).images
+                   height=64, width=64, **extra).images
         images.append((out * 255).round().astype(np.uint8))
         wanted += prompts
     images = np.concatenate(images)
@@ -187,7 +292,7 @@ def evaluate(folder: Path, n: int, seeds, steps: int, png: str | None = None) ->
         acc = np.mean([getattr(s, field) == getattr(drawn.parse_prompt(p), field) for s, p in zip(seen, wanted)])
         log(f"generated {field} accuracy {acc:.3f}")
     score = sum(hits) / len(hits)
-    log(f"adherence {score:.3f} over {len(hits)} images ({len(prompts)} prompts x {len(seeds)} seeds, {steps} DDIM "
+    log(f"adherence {score:.3f} over {len(hits)} images ({len(prompts)} prompts x {len(seeds)} seeds, {steps} "
         f"steps, {time.time() - t0:.0f} s)")
     from PIL import Image
 
@@ -200,7 +305,7 @@ def evaluate(folder: Path, n: int, seeds, steps: int, png: str | None = None) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["reader", "sd", "sd-eval"])
+    p.add_argument("part", choices=["reader", "sd", "sd-eval", "flux", "flux-eval"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=int, default=20000)
@@ -217,6 +322,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-steps", type=int, default=50)
     p.add_argument("--init", default=None, help="sd: start from this saved pipeline folder (its VAE kept, "
                    "its UNet and text encoder trained on: a second stage)")
+    p.add_argument("--resume", default=None, help="flux: start from this saved Flux folder (a second stage)")
+    p.add_argument("--t5-tokens", type=int, default=512, help="flux: the T5 sequence, trained and evaluated "
+                   "(FluxPipeline's max_sequence_length; a run uses the family's)")
     p.add_argument("--png", default=None, help="save a grid of evaluated samples here")
     p.add_argument("--smoke", action="store_true", help="a few seconds of training, to check the script runs")
     args = p.parse_args(argv)
@@ -224,11 +332,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.part == "sd-eval":
-        folder = Path(args.out) if args.out else SD_FOLDER
-        evaluate(folder, n=args.eval_prompts, seeds=(1000, 1001), steps=args.eval_steps, png=args.png)
+    if args.part in ("sd-eval", "flux-eval"):
+        flow = args.part == "flux-eval"
+        folder = Path(args.out) if args.out else FLUX_FOLDER if flow else SD_FOLDER
+        evaluate(folder, n=args.eval_prompts, seeds=(1000, 1001), steps=args.eval_steps, png=args.png, flow=flow,
+                 t5_tokens=args.t5_tokens)
     else:
-        {"reader": reader, "sd": sd}[args.part](args)
+        {"reader": reader, "sd": sd, "flux": flux}[args.part](args)
     return 0
 
 
