@@ -4,6 +4,8 @@ against the baseline's (same prompt, same noise), and prompt adherence (the draw
 `fidelity.prompts` x `fidelity.seeds`, images the timing calls never drew).
 
     python benchmarks/lossy_levers.py                       # model=tiny_drawn, 50 DDIM steps, fp32
+    python benchmarks/lossy_levers.py --flux                # model=tiny_flux_drawn, 50 flow-Euler steps:
+                                                            # the transformer step caches
     python benchmarks/lossy_levers.py run.repeats=9 -- out  # more timed calls; rows under ./out
 
 It measures through the product's own path: each candidate is a composed spec, the group is
@@ -17,7 +19,9 @@ measure of any real model's quality. What a cache costs here is what it costs a 
 smooth trajectory; a real model's features may move differently.
 
 `deepcache interval=50` is the deliberately broken lever: after the first step it reuses the deep
-features every step, so adherence must fall (tests/test_drawn_model.py holds that it does).
+features every step, so adherence must fall (tests/test_drawn_model.py holds that it does). On Flux
+the broken one is `first_block` with a threshold no step's change reaches: after the first step every
+step reuses the cached residual of the blocks after the first.
 """
 
 from __future__ import annotations
@@ -42,11 +46,31 @@ CANDIDATES = {  # label -> overrides on BASE; the first is the baseline (the ref
     "DPM++ 2M, 20 steps": ["scheduler=dpmpp_2m", "run.steps=20"],
     "broken: deepcache interval 50": ["cache=deepcache", "cache.interval=50"],
 }
+# The drawn Flux (model=tiny_flux_drawn): diffusers' transformer step caches (cache hooks) at two settings each.
+FLUX_BASE = ["model=tiny_flux_drawn", "run.steps=50", "run.warmup=1", "run.repeats=5"]
+FLUX_CANDIDATES = {
+    "baseline (fp32, 50 flow-Euler steps)": [],
+    "first_block threshold 0.05 (default)": ["cache=first_block"],
+    "first_block threshold 0.2": ["cache=first_block", "cache.threshold=0.2"],
+    "taylorseer interval 5 (default)": ["cache=taylorseer"],
+    "taylorseer interval 10": ["cache=taylorseer", "cache.interval=10"],
+    "pab interval 2 (default)": ["cache=pab"],
+    "pab interval 4": ["cache=pab", "cache.interval=4"],
+    "faster_cache interval 2 (default)": ["cache=faster_cache"],
+    "mag_cache threshold 0.06 (default)": ["cache=mag_cache"],
+    "mag_cache threshold 0.24": ["cache=mag_cache", "cache.threshold=0.24"],
+    "25 steps": ["run.steps=25"],
+    "10 steps": ["run.steps=10"],
+    "broken: first_block threshold 100": ["cache=first_block", "cache.threshold=100"],
+}
 
 
 def main(argv: list[str]) -> int:
+    flux = "--flux" in argv
+    argv = [a for a in argv if a != "--flux"]
     out = Path(argv[argv.index("--") + 1]) if "--" in argv else Path(tempfile.mkdtemp(prefix="lossy_levers_"))
     extra = argv[:argv.index("--")] if "--" in argv else argv
+    base, candidates = (FLUX_BASE, FLUX_CANDIDATES) if flux else (BASE, CANDIDATES)
 
     import sdbuild
     from sdbuild.errors import SpecError
@@ -55,8 +79,8 @@ def main(argv: list[str]) -> int:
     from sdbuild.stats import describe, interval_from_dict
 
     members, labels = [], []
-    for n, (label, overrides) in enumerate(CANDIDATES.items()):
-        spec_overrides = [*BASE, *overrides, *extra]
+    for n, (label, overrides) in enumerate(candidates.items()):
+        spec_overrides = [*base, *overrides, *extra]
         try:
             spec = sdbuild.compose(spec_overrides)
         except SpecError as exc:
@@ -69,7 +93,7 @@ def main(argv: list[str]) -> int:
     load_after = os.getloadavg()
 
     base_image = out / "0" / rows[0]["image"] if rows[0].get("image") else None
-    print(f"spec: {' '.join(BASE + extra)}; interleaved, {len(members)} members; load average before "
+    print(f"spec: {' '.join(base + extra)}; interleaved, {len(members)} members; load average before "
           f"{load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs); rows in {out}")
     print("| lever | status | median s | speed-up (paired, 95 %) | PSNR dB | SSIM | adherence (images) |")
     print("|---|---|---|---|---|---|---|")

@@ -185,7 +185,7 @@ def _degrees(spec: Spec) -> str:
 def parallel_shapes(spec: Spec) -> Optional[dict]:
     """What the degrees must divide: the denoiser's heads, its image tokens and text tokens (None where
     the denoiser's config cannot be read before loading; then diffusers' own check at the first call says)."""
-    from .models import denoiser_config
+    from .models import denoiser_config, vae_downsampling
 
     family = FAMILIES[spec.model.family]
     config = denoiser_config(spec)
@@ -193,9 +193,11 @@ def parallel_shapes(spec: Spec) -> Optional[dict]:
         return None
     side = spec.model.resolution
     height, width = spec.run.height or side, spec.run.width or side
-    # Flux: the VAE downsamples 8x and the pipeline packs 2x2 latent patches into one token
-    image_tokens = (height // 16) * (width // 16) if family.packed_latents else (height // 8) * (width // 8)
-    return {"heads": int(config["num_attention_heads"]), "image_tokens": image_tokens, "text_tokens": family.text_tokens}
+    # Flux: the VAE downsamples (8x; the drawn Flux's 4x) and the pipeline packs 2x2 latent patches into one token
+    down = vae_downsampling(spec) * (2 if family.packed_latents else 1)
+    image_tokens = (height // down) * (width // down)
+    text_tokens = spec.run.max_sequence_length or family.text_tokens
+    return {"heads": int(config["num_attention_heads"]), "image_tokens": image_tokens, "text_tokens": text_tokens}
 
 
 def parallel_split_problem(spec: Spec) -> Optional[str]:
@@ -728,6 +730,12 @@ EXCLUSIONS: Tuple[Exclusion, ...] = (
         lambda s: s.vae.kind is VaeKind.tiny and _transformer(s),
         "AutoencoderTiny here is TAESD, for 4-channel latents; Flux's and SD3's latents have 16 channels",
         "Use vae=full",
+    ),
+    Exclusion(
+        "run.max_sequence_length with a family without a T5 encoder (sd15, sdxl)",
+        lambda s: s.run.max_sequence_length is not None and s.model.family in (ModelFamily.sd15, ModelFamily.sdxl),
+        "SD 1.x and SDXL read the prompt with CLIP alone, 77 tokens; their pipelines take no max_sequence_length",
+        "Leave run.max_sequence_length unset with sd15 and sdxl (it is for flux and sd3)",
     ),
     Exclusion(
         "run.negative_prompt with a guidance-distilled family (flux)",

@@ -37,7 +37,7 @@ RANDOM_MODEL_VERSION = 1
 
 # The drawn models shipped with the package: family -> folder under sdbuild/data (scripts/train_tiny.py).
 DATA_DIR = Path(__file__).parent / "data"
-DRAWN_MODELS = {ModelFamily.sd15: "tiny_drawn"}
+DRAWN_MODELS = {ModelFamily.sd15: "tiny_drawn", ModelFamily.flux: "tiny_flux_drawn"}
 
 
 def default_cache_dir() -> Path:
@@ -330,13 +330,28 @@ def denoiser_config(spec: Spec) -> Optional[dict]:
     """The denoiser's config (heads, head size, ...) without loading it: the family's random layout for
     tiny/arch models, else the local folder's `<denoiser>/config.json`. None where it cannot be read
     here (a hub id not in the cache, a malformed file): the rules that need it are then left to the load."""
+    return _component_config(spec, FAMILIES[spec.model.family].denoiser)
+
+
+def vae_downsampling(spec: Spec) -> int:
+    """How many pixels a latent's side stands for, read as the pipelines do (2 ** (len(block_out_channels)
+    - 1)) from the VAE's config without loading it; 8 (every real SD/Flux VAE) where it cannot be read."""
+    config = _component_config(spec, "vae") or {}
+    blocks = config.get("block_out_channels")
+    return 2 ** (len(blocks) - 1) if isinstance(blocks, (list, tuple)) and 1 <= len(blocks) <= 8 else 8
+
+
+def _component_config(spec: Spec, component: str) -> Optional[dict]:
+    """A component's config: the family's random layout for tiny/arch models, else the local folder's
+    (a shipped drawn model's too) `<component>/config.json`; None where it cannot be read here."""
     family = FAMILIES[spec.model.family]
-    if spec.model.source is not ModelSource.pretrained:
+    if spec.model.source in (ModelSource.tiny, ModelSource.arch):
         layout = family.random_models.get(random_model_name(spec.model), {})
-        return dict(layout.get(family.denoiser, {})) or None
+        return dict(layout.get(component, {})) or None
     try:
         folder = Path(model_folder(spec.model, spec.cache_dir))
-        return json.loads((folder / family.denoiser / "config.json").read_text())
+        config = json.loads((folder / component / "config.json").read_text())
+        return config if isinstance(config, dict) else None
     except (OSError, ValueError):  # NotLocal is an OSError
         return None
 

@@ -51,6 +51,8 @@ def call_kwargs(spec: Spec, pipe, device: str) -> Dict[str, Any]:
     )
     if run.negative_prompt is not None:
         kwargs["negative_prompt"] = [run.negative_prompt] * run.batch_size
+    if run.max_sequence_length is not None:  # families with a T5 encoder only (capabilities.py refuses the rest)
+        kwargs["max_sequence_length"] = run.max_sequence_length
     return kwargs
 
 

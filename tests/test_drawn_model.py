@@ -94,3 +94,39 @@ def test_the_drawn_model_draws_its_own_prompt_by_default():
 
     image = pipe(**{**call_kwargs(spec, pipe, "cpu"), "output_type": "np"}).images
     assert sdbuild.drawn.read((image * 255).round().astype("uint8"))[0] == label
+
+
+# ---------------------------------------------------------------------------------------------
+# The drawn Flux (model=tiny_flux_drawn): the tiny Flux layout trained on the same set, for the
+# transformer levers (diffusers' step caches) that the drawn SD model cannot run.
+
+def test_drawn_flux_loads_its_shipped_weights_and_its_t5_sequence():
+    from sdbuild.models import model_folder
+    from sdbuild.run_inputs import call_kwargs
+
+    spec = sdbuild.compose(["model=tiny_flux_drawn", "run.steps=2"])
+    assert spec.scheduler.name == "flow_euler" and spec.run.max_sequence_length == 48
+    pipe, _ = build_pipeline(spec)
+    assert type(pipe).__name__ == "FluxPipeline" and type(pipe.vae).__name__ == "AutoencoderTiny"
+    assert model_folder(spec.model, None).endswith("sdbuild/data/tiny_flux_drawn")
+    assert pipe.vae_scale_factor == 4  # read from the VAE's block_out_channels, written at training
+    kwargs = call_kwargs(spec, pipe, "cpu")
+    assert kwargs["max_sequence_length"] == 48 and kwargs["latents"].shape == (1, 64, 16)  # 8x8 tokens of 2x2x4
+
+
+def test_drawn_flux_shapes_come_from_its_own_folder():
+    """The parallel rules' head and token counts of a drawn model are its shipped configs' (4 heads,
+    a 4x VAE: 64 image tokens at 64x64, the 48 T5 tokens it runs with), not the random tiny layout's."""
+    from sdbuild.capabilities import parallel_shapes
+
+    drawn = parallel_shapes(sdbuild.compose(["model=tiny_flux_drawn", "parallel=ulysses"]))
+    assert drawn == {"heads": 4, "image_tokens": 64, "text_tokens": 48}
+    assert parallel_shapes(sdbuild.compose(["model=tiny_flux", "parallel=ulysses"])) == {
+        "heads": 2, "image_tokens": 16, "text_tokens": 512}
+
+
+def test_drawn_flux_row_adherence_counts_every_image():
+    spec = sdbuild.compose(["model=tiny_flux_drawn", "run.steps=3", PROMPTS, "fidelity.seeds=[0]", "fidelity.batch=5"])
+    pipe, _ = build_pipeline(spec)
+    record = adherence_fields(spec, pipe, "cpu")
+    assert record["images"] == 10 and all(0.0 <= record[k] <= 1.0 for k in ("score", "digit", "colour", "background"))

@@ -68,6 +68,22 @@ def test_flux_guidance_is_an_embedding_not_a_second_batch(shared_pipeline):
     assert np.abs(strong - weak).max() > 1e-3  # the embedding changes the image
 
 
+def test_flux_max_sequence_length_is_the_t5_sequence_the_transformer_attends_over(shared_pipeline):
+    """run.max_sequence_length reaches FluxPipeline: the transformer sees that many text tokens (512
+    left unset), and the image changes with it (T5 reads fewer padding tokens)."""
+    spec, pipe, _ = shared_pipeline("model=tiny_flux")
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        short = run(sdbuild.compose([*FAST, "model=tiny_flux", "run.max_sequence_length=32"]), pipe)
+        full = run(sdbuild.compose([*FAST, "model=tiny_flux"]), pipe)
+    finally:
+        handle.remove()
+    assert seen == [32] * 4 + [512] * 4
+    assert np.abs(short - full).max() > 1e-4
+
+
 @pytest.mark.parametrize("overrides,says", [
     (("model=tiny_flux", "scheduler=ddim"), "use scheduler=flow_euler"),
     (("model=tiny_flux", "scheduler=euler"), "use scheduler=flow_euler"),
@@ -76,6 +92,9 @@ def test_flux_guidance_is_an_embedding_not_a_second_batch(shared_pipeline):
     (("model=tiny_flux", "attention=sdpa_fused"), "attention=classic or sdpa"),
     (("model=tiny_flux", "vae=tiny"), "Use vae=full"),
     (("model=tiny_flux", "run.negative_prompt=blurry"), "Leave run.negative_prompt unset"),
+    (("model=tiny", "run.max_sequence_length=48"), "Leave run.max_sequence_length unset with sd15 and sdxl"),
+    (("model=tiny_flux", "run.max_sequence_length=0"), "run.max_sequence_length=0: must be >= 1"),
+    (("model=tiny_flux", "run.max_sequence_length=513"), "run.max_sequence_length=513: must be <= 512"),
     (("model=tiny_sd3", "compile=regional"), "Use compile=inductor (the whole transformer) for SD3"),
 ])
 def test_wrong_family_combinations_are_refused_with_what_to_use(overrides, says):
