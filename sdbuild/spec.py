@@ -621,7 +621,7 @@ def fidelity_problems(spec: Spec) -> list[str]:
     if spec.model.source is not ModelSource.drawn:
         return problems + [problem("fidelity.prompts", f"asks for prompt adherence, but model={spec.model.name} has no "
                                    "reader (the drawn reader knows only the drawn set's images)",
-                                   "Use a drawn model (model=tiny_drawn), or drop fidelity.prompts")]
+                                   "Use a drawn model (model=tiny_drawn, model=tiny_flux_drawn), or drop fidelity.prompts")]
     for text in fid.prompts:
         try:
             parse_prompt(text)
