@@ -23,7 +23,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from ..models import adapter_record, lora_file, lora_rank, safetensors_header
+from ..models import (adapter_label, adapter_record, cached_adapter, download_adapter, hub_adapter, lora_file,
+                      lora_rank, safetensors_header)
 from ..spec import CompileMethod, LoraMode, Spec
 
 SLOT = "adapter_0"  # hotswap: the adapter name every swap replaces
@@ -50,6 +51,9 @@ def apply(pipe, spec: Spec, device: str, info) -> None:
     if lora.mode is LoraMode.none:
         return
     adapters = lora.adapters
+    for i, adapter in enumerate(adapters):  # a hub id asked for (download: true) and not cached yet: fetched first
+        if adapter.download and hub_adapter(adapter) and cached_adapter(adapter) is None:
+            download_adapter(f"lora.adapters[{i}]", adapter, spec.model.family)
     info.lora = {"mode": lora.mode.name, "adapters": [adapter_record(a) for a in adapters]}
     if lora.mode is LoraMode.hotswap:
         rank = target_rank(spec)
@@ -72,13 +76,16 @@ def describe(spec: Spec, device: str) -> str:
     lora = spec.lora
     if lora.mode is LoraMode.none:
         return "none"
-    listed = ", ".join(f"{lora_file(a)} x{a.scale:g}" for a in lora.adapters)
+    def fetched(a) -> str:
+        return " (download)" if a.download and hub_adapter(a) and cached_adapter(a) is None else ""
+
+    listed = ", ".join(f"{adapter_label(a)}{fetched(a)} x{a.scale:g}" for a in lora.adapters)
     if lora.mode is LoraMode.fused:
         return f"fuse {len(lora.adapters)} adapter(s) into the weights, then unload them: {listed}"
     if lora.mode is LoraMode.unfused:
         return f"{len(lora.adapters)} live adapter(s) (set_adapters): {listed}"
     compiled = spec.compile.method is CompileMethod.inductor
-    return (f"hotswap: enable_lora_hotswap(target_rank=largest rank given), load {lora_file(lora.adapters[0])}; "
+    return (f"hotswap: enable_lora_hotswap(target_rank=largest rank given), load {adapter_label(lora.adapters[0])}; "
             f"after the timed calls swap in {len(lora.adapters) - 1} adapter(s) with hotswap=True, "
             + ("counting Dynamo's recompilations" if compiled else "eager (no compile: nothing to recompile)"))
 
