@@ -233,3 +233,118 @@ def test_flux_fused_and_unfused_give_the_same_image_and_differ_from_the_base(flu
     assert np.abs(fused - unfused).max() < 1e-4  # measured: 1.25e-6 max (float32 rounding of (W + BA)x vs Wx + B(Ax))
     assert np.abs(fused - base).max() > 0.02 and np.abs(unfused - base).max() > 0.02
     assert info.lora["mode"] == "fused" and info.lora["adapters"][0]["rank"] == 4
+
+
+# --- adapters given as hub ids (org/name): offline from the HF cache, downloaded only when asked -------
+
+HUB_LORA = "sdbuild-test/tiny-lora"
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache of this test's own (huggingface_hub reads the constant at each lookup)."""
+    import huggingface_hub.constants as hf
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_hub_adapter_not_in_the_cache_is_refused_naming_the_download_flag(hf_cache, monkeypatch):
+    text = refusal("lora=unfused", adapter_list({"path": HUB_LORA, "weight_name": "x.safetensors"}))
+    assert f"lora.adapters[0].path={HUB_LORA}" in text and "x.safetensors is not in the local Hugging Face cache" in text
+    assert "lora.adapters[0].download=true" in text and "model.download=true" in text and "hf download" in text
+    assert "is not a .safetensors file" in refusal("lora=unfused", adapter_list({"path": HUB_LORA,
+                                                                                  "weight_name": "x.txt"}))
+    assert "is a pickle file" in refusal("lora=unfused", adapter_list({"path": HUB_LORA, "weight_name": "x.bin",
+                                                                        "download": "true"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = refusal("lora=unfused", adapter_list({"path": HUB_LORA, "download": "true"}))
+    assert "HF_HUB_OFFLINE is set" in text and "lora.adapters[0].download=true" in text
+
+
+def test_download_with_a_local_adapter_is_refused(adapters):
+    text = refusal("lora=unfused", adapter_list({"path": adapters[0], "download": "true"}))
+    assert "needs lora.adapters[0].path to be a hub id" in text
+
+
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_a_hub_adapter_in_the_cache_loads_offline_and_the_row_records_it(adapters, hf_cache, tmp_path, monkeypatch):
+    """The adapter's repo written into the HF cache in huggingface_hub's layout (tests/fake_hub.py:
+    write_cached_repo), HF_HUB_OFFLINE=1: it resolves from the cache, gives the local folder's image,
+    and the row records the hub id, the file, its commit and sha256."""
+    import numpy as np
+
+    from fake_hub import COMMIT, write_cached_repo
+
+    write_cached_repo(hf_cache, HUB_LORA, adapters[1])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub, _, info = images("lora=unfused", adapter_list({"path": HUB_LORA, "scale": 0.5}))
+    local, _, _ = images("lora=unfused", adapter_list({"path": adapters[1], "scale": 0.5}))
+    assert np.array_equal(hub, local)
+    (record,) = info.lora["adapters"]
+    file = adapters[1] / "pytorch_lora_weights.safetensors"
+    assert record["hub_id"] == HUB_LORA and record["weight_name"] == file.name and record["revision"] == COMMIT
+    assert record["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest() and record["scale"] == 0.5
+    assert record["path"].startswith(str(hf_cache)) and record["rank"] == 8
+
+
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_a_hub_adapter_downloads_only_when_asked_then_loads_offline(adapters, tmp_path):
+    """Against a real HTTP server speaking the hub's API (tests/fake_hub.py) and huggingface_hub's own
+    hf_hub_download: without `download: true` the run is refused with exit 2 before any request; with
+    it only the adapter's one safetensors file is fetched (not the pickle beside it), the row is ok and
+    records the repo; a second run without the flag, the hub gone and HF_HUB_OFFLINE=1, loads it from
+    the cache to the same image."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from fake_hub import FakeHub
+
+    repo = shutil.copytree(adapters[0], tmp_path / "repo")
+    (repo / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04 a pickle: never fetched")
+    hf = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_DISABLE_XET": "1"}
+    common = [*FAST, "run.steps=2", "lora=unfused"]
+    item = {"path": HUB_LORA, "scale": 0.8}
+    with FakeHub({HUB_LORA: repo}) as hub:
+        env = {**hf, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"}
+        refused = run_cli(*common, adapter_list(item), cwd=tmp_path, env=env)
+        assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
+        assert "lora.adapters[0].download=true" in refused.stderr and "Traceback" not in refused.stderr
+        assert hub.requests == []  # offline by default: not one request
+        first = run_cli(*common, adapter_list({**item, "download": "true"}), f"hydra.run.dir={tmp_path / 'first'}",
+                        cwd=tmp_path, env=env)
+        fetched = hub.fetched()
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    assert fetched == ["pytorch_lora_weights.safetensors"], fetched
+    row = json.loads((tmp_path / "first" / "result.json").read_text())
+    assert row["status"] == "ok", row.get("error")
+    (record,) = row["lora"]["adapters"]
+    file = repo / "pytorch_lora_weights.safetensors"
+    assert record["hub_id"] == HUB_LORA and record["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert record["path"].startswith(str(tmp_path / "hf" / "hub")) and record["scale"] == 0.8
+
+    second = run_cli(*common, adapter_list(item), f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path,
+                     env={**hf, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "1"})  # the hub is shut down
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    assert json.loads((tmp_path / "second" / "result.json").read_text())["status"] == "ok"
+    pictures = [np.asarray(Image.open(tmp_path / run / "image.png")) for run in ("first", "second")]
+    assert pictures[0].std() > 0 and np.array_equal(pictures[0], pictures[1])
+
+
+def test_an_unreachable_hub_for_an_adapter_is_a_clear_refusal(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    out = run_cli(*FAST, "lora=unfused", adapter_list({"path": HUB_LORA, "download": "true"}), cwd=tmp_path, env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert f"could not be downloaded from http://127.0.0.1:{port}" in text and "lora.adapters[0]" in text
+    assert "Traceback" not in text
