@@ -431,7 +431,7 @@ def lora_problems(spec: Spec) -> list[str]:
                             "Choose how they run: lora=fused, lora=unfused or lora=hotswap")]
         return []
     if not lora.adapters:
-        return [problem(f"lora={lora.name}", "has no adapters to load", f"Set {fix}, or use lora=none")]
+        return [problem(f"lora={lora.mode.name}", "has no adapters to load", f"Set {fix}, or use lora=none")]
     if lora.mode is LoraMode.hotswap and len(lora.adapters) < 2:
         return [problem("lora=hotswap", "needs two adapters or more (the first is loaded before compile and measured, "
                         "each later one is swapped into its place)", "Add the adapter to swap in to lora.adapters, "
