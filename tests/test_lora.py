@@ -202,6 +202,34 @@ def test_hotswap_under_compile_swaps_without_recompiling(adapters, tmp_path):
     assert swap["swap_s"] > 0 and swap["call_s"] > 0
 
 
+@needs_packages("peft", install='pip install -e ".[lora]"')
+@pytest.mark.parametrize("sweeper", ["basic", "interleaved"])
+def test_a_sweep_over_the_modes_reports_each_ones_per_call_cost_and_the_swap(adapters, tmp_path, sweeper):
+    """`--multirun lora.mode=fused,unfused,hotswap` with two adapters, each sweeper: every row ok, the
+    hotswap row carries its swap (measured after the timed calls; eager here, so nothing to recompile),
+    and report.md and index.html say each mode's per-call cost and the swap time. The interleaved
+    sweeper (one process, calls alternated) used to write the hotswap row without its swaps."""
+    sweep_dir = tmp_path / "sweep"
+    chosen = ["hydra/sweeper=interleaved"] if sweeper == "interleaved" else []
+    out = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", *chosen, *FAST, "run.steps=2", "run.repeats=3",
+                  "lora.mode=fused,unfused,hotswap", adapter_list({"path": adapters[0]}, {"path": adapters[1]}),
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    rows = {r["lora"]["mode"]: r for r in (json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json"))}
+    assert sorted(rows) == ["fused", "hotswap", "unfused"] and all(r["status"] == "ok" for r in rows.values())
+    (swap,) = rows["hotswap"]["lora"]["swaps"]
+    assert swap["adapter"] == 1 and swap["swap_s"] > 0 and swap["call_s"] > 0 and swap["recompiles"] is None
+    assert "swaps" not in rows["fused"]["lora"] and "swaps" not in rows["unfused"]["lora"]
+    if sweeper == "interleaved":
+        assert rows["hotswap"]["measurement"]["mode"] == "interleaved" and rows["unfused"]["paired"]
+    report = (sweep_dir / "report.md").read_text()
+    (line,) = [ln for ln in report.splitlines() if ln.startswith("**LoRA:**")]
+    for mode, row in rows.items():
+        assert f"lora={mode} (job {row['job']['num']}" in line, line
+    assert f"adapter 1: swap {swap['swap_s']:.4f} s" in line and "not compiled" in line
+    assert 'id="lora"' in (sweep_dir / "index.html").read_text()
+
+
 # --- the transformer family: tiny Flux -----------------------------------------------------------
 
 
