@@ -376,3 +376,15 @@ def test_an_unreachable_hub_for_an_adapter_is_a_clear_refusal(tmp_path):
     text = out.stdout + out.stderr
     assert f"could not be downloaded from http://127.0.0.1:{port}" in text and "lora.adapters[0]" in text
     assert "Traceback" not in text
+
+
+def test_an_adapters_download_flag_is_not_part_of_the_rows_identity():
+    """How a file got here is not what is built (its sha256 is in the row): a row measured with
+    `download: true` matches the same spec without it on resume; the scale still tells specs apart."""
+    from sdbuild.spec import spec_key, spec_to_dict
+
+    def key(**item):
+        return spec_key(spec_to_dict(sdbuild.compose(["lora=unfused", adapter_list({"path": HUB_LORA, **item})])))
+
+    assert key(download="true") == key(download="false") == key()
+    assert key(scale=0.5) != key()
