@@ -143,11 +143,6 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
                 continue
             m, (pipe, info, threads) = group.measurements[pos], built[i]
             try:
-                swap(i)
-            except Exception as exc:  # as a single job's: a swap that fails fails the row (traceback in error.log)
-                fail(i, exc, traceback.format_exc())
-                continue
-            try:
                 fields = measured_fields(members[i].spec, m, info, members[i].out_dir, None)
             except ImageNotSaved as exc:  # measured: the failed row keeps the timings
                 finish(i, Status.failed, str(exc), **exc.fields)
@@ -157,6 +152,13 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
                 fields["adherence"] = adherence_fields(members[i].spec, pipe, devices[i])
             except Exception as exc:  # the timings stand; the score could not be taken
                 fields["adherence"] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+            try:  # after the adherence pass: the row's image, latency and score are all the first adapter's
+                swap(i)
+            except Exception as exc:  # as a single job's: a swap that fails fails the row (traceback in error.log)
+                fail(i, exc, traceback.format_exc())
+                continue
+            if info.lora is not None:
+                fields["lora"] = info.lora  # with its swaps
             fields["measurement"] = results.measurement_record(
                 mode=mode, repeats=run.repeats, calls=len(m.runs_s), stop=group.stop_reason, threads=threads,
                 group=group_id, members=keys, position=i, reference=keys[reference], fallback=fallback)
