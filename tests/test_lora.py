@@ -230,6 +230,24 @@ def test_a_sweep_over_the_modes_reports_each_ones_per_call_cost_and_the_swap(ada
     assert 'id="lora"' in (sweep_dir / "index.html").read_text()
 
 
+@pytest.mark.slow  # two tiny UNets compiled on CPU: minutes cold, 38 s with Inductor's cache warm (load ~4)
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_an_interleaved_hotswap_member_swaps_under_compile_without_recompiling(adapters, tmp_path):
+    """The interleaved sweeper, compile=inductor: the hotswap member's swap (after every member's timed
+    calls, other compiled UNets of the same class in the process) compiles no new graph."""
+    sweep_dir = tmp_path / "sweep"
+    out = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", "hydra/sweeper=interleaved", "compile=inductor",
+                  "run.steps=2", "run.warmup=1", "run.repeats=3", "run.timeout_s=0", "run.threads=1",
+                  "lora.mode=unfused,hotswap", adapter_list({"path": adapters[0]}, {"path": adapters[1]}),
+                  cwd=tmp_path, timeout=1500)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    rows = {r["lora"]["mode"]: r for r in (json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json"))}
+    assert all(r["status"] == "ok" for r in rows.values()) and rows["hotswap"]["measurement"]["mode"] == "interleaved"
+    (swap,) = rows["hotswap"]["lora"]["swaps"]
+    assert swap["recompiles"] == 0 and swap["swap_s"] > 0, swap
+    assert "0 new graphs" in (sweep_dir / "report.md").read_text()
+
+
 # --- the transformer family: tiny Flux -----------------------------------------------------------
 
 
