@@ -118,7 +118,7 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
 
     def swap(i: int) -> None:
         """lora=hotswap: the member's swaps, after the batch's timed calls (none for other modes)."""
-        spec, (pipe, info, threads) = members[i].spec, built[i]
+        spec, (pipe, info, _) = members[i].spec, built[i]
         set_numeric_flags(spec)
         set_inductor_caches(spec.compile.cache_dir)
         apply_threads(thread_count(spec.run))
