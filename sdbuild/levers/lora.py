@@ -13,8 +13,12 @@ before compile.
   adapter_name=...)`): `measure_swaps` times each swap and the call after it, and counts the graphs
   Dynamo compiled meanwhile (zero: the swap did not recompile).
 
-What the row records (`lora`): the mode and each adapter's file, sha256, scale and rank; for hotswap
-the swaps. Adapter files are checked before loading in sdbuild/models.py (`lora_problems`); the
+An adapter may be a hub id (org/name, with its weight_name): resolved from the local HF cache, or,
+with its own `download: true` and not cached yet, fetched here first, before any adapter loads
+(sdbuild/models.py: download_adapter; offline by default, refused before weights load otherwise).
+
+What the row records (`lora`): the mode and each adapter's file, sha256, scale and rank (a hub id's
+also its repo, file and commit); for hotswap the swaps. Adapter files are checked before loading in sdbuild/models.py (`lora_problems`); the
 combinations that cannot work are rows in sdbuild/capabilities.py.
 """
 
@@ -76,6 +80,7 @@ def describe(spec: Spec, device: str) -> str:
     lora = spec.lora
     if lora.mode is LoraMode.none:
         return "none"
+
     def fetched(a) -> str:
         return " (download)" if a.download and hub_adapter(a) and cached_adapter(a) is None else ""
 
