@@ -13,6 +13,11 @@ pipelines already held), the members that did not fit are measured in pairs: the
 released and each one left over is alternated with the reference alone, in its own batch
 (`measurement.mode = pairs`, with the reason in `measurement.fallback`).
 
+A `lora=hotswap` member swaps its later adapters in after the whole batch's timed calls, outside them
+(`sdbuild.levers.lora.measure_swaps`, under its own switches, as a single job does after its own timed
+calls): each swap's time, the call after it and the Dynamo graphs compiled meanwhile are in its row's
+`lora.swaps`. No other member calls in between, so the process-wide graph count is the swap's own.
+
 Before each call the member's own process-wide switches (TF32, cuDNN flags), Inductor and Triton
 cache folders and thread count are set again; each call goes through `job.pipeline_call`, as a single job's calls do (under
 `torch.inference_mode` when `run.inference_mode`). Peak memory is that of the shared process (its
@@ -60,6 +65,7 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
 
     The reference's run settings (warmup, repeats, interval target, time cap) hold for the group."""
     from .builder import build_pipeline
+    from .levers import lora
     from .levers.compile import set_inductor_caches
     from .levers.precision import set_numeric_flags
     from .job import (ImageNotSaved, adherence_fields, base_row, environment, measured_fields, pipeline_call,
@@ -110,6 +116,16 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
         return Candidate(pipeline_call(spec, pipe), lambda: call_kwargs(spec, pipe, devices[i]), label or f"member {i}",
                          prepare, spec.run.batch_size)
 
+    def swap(i: int) -> None:
+        """lora=hotswap: the member's swaps, after the batch's timed calls (none for other modes)."""
+        spec, (pipe, info, _) = members[i].spec, built[i]
+        set_numeric_flags(spec)
+        set_inductor_caches(spec.compile.cache_dir)
+        apply_threads(thread_count(spec.run))
+        call = pipeline_call(spec, pipe)
+        if (swaps := lora.measure_swaps(pipe, spec, lambda: call(**call_kwargs(spec, pipe, devices[i])))):
+            info.lora["swaps"] = swaps  # the row's image and latency stay the first adapter's
+
     def measure_batch(batch: List[int], mode: MeasureMode) -> None:
         group = measure_group([candidate(i) for i in batch], devices[batch[0]], run.warmup, repeat_count(run),
                               show_progress=show_progress, max_warmup=run.max_warmup,
@@ -136,6 +152,13 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
                 fields["adherence"] = adherence_fields(members[i].spec, pipe, devices[i])
             except Exception as exc:  # the timings stand; the score could not be taken
                 fields["adherence"] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+            try:  # after the adherence pass: the row's image, latency and score are all the first adapter's
+                swap(i)
+            except Exception as exc:  # as a single job's: a swap that fails fails the row (traceback in error.log)
+                fail(i, exc, traceback.format_exc())
+                continue
+            if info.lora is not None:
+                fields["lora"] = info.lora  # with its swaps
             fields["measurement"] = results.measurement_record(
                 mode=mode, repeats=run.repeats, calls=len(m.runs_s), stop=group.stop_reason, threads=threads,
                 group=group_id, members=keys, position=i, reference=keys[reference], fallback=fallback)

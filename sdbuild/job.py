@@ -407,10 +407,11 @@ def _build_and_measure(spec: Spec, device: str, out_dir: Path, label: str, show_
             label=label, show_progress=show_progress, max_warmup=spec.run.max_warmup,
             interval_target=spec.run.interval_target, max_measure_s=spec.run.max_measure_s,
             batch_size=spec.run.batch_size, result=m)
-    if (swaps := lora.measure_swaps(pipe, spec, lambda: pipeline_call(spec, pipe)(**call_kwargs(spec, pipe, device)))):
-        info.lora["swaps"] = swaps  # after the timed calls: the image and latency are the first adapter's
     fields = measured_fields(spec, m, info, out_dir, compile_cache_stats(spec, counters_before))
     fields["adherence"] = adherence_fields(spec, pipe, device)
+    if (swaps := lora.measure_swaps(pipe, spec, lambda: pipeline_call(spec, pipe)(**call_kwargs(spec, pipe, device)))):
+        info.lora["swaps"] = swaps  # after the timed calls and the adherence pass: both are the first adapter's
+        fields["lora"] = info.lora
     fields["measurement"] = results.measurement_record(mode=results.MeasureMode.single, repeats=spec.run.repeats,
                                                        calls=len(m.runs_s), stop=m.stop_reason, threads=threads)
     return fields

@@ -367,10 +367,43 @@ UNET_PREFIXES = ("unet.", "lora_unet_")
 TRANSFORMER_PREFIXES = ("transformer.", "lora_transformer_")
 
 
-def lora_file(adapter: LoraAdapter) -> Path:
-    """The .safetensors file an adapter names: `path` itself, or `weight_name` inside the folder `path`."""
+def hub_adapter(adapter: LoraAdapter) -> bool:
+    """Whether an adapter's `path` names a hub repo (org/name): nothing by that name here, and a valid
+    hub id. A local file or folder of the same name wins (as model.path's does)."""
     path = Path(adapter.path).expanduser()
-    return path / (adapter.weight_name or LORA_WEIGHT_NAME) if path.is_dir() else path
+    return (bool(adapter.path) and not path.exists() and path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES)
+            and is_hub_id(adapter.path))  # `loras/a.safetensors` that is not there is a missing file, not a repo
+
+
+def adapter_weight_name(adapter: LoraAdapter) -> str:
+    return adapter.weight_name or LORA_WEIGHT_NAME
+
+
+def cached_adapter(adapter: LoraAdapter) -> Optional[Path]:
+    """A hub adapter's file in the local Hugging Face cache (the snapshot its `main` ref points at), or
+    None; never reaches for the network (huggingface_hub's try_to_load_from_cache reads the cache folder)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(adapter.path, adapter_weight_name(adapter))
+    return Path(found) if isinstance(found, str) else None
+
+
+def lora_file(adapter: LoraAdapter) -> Path:
+    """The .safetensors file an adapter names: `path` itself, `weight_name` inside the folder `path`, or
+    a hub id's `weight_name` in the local HF cache (NotLocal when it is not there: the LoRA step
+    downloads it first with `download: true`, see `download_adapter`)."""
+    if hub_adapter(adapter):
+        if (file := cached_adapter(adapter)) is None:
+            raise NotLocal(adapter.path, f"is a hub id whose {adapter_weight_name(adapter)} is not in the local "
+                                         "Hugging Face cache")
+        return file
+    path = Path(adapter.path).expanduser()
+    return path / adapter_weight_name(adapter) if path.is_dir() else path
+
+
+def adapter_label(adapter: LoraAdapter) -> str:
+    """How the plan names an adapter without resolving it: its file, or `org/name:file` for a hub id."""
+    return f"{adapter.path}:{adapter_weight_name(adapter)}" if hub_adapter(adapter) else str(lora_file(adapter))
 
 
 def safetensors_header(path: Path) -> dict:
@@ -413,7 +446,7 @@ def lora_problems(spec: Spec) -> list[str]:
                             "Choose how they run: lora=fused, lora=unfused or lora=hotswap")]
         return []
     if not lora.adapters:
-        return [problem(f"lora={lora.name}", "has no adapters to load", f"Set {fix}, or use lora=none")]
+        return [problem(f"lora={lora.mode.name}", "has no adapters to load", f"Set {fix}, or use lora=none")]
     if lora.mode is LoraMode.hotswap and len(lora.adapters) < 2:
         return [problem("lora=hotswap", "needs two adapters or more (the first is loaded before compile and measured, "
                         "each later one is swapped into its place)", "Add the adapter to swap in to lora.adapters, "
@@ -427,8 +460,6 @@ def lora_problems(spec: Spec) -> list[str]:
 def adapter_problems(option: str, adapter: LoraAdapter, family) -> list[str]:
     import math
 
-    from .families import FAMILIES
-
     if not adapter.path:
         return [problem(f"{option}.path", "is empty", "Point it at a LoRA .safetensors file")]
     for name in (adapter.path, adapter.weight_name or ""):
@@ -438,19 +469,77 @@ def adapter_problems(option: str, adapter: LoraAdapter, family) -> list[str]:
             and abs(adapter.scale) <= MAX_LORA_SCALE):
         return [problem(f"{option}.scale={adapter.scale}", f"must be a finite number from -{MAX_LORA_SCALE:g} to "
                         f"{MAX_LORA_SCALE:g} (the adapter's weight)", f"Use {option}.scale=1.0")]
+    if hub_adapter(adapter):
+        return hub_adapter_problems(option, adapter, family)
+    if adapter.download:
+        return [problem(f"{option}.download=true", f"needs {option}.path to be a hub id (org/name), not {adapter.path}",
+                        f"Drop {option}.download for a local file or folder, or set {option}.path=<org/name>")]
     path = Path(adapter.path).expanduser()
     if not path.exists():
-        return [problem(f"{option}.path={adapter.path}", "does not exist (LoRA adapters load from local files)",
-                        "Point it at a LoRA .safetensors file, or a folder with weight_name inside it")]
+        return [problem(f"{option}.path={adapter.path}", "does not exist and is not a hub id (org/name)",
+                        "Point it at a LoRA .safetensors file, a folder with weight_name inside it, or a hub id")]
     file = lora_file(adapter)
     if path.is_dir() and not file.exists():
         return [problem(f"{option}.path={adapter.path}", f"is a folder without {file.name}",
                         f"Set {option}.weight_name to the .safetensors file inside it")]
+    return adapter_file_problems(option, adapter.path, file, family)
+
+
+def hub_adapter_problems(option: str, adapter: LoraAdapter, family) -> list[str]:
+    """A hub id adapter: its `weight_name` is safetensors, and it is in the local HF cache (then checked
+    as any file), or `download: true` fetches it in the LoRA step (then checked, `download_adapter`).
+    Not cached and not asked to download: refused, naming the flag; sdbuild stays offline by default."""
+    name = adapter_weight_name(adapter)
+    if not name.lower().endswith(".safetensors"):
+        return [problem(f"{option}.weight_name={name}", "is not a .safetensors file (sdbuild loads only safetensors)",
+                        f"Set {option}.weight_name to the repo's LoRA .safetensors file")]
+    file = cached_adapter(adapter)
+    if file is not None:
+        return adapter_file_problems(option, adapter.path, file, family)
+    fetch = f"download it once yourself (`hf download {adapter.path} {name}`)"
+    if not adapter.download:
+        return [problem(f"{option}.path={adapter.path}", f"is a hub id whose {name} is not in the local Hugging Face "
+                        "cache, and sdbuild downloads only when asked",
+                        f"Set {option}.download=true (fetches that one file into the HF cache; model.download=true "
+                        f"fetches model.path only), or {fetch}")]
+    if hub_offline():
+        return [problem(f"{option}.download=true", f"{adapter.path}'s {name} is not in the cache and HF_HUB_OFFLINE "
+                        "is set", f"Unset HF_HUB_OFFLINE to download it, or {fetch}")]
+    return []  # checked once downloaded (the LoRA step: download_adapter)
+
+
+def download_adapter(option: str, adapter: LoraAdapter, family) -> Path:
+    """Fetch a hub adapter's one `weight_name` (a .safetensors file) into the normal HF cache with
+    huggingface_hub's hf_hub_download (its progress bar), then check it like a local adapter file. An
+    unreachable hub, a missing repo or file is a SpecError naming the option (exit 2), not a traceback."""
+    from huggingface_hub import constants, hf_hub_download
+
+    from .errors import SpecError
+
+    try:
+        file = Path(hf_hub_download(adapter.path, adapter_weight_name(adapter)))
+    except Exception as exc:  # noqa: BLE001: every way a download fails is a refusal with its reason
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
+        raise SpecError([problem(f"{option}.path={adapter.path} {option}.download=true",
+                                 f"{adapter_weight_name(adapter)} could not be downloaded from {constants.ENDPOINT} "
+                                 f"({why})", f"Check the network, the hub id, {option}.weight_name and HF_ENDPOINT/"
+                                 f"HF_TOKEN, or download it yourself (`hf download {adapter.path} "
+                                 f"{adapter_weight_name(adapter)}`)")]) from None
+    if (problems := adapter_file_problems(option, adapter.path, file, family)):
+        raise SpecError(problems)
+    return file
+
+
+def adapter_file_problems(option: str, given: str, file: Path, family) -> list[str]:
+    """An adapter's resolved file: a regular .safetensors file whose header holds LoRA weights for this
+    family's denoiser (read without loading a tensor)."""
+    from .families import FAMILIES
+
     if file.suffix.lower() != ".safetensors":
         return [problem(f"{option}.path={file}", "is not a .safetensors file (sdbuild loads only safetensors)",
                         "Point it at the adapter's .safetensors file")]
     if (why := weights_file_problem(file)):
-        return [problem(f"{option}.path={adapter.path}", why, "Point it at a LoRA .safetensors file")]
+        return [problem(f"{option}.path={given}", why, "Point it at a LoRA .safetensors file")]
     try:
         header = safetensors_header(file)
     except (OSError, ValueError) as exc:
@@ -479,8 +568,13 @@ def adapter_record(adapter: LoraAdapter) -> dict:
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"path": str(file), "sha256": digest.hexdigest(), "scale": adapter.scale,
-            "rank": lora_rank(safetensors_header(file))}
+    record = {"path": str(file), "sha256": digest.hexdigest(), "scale": adapter.scale,
+              "rank": lora_rank(safetensors_header(file))}
+    if hub_adapter(adapter):  # the cache path says where; these say what: the repo, its file and commit
+        parts = file.parts
+        commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+        record.update(hub_id=adapter.path, weight_name=adapter_weight_name(adapter), revision=commit)
+    return record
 
 
 # Variants (diffusers' variant=: <name>.<variant>.safetensors beside or instead of <name>.safetensors) ---
@@ -571,11 +665,16 @@ def download_problem(model: ModelSpec) -> Optional[str]:
     if not model.path or single_file(model) or Path(model.path).expanduser().exists() or not is_hub_id(model.path):
         return problem("model.download=true", f"needs model.path to be a hub id (org/name), not {model.path}",
                        "Set model.path=<org/name>, or drop model.download for a local folder or file")
-    if to_download(model) and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if to_download(model) and hub_offline():
         return problem("model.download=true", f"{model.path} is not in the cache and HF_HUB_OFFLINE is set",
                        "Unset HF_HUB_OFFLINE to download it, or download it once yourself (`hf download "
                        f"{model.path}`)")
     return None
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids huggingface_hub the network (a download would fail)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def download_model(model: ModelSpec) -> Path:

@@ -106,8 +106,8 @@ FIELDS: Dict[str, tuple] = {
     # A job run as several ranks (parallel.world_size > 1): {world_size, backend, method, mesh, launcher,
     # ranks: [{rank, pid, threads, peak_memory_mb, latency_median_s}]}; its failure: every rank's error.
     "parallel": (dict,),
-    # lora != none: {mode, adapters: [{path, sha256, scale, rank}], target_rank, swaps: [{adapter, path,
-    # swap_s, call_s, recompiles}]} (sdbuild/levers/lora.py)
+    # lora != none: {mode, adapters: [{path, sha256, scale, rank; a hub id's also hub_id, weight_name,
+    # revision}], target_rank, swaps: [{adapter, path, swap_s, call_s, recompiles}]} (sdbuild/levers/lora.py)
     "lora": (dict,),
     # Drawn models only (model.source=drawn): {score, digit, colour, background, images, seconds}, the
     # share of fidelity.prompts x fidelity.seeds images the drawn reader reads as their prompt says

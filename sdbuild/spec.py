@@ -286,9 +286,11 @@ class ParallelSpec:
 
 @dataclass
 class LoraAdapter:
-    path: str = ""  # a .safetensors LoRA file, or a local folder holding weight_name
-    weight_name: Optional[str] = None  # the file inside a folder path (default: pytorch_lora_weights.safetensors)
+    path: str = ""  # a .safetensors LoRA file, a local folder holding weight_name, or a hub id (org/name)
+    weight_name: Optional[str] = None  # the file inside a folder or hub repo (default: pytorch_lora_weights.safetensors)
     scale: float = 1.0  # the adapter's weight (set_adapters); fused: merged at this weight
+    # a hub id not in the local HF cache: fetch weight_name (safetensors only) in the LoRA step; default offline
+    download: bool = False
 
 
 @dataclass
@@ -893,5 +895,9 @@ def spec_key(spec_dict: dict) -> str:
                             if not (group == "run" and k in _NOT_RUN_IDENTITY)
                             and _LATER_FIELDS.get((group, k), _UNSET) != v}
     ident = {k: v for k, v in ident.items() if not (k in _LATER_SECTIONS and v == {})}
+    if isinstance(ident.get("lora"), dict) and isinstance(ident["lora"].get("adapters"), list):
+        # an adapter's `download` says how its file got here, not what is built (its sha256 is in the row)
+        ident["lora"] = {**ident["lora"], "adapters": [{k: v for k, v in a.items() if k != "download"}
+                                                       if isinstance(a, dict) else a for a in ident["lora"]["adapters"]]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -8,6 +8,11 @@
 - `HEAD`/`GET /<repo>/resolve/<revision>/<file>`: the file, with the headers `get_hf_file_metadata`
   reads (`X-Repo-Commit`, `ETag`: the git blob sha1, or the sha256 for an LFS file, `Content-Length`).
 
+`write_cached_repo` instead writes a repo straight into a Hugging Face cache folder in
+huggingface_hub's own layout (`models--org--name/{blobs,refs/main,snapshots/<commit>}`), as a
+finished download leaves it: what offline resolution (`local_files_only`, try_to_load_from_cache)
+reads, with no server at all.
+
 Every request path is logged (`hub.requests`), so a test can say which files were fetched. A repo
 that is not served is a 404 with `X-Error-Code: RepoNotFound`, as the real hub answers.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +32,25 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"  # one commit per repo: 40 h
 
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def write_cached_repo(cache: Path, repo_id: str, folder: Path, commit: str = COMMIT) -> Path:
+    """Put every file of `folder` into the HF cache `cache` (HF_HUB_CACHE) as repo `repo_id` at `commit`:
+    blobs named by their ETag (sha256 for LFS files, else the git blob sha1), `refs/main` holding the
+    commit, the snapshot's files relative links to the blobs. Returns the snapshot folder."""
+    repo = Repo(Path(folder))
+    root = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    for name, data in repo.files.items():
+        blob = root / "blobs" / repo.etag(name)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
 
 
 class Repo:

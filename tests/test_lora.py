@@ -202,6 +202,52 @@ def test_hotswap_under_compile_swaps_without_recompiling(adapters, tmp_path):
     assert swap["swap_s"] > 0 and swap["call_s"] > 0
 
 
+@needs_packages("peft", install='pip install -e ".[lora]"')
+@pytest.mark.parametrize("sweeper", ["basic", "interleaved"])
+def test_a_sweep_over_the_modes_reports_each_ones_per_call_cost_and_the_swap(adapters, tmp_path, sweeper):
+    """`--multirun lora.mode=fused,unfused,hotswap` with two adapters, each sweeper: every row ok, the
+    hotswap row carries its swap (measured after the timed calls; eager here, so nothing to recompile),
+    and report.md and index.html say each mode's per-call cost and the swap time. The interleaved
+    sweeper (one process, calls alternated) used to write the hotswap row without its swaps."""
+    sweep_dir = tmp_path / "sweep"
+    chosen = ["hydra/sweeper=interleaved"] if sweeper == "interleaved" else []
+    out = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", *chosen, *FAST, "run.steps=2", "run.repeats=3",
+                  "lora.mode=fused,unfused,hotswap", adapter_list({"path": adapters[0]}, {"path": adapters[1]}),
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    rows = {r["lora"]["mode"]: r for r in (json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json"))}
+    assert sorted(rows) == ["fused", "hotswap", "unfused"] and all(r["status"] == "ok" for r in rows.values())
+    (swap,) = rows["hotswap"]["lora"]["swaps"]
+    assert swap["adapter"] == 1 and swap["swap_s"] > 0 and swap["call_s"] > 0 and swap["recompiles"] is None
+    assert "swaps" not in rows["fused"]["lora"] and "swaps" not in rows["unfused"]["lora"]
+    if sweeper == "interleaved":
+        assert rows["hotswap"]["measurement"]["mode"] == "interleaved" and rows["unfused"]["paired"]
+    report = (sweep_dir / "report.md").read_text()
+    (line,) = [ln for ln in report.splitlines() if ln.startswith("**LoRA:**")]
+    for mode, row in rows.items():
+        assert f"lora={mode} (job {row['job']['num']}" in line, line
+    assert f"adapter 1: swap {swap['swap_s']:.4f} s" in line and "not compiled" in line
+    assert 'id="lora"' in (sweep_dir / "index.html").read_text()
+
+
+@pytest.mark.slow  # two tiny UNets compiled on CPU: minutes cold, 38 s with Inductor's cache warm (load ~4)
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_an_interleaved_hotswap_member_swaps_under_compile_without_recompiling(adapters, tmp_path):
+    """The interleaved sweeper, compile=inductor: the hotswap member's swap (after every member's timed
+    calls, other compiled UNets of the same class in the process) compiles no new graph."""
+    sweep_dir = tmp_path / "sweep"
+    out = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", "hydra/sweeper=interleaved", "compile=inductor",
+                  "run.steps=2", "run.warmup=1", "run.repeats=3", "run.timeout_s=0", "run.threads=1",
+                  "lora.mode=unfused,hotswap", adapter_list({"path": adapters[0]}, {"path": adapters[1]}),
+                  cwd=tmp_path, timeout=1500)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    rows = {r["lora"]["mode"]: r for r in (json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json"))}
+    assert all(r["status"] == "ok" for r in rows.values()) and rows["hotswap"]["measurement"]["mode"] == "interleaved"
+    (swap,) = rows["hotswap"]["lora"]["swaps"]
+    assert swap["recompiles"] == 0 and swap["swap_s"] > 0, swap
+    assert "0 new graphs" in (sweep_dir / "report.md").read_text()
+
+
 # --- the transformer family: tiny Flux -----------------------------------------------------------
 
 
@@ -233,3 +279,130 @@ def test_flux_fused_and_unfused_give_the_same_image_and_differ_from_the_base(flu
     assert np.abs(fused - unfused).max() < 1e-4  # measured: 1.25e-6 max (float32 rounding of (W + BA)x vs Wx + B(Ax))
     assert np.abs(fused - base).max() > 0.02 and np.abs(unfused - base).max() > 0.02
     assert info.lora["mode"] == "fused" and info.lora["adapters"][0]["rank"] == 4
+
+
+# --- adapters given as hub ids (org/name): offline from the HF cache, downloaded only when asked -------
+
+HUB_LORA = "sdbuild-test/tiny-lora"
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache of this test's own (huggingface_hub reads the constant at each lookup)."""
+    import huggingface_hub.constants as hf
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_hub_adapter_not_in_the_cache_is_refused_naming_the_download_flag(hf_cache, monkeypatch):
+    text = refusal("lora=unfused", adapter_list({"path": HUB_LORA, "weight_name": "x.safetensors"}))
+    assert f"lora.adapters[0].path={HUB_LORA}" in text and "x.safetensors is not in the local Hugging Face cache" in text
+    assert "lora.adapters[0].download=true" in text and "model.download=true" in text and "hf download" in text
+    assert "is not a .safetensors file" in refusal("lora=unfused", adapter_list({"path": HUB_LORA,
+                                                                                  "weight_name": "x.txt"}))
+    assert "is a pickle file" in refusal("lora=unfused", adapter_list({"path": HUB_LORA, "weight_name": "x.bin",
+                                                                        "download": "true"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = refusal("lora=unfused", adapter_list({"path": HUB_LORA, "download": "true"}))
+    assert "HF_HUB_OFFLINE is set" in text and "lora.adapters[0].download=true" in text
+
+
+def test_download_with_a_local_adapter_is_refused(adapters):
+    text = refusal("lora=unfused", adapter_list({"path": adapters[0], "download": "true"}))
+    assert "needs lora.adapters[0].path to be a hub id" in text
+
+
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_a_hub_adapter_in_the_cache_loads_offline_and_the_row_records_it(adapters, hf_cache, tmp_path, monkeypatch):
+    """The adapter's repo written into the HF cache in huggingface_hub's layout (tests/fake_hub.py:
+    write_cached_repo), HF_HUB_OFFLINE=1: it resolves from the cache, gives the local folder's image,
+    and the row records the hub id, the file, its commit and sha256."""
+    import numpy as np
+
+    from fake_hub import COMMIT, write_cached_repo
+
+    write_cached_repo(hf_cache, HUB_LORA, adapters[1])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub, _, info = images("lora=unfused", adapter_list({"path": HUB_LORA, "scale": 0.5}))
+    local, _, _ = images("lora=unfused", adapter_list({"path": adapters[1], "scale": 0.5}))
+    assert np.array_equal(hub, local)
+    (record,) = info.lora["adapters"]
+    file = adapters[1] / "pytorch_lora_weights.safetensors"
+    assert record["hub_id"] == HUB_LORA and record["weight_name"] == file.name and record["revision"] == COMMIT
+    assert record["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest() and record["scale"] == 0.5
+    assert record["path"].startswith(str(hf_cache)) and record["rank"] == 8
+
+
+@needs_packages("peft", install='pip install -e ".[lora]"')
+def test_a_hub_adapter_downloads_only_when_asked_then_loads_offline(adapters, tmp_path):
+    """Against a real HTTP server speaking the hub's API (tests/fake_hub.py) and huggingface_hub's own
+    hf_hub_download: without `download: true` the run is refused with exit 2 before any request; with
+    it only the adapter's one safetensors file is fetched (not the pickle beside it), the row is ok and
+    records the repo; a second run without the flag, the hub gone and HF_HUB_OFFLINE=1, loads it from
+    the cache to the same image."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from fake_hub import FakeHub
+
+    repo = shutil.copytree(adapters[0], tmp_path / "repo")
+    (repo / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04 a pickle: never fetched")
+    hf = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_DISABLE_XET": "1"}
+    common = [*FAST, "run.steps=2", "lora=unfused"]
+    item = {"path": HUB_LORA, "scale": 0.8}
+    with FakeHub({HUB_LORA: repo}) as hub:
+        env = {**hf, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"}
+        refused = run_cli(*common, adapter_list(item), cwd=tmp_path, env=env)
+        assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
+        assert "lora.adapters[0].download=true" in refused.stderr and "Traceback" not in refused.stderr
+        assert hub.requests == []  # offline by default: not one request
+        first = run_cli(*common, adapter_list({**item, "download": "true"}), f"hydra.run.dir={tmp_path / 'first'}",
+                        cwd=tmp_path, env=env)
+        fetched = hub.fetched()
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    assert fetched == ["pytorch_lora_weights.safetensors"], fetched
+    row = json.loads((tmp_path / "first" / "result.json").read_text())
+    assert row["status"] == "ok", row.get("error")
+    (record,) = row["lora"]["adapters"]
+    file = repo / "pytorch_lora_weights.safetensors"
+    assert record["hub_id"] == HUB_LORA and record["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert record["path"].startswith(str(tmp_path / "hf" / "hub")) and record["scale"] == 0.8
+
+    second = run_cli(*common, adapter_list(item), f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path,
+                     env={**hf, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "1"})  # the hub is shut down
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    assert json.loads((tmp_path / "second" / "result.json").read_text())["status"] == "ok"
+    pictures = [np.asarray(Image.open(tmp_path / run / "image.png")) for run in ("first", "second")]
+    assert pictures[0].std() > 0 and np.array_equal(pictures[0], pictures[1])
+
+
+def test_an_unreachable_hub_for_an_adapter_is_a_clear_refusal(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    out = run_cli(*FAST, "lora=unfused", adapter_list({"path": HUB_LORA, "download": "true"}), cwd=tmp_path, env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert f"could not be downloaded from http://127.0.0.1:{port}" in text and "lora.adapters[0]" in text
+    assert "Traceback" not in text
+
+
+def test_an_adapters_download_flag_is_not_part_of_the_rows_identity():
+    """How a file got here is not what is built (its sha256 is in the row): a row measured with
+    `download: true` matches the same spec without it on resume; the scale still tells specs apart."""
+    from sdbuild.spec import spec_key, spec_to_dict
+
+    def key(**item):
+        return spec_key(spec_to_dict(sdbuild.compose(["lora=unfused", adapter_list({"path": HUB_LORA, **item})])))
+
+    assert key(download="true") == key(download="false") == key()
+    assert key(scale=0.5) != key()

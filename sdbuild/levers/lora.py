@@ -13,8 +13,12 @@ before compile.
   adapter_name=...)`): `measure_swaps` times each swap and the call after it, and counts the graphs
   Dynamo compiled meanwhile (zero: the swap did not recompile).
 
-What the row records (`lora`): the mode and each adapter's file, sha256, scale and rank; for hotswap
-the swaps. Adapter files are checked before loading in sdbuild/models.py (`lora_problems`); the
+An adapter may be a hub id (org/name, with its weight_name): resolved from the local HF cache, or,
+with its own `download: true` and not cached yet, fetched here first, before any adapter loads
+(sdbuild/models.py: download_adapter; offline by default, refused before weights load otherwise).
+
+What the row records (`lora`): the mode and each adapter's file, sha256, scale and rank (a hub id's
+also its repo, file and commit); for hotswap the swaps. Adapter files are checked before loading in sdbuild/models.py (`lora_problems`); the
 combinations that cannot work are rows in sdbuild/capabilities.py.
 """
 
@@ -23,7 +27,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from ..models import adapter_record, lora_file, lora_rank, safetensors_header
+from ..models import (adapter_label, adapter_record, cached_adapter, download_adapter, hub_adapter, lora_file,
+                      lora_rank, safetensors_header)
 from ..spec import CompileMethod, LoraMode, Spec
 
 SLOT = "adapter_0"  # hotswap: the adapter name every swap replaces
@@ -50,6 +55,9 @@ def apply(pipe, spec: Spec, device: str, info) -> None:
     if lora.mode is LoraMode.none:
         return
     adapters = lora.adapters
+    for i, adapter in enumerate(adapters):  # a hub id asked for (download: true) and not cached yet: fetched first
+        if adapter.download and hub_adapter(adapter) and cached_adapter(adapter) is None:
+            download_adapter(f"lora.adapters[{i}]", adapter, spec.model.family)
     info.lora = {"mode": lora.mode.name, "adapters": [adapter_record(a) for a in adapters]}
     if lora.mode is LoraMode.hotswap:
         rank = target_rank(spec)
@@ -72,13 +80,17 @@ def describe(spec: Spec, device: str) -> str:
     lora = spec.lora
     if lora.mode is LoraMode.none:
         return "none"
-    listed = ", ".join(f"{lora_file(a)} x{a.scale:g}" for a in lora.adapters)
+
+    def fetched(a) -> str:
+        return " (download)" if a.download and hub_adapter(a) and cached_adapter(a) is None else ""
+
+    listed = ", ".join(f"{adapter_label(a)}{fetched(a)} x{a.scale:g}" for a in lora.adapters)
     if lora.mode is LoraMode.fused:
         return f"fuse {len(lora.adapters)} adapter(s) into the weights, then unload them: {listed}"
     if lora.mode is LoraMode.unfused:
         return f"{len(lora.adapters)} live adapter(s) (set_adapters): {listed}"
     compiled = spec.compile.method is CompileMethod.inductor
-    return (f"hotswap: enable_lora_hotswap(target_rank=largest rank given), load {lora_file(lora.adapters[0])}; "
+    return (f"hotswap: enable_lora_hotswap(target_rank=largest rank given), load {adapter_label(lora.adapters[0])}; "
             f"after the timed calls swap in {len(lora.adapters) - 1} adapter(s) with hotswap=True, "
             + ("counting Dynamo's recompilations" if compiled else "eager (no compile: nothing to recompile)"))
 

@@ -128,6 +128,37 @@ def _fmt_swaps(row: dict) -> str:
     return "; ".join(one(s) for s in lora_swaps(row)) or DASH
 
 
+def _lora_mode(row: dict) -> str:
+    lora = row.get("lora")
+    return str(lora.get("mode")) if isinstance(lora, dict) and lora.get("mode") else "none"
+
+
+def lora_line(sweep: Sweep) -> Optional[str]:
+    """Per-call cost by LoRA mode, and the swap time: one entry per measured row (its median call, and its
+    paired speed-up where it was measured interleaved), then each hotswap row's swaps. Shown where the rows
+    differ in lora.mode or a row swapped; None otherwise (the table alone says it)."""
+    rows = [r for r in sweep.readable if r["status"] in COMPLETED_VALUES and median(r) is not None]
+    if len({_lora_mode(r) for r in rows}) < 2 and not any(lora_swaps(r) for r in rows):
+        return None
+
+    def cost(r: dict) -> str:
+        paired = f", {fmt_paired(r)}" if r.get("paired") else ""
+        adapters = (r.get("lora") or {}).get("adapters") if isinstance(r.get("lora"), dict) else None
+        live = "" if not isinstance(adapters, list) else (
+            f", adapter 0 of {len(adapters)}" if _lora_mode(r) == "hotswap" else f", {len(adapters)} adapter(s)")
+        return f"lora={_lora_mode(r)} (job {r['job']}{live}) {fmt_seconds(median(r))} s{paired}"
+
+    text = "per-call cost by mode (median timed call): " + "; ".join(cost(r) for r in rows)
+    swapped = [f"job {r['job']}: {_fmt_swaps(r)}" for r in rows if lora_swaps(r)]
+    if swapped:
+        text += (". Hotswap, after the timed calls (swap = load_lora_weights(hotswap=True), new graphs = "
+                 "Dynamo's recompilations): " + "; ".join(swapped))
+    if any(_lora_mode(r) == "hotswap" for r in rows) and any(_lora_mode(r) in ("fused", "unfused") for r in rows):
+        text += (". fused and unfused run all their adapters at once; hotswap's timed calls run its first adapter "
+                 "alone, padded to the largest rank (the others are what it swaps in)")
+    return text + "."
+
+
 def _fmt_int(v: Optional[int]) -> str:
     return DASH if v is None else str(v)
 
@@ -449,6 +480,8 @@ def render_markdown(sweep: Sweep, table: Table) -> str:
         lines += [f"> **Random weights:** {_md(banner)}", ""]
     if adherence := adherence_line(sweep):
         lines += [f"**Adherence:** {_md(adherence)}", ""]
+    if lora := lora_line(sweep):
+        lines += [f"**LoRA:** {_md(lora)}", ""]
     lines += [f"**{_md(title)}:** {_md(text)}  " for title, text in machine_lines(sweep)]
     lines += ["", f"**Rows:** {summary_line(sweep)}", ""]
     if (sweep.path / LADDER_FILE).exists():  # a hydra/sweeper=ladder run: its ladder leads the page
@@ -521,6 +554,8 @@ def render_html(sweep: Sweep, table: Table) -> str:
                      f"{esc(banner)}</div>")
     if adherence := adherence_line(sweep):
         parts.append(f'<p id="adherence"><strong>Adherence:</strong> {esc(adherence)}</p>')
+    if lora := lora_line(sweep):
+        parts.append(f'<p id="lora"><strong>LoRA:</strong> {esc(lora)}</p>')
     parts += [f"<p><strong>{esc(name)}:</strong> {esc(text)}</p>" for name, text in machine_lines(sweep)]
     parts.append(f"<p>Rows: {esc(summary_line(sweep))}</p>")
     if (sweep.path / LADDER_FILE).exists():
