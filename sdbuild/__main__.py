@@ -35,6 +35,18 @@ def main() -> None:
     signal.signal(signal.SIGTERM, sigterm)
     try:
         hydra_main()
+    except SystemExit as exc:
+        # Hydra exits 1 when it cannot compose the job (a key a preset or --config-dir file adds that
+        # the typed spec lacks, `_target_` included; a file it cannot parse), having printed why. In a
+        # single run nothing of sdbuild ran yet: a user's mistake, refused with exit 2 like the others.
+        # A sweep is left alone: there a job that cannot be composed is a row (app.refused_row), and
+        # under a remote launcher the task function never runs in this process.
+        if exc.code == 1 and not _TASK.started and not _multirun(sys.argv[1:]):
+            print("sdbuild: refused: Hydra could not compose this configuration (why is above); fix or drop the "
+                  "key or file it names (the spec's fields: docs/options.md; a team's presets: "
+                  "docs/teams-and-safety.md)", file=sys.stderr)
+            sys.exit(2)
+        raise
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the job's row is written; one line, no traceback
         from .sweep import finish_interrupted_sweep
 
@@ -42,6 +54,15 @@ def main() -> None:
         where = finish_interrupted_sweep()
         print(f"sdbuild: interrupted ({signame})" + (f"; {where}" if where else ""), file=sys.stderr, flush=True)
         sys.exit(130 if signame == "SIGINT" else 128 + int(getattr(signal, signame, signal.SIGTERM)))
+
+
+class _TASK:
+    started = False  # set when Hydra calls the task function: composing succeeded
+
+
+def _multirun(argv: list[str]) -> bool:
+    parsed = _parsed(argv)
+    return bool(parsed and parsed[0].multirun) or "-m" in argv or "--multirun" in argv
 
 
 def plain_typos(argv: list[str]) -> list[str]:
@@ -228,6 +249,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    _TASK.started = True
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         check_keys(cfg)  # before anything runs: an unknown key is a user mistake, not a row

@@ -72,6 +72,10 @@ REFUSALS = [
     (["precision.tf32=maybe"], "precision.tf32=maybe: is not a value this field can hold", False),
     (["--multirun", "run.steps=2,abc"], "run.steps=abc: is not a value this field can hold", False),
     (["precision=[a"], "precision=[a: is not an override Hydra can read", False),
+    # a preset from a search path with a key the typed spec lacks (a `_target_`): Hydra cannot compose it;
+    # a single run is refused with exit 2 (was Hydra's exit 1)
+    ([f"hydra.searchpath=[file://{ROOT}/tests/data/stray_conf]", "+preset=stray_key"],
+     "sdbuild: refused: Hydra could not compose this configuration", False),
 ]
 
 
