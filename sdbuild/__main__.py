@@ -39,13 +39,19 @@ def main() -> None:
         # Hydra exits 1 when it cannot compose the job (a key a preset or --config-dir file adds that
         # the typed spec lacks, `_target_` included; a file it cannot parse), having printed why. In a
         # single run nothing of sdbuild ran yet: a user's mistake, refused with exit 2 like the others.
-        # A sweep is left alone: there a job that cannot be composed is a row (app.refused_row), and
-        # under a remote launcher the task function never runs in this process.
-        if exc.code == 1 and not _TASK.started and not _multirun(sys.argv[1:]):
-            print("sdbuild: refused: Hydra could not compose this configuration (why is above); fix or drop the "
-                  "key or file it names (the spec's fields: docs/options.md; a team's presets: "
-                  "docs/teams-and-safety.md)", file=sys.stderr)
-            sys.exit(2)
+        # In Hydra's basic sweep it composes every job first, so no job ran: the lock is released and
+        # the sweep refused alike. Other sweepers and launchers (remote ones, whose task function never
+        # runs in this process) are left to say what they say.
+        if exc.code == 1 and not _TASK.started:
+            from .sweep import end_uncomposable_sweep
+
+            sweep = _multirun(sys.argv[1:])
+            if not sweep or end_uncomposable_sweep():
+                print("sdbuild: refused: Hydra could not compose this configuration" +
+                      (" (a job of this sweep; no job ran, the sweep's lock is released)" if sweep else "") +
+                      " (why is above); fix or drop the key or file it names (the spec's fields: "
+                      "docs/options.md; a team's presets: docs/teams-and-safety.md)", file=sys.stderr)
+                sys.exit(2)
         raise
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the job's row is written; one line, no traceback
         from .sweep import finish_interrupted_sweep

@@ -239,6 +239,25 @@ def finish_interrupted_sweep() -> Optional[str]:
     return f"the sweep's report covers the jobs that ran: {Path(config.hydra.sweep.dir)}"
 
 
+# Hydra's own sweeper and launcher: the sweeper composes every job before the first runs
+# (BasicSweeper.validate_batch_is_legal) and the launcher runs each job in this process.
+BASIC = ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+         "hydra._internal.core_plugins.basic_launcher.BasicLauncher")
+
+
+def end_uncomposable_sweep() -> Optional[str]:
+    """When Hydra's basic sweep ended before any job ran (it composes them all first, so a job it
+    cannot compose, e.g. a preset key the spec lacks, ends it): release the lock and write the (empty)
+    report, as the sweep's end would, and return what to say; None when another sweeper or launcher
+    ran it (their jobs may have run elsewhere) or no sweep was running."""
+    if not _RUNNING:
+        return None
+    _, config = _RUNNING[-1]
+    if (config.hydra.sweeper.get("_target_"), config.hydra.launcher.get("_target_")) != BASIC:
+        return None
+    return finish_interrupted_sweep()
+
+
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.total: Optional[int] = None

@@ -149,3 +149,18 @@ def test_where_no_cuda_says_so_torch_agrees():
     if no_cuda() is not None:
         assert not torch.cuda.is_available()
     assert Machine.probe().cuda == torch.cuda.is_available()
+
+
+def test_a_sweep_with_a_job_hydra_cannot_compose_is_refused_with_its_lock_released(tmp_path):
+    """Hydra's basic sweeper composes every job before the first runs, so a job whose preset carries a
+    key the spec lacks ends the sweep there: no job ran. Refused with exit 2 (was exit 1), the lock
+    released and the report written (every planned job missing), so the folder can be swept again."""
+    from conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    done = run_cli("--multirun", f"hydra.searchpath=[file://{ROOT}/tests/data/stray_conf]",
+                   "+preset=two_steps,stray_key", f"hydra.sweep.dir={sweep}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no job ran, the sweep's lock is released" in done.stderr
+    assert not list(sweep.glob(".sdbuild-sweep.lock")) and (sweep / "report.md").is_file()
+    assert not [p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()]  # nothing measured
