@@ -13,6 +13,25 @@ from .config import config_dir
 from .errors import SpecError, problem
 from .spec import GROUPS, check_keys, register_configs
 
+
+def own_plugins_on_path() -> None:
+    """Make Hydra's plugin scan see sdbuild's sweepers (hydra_plugins/sdbuild_ladder: the ladder and the
+    interleaved sweeper) in an editable install run from another folder: `pip install -e .` maps the
+    `sdbuild` package by an import hook, which `pkgutil.iter_modules` over the `hydra_plugins`
+    namespace (how Hydra finds plugins) does not consult, so `hydra/sweeper=interleaved` was "Could
+    not find" outside the checkout. The checkout's root goes at the end of sys.path (what setuptools'
+    compat editable mode does), only when its plugin folder is not already a portion of the
+    namespace (a regular install has it in site-packages)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "hydra_plugins" / "sdbuild_ladder").is_dir() or str(root) in sys.path:
+        return
+    import hydra_plugins
+
+    if not any(Path(p).resolve() == root / "hydra_plugins" for p in hydra_plugins.__path__ if Path(p).is_dir()):
+        sys.path.append(str(root))
+
+
+own_plugins_on_path()
 register_configs()
 
 
