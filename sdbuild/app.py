@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator
 from omegaconf import DictConfig
 
 from . import results
-from .errors import SpecError
+from .errors import SpecError, problem
 from .results import Status
 from .spec import GROUPS, to_spec
 from .sweep import as_typed
@@ -147,11 +147,11 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any] | None:
         if task.world_size != spec.parallel.world_size:
             if task.rank:
                 return None
-            return refused_job(SpecError(
-                f"hydra.launcher.tasks_per_node: SLURM started this job as {task.world_size} tasks, but "
-                f"parallel={spec.parallel.name} runs as {spec.parallel.world_size} rank(s): each task is one rank, so "
-                f"set hydra.launcher.tasks_per_node={spec.parallel.world_size} (and gpus_per_node to match), or "
-                f"tasks_per_node=1 to let the job start its ranks itself"))
+            return said(refused_row(out_dir, choices, overrides, job, SpecError([problem(
+                "hydra.launcher.tasks_per_node", f"SLURM started this job as {task.world_size} tasks, but "
+                f"parallel={spec.parallel.name} runs as {spec.parallel.world_size} rank(s), and each task is one rank",
+                f"Set hydra.launcher.tasks_per_node={spec.parallel.world_size} (and gpus_per_node to match), or "
+                f"tasks_per_node=1 to let the job start its ranks itself")])), multirun, out_dir)
         if task.rank:
             return serve_rank(spec, out_dir, overrides, task)
     timeout_s = sweep_timeout(spec) if multirun else None
@@ -169,6 +169,11 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any] | None:
             row = base_row(spec, choices, overrides, job)
             row.update(status=Status.failed.value, error=f"{type(exc).__name__}: {exc}", env=environment(None))
             write_row(out_dir, row)
+    return said(row, multirun, out_dir)
+
+
+def said(row: Dict[str, Any], multirun: bool, out_dir: Path) -> Dict[str, Any]:
+    """Say the job's outcome (its line; for a single run where its row is, or its refusal on stderr)."""
     if multirun or row["status"] == Status.ok.value:  # a single run's refusal is said once, on stderr, below
         print(summary_line(row), flush=True)
     if not multirun:

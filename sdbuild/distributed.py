@@ -280,7 +280,7 @@ def rank_main(request_path: str) -> Dict[str, Any]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-    threads = apply_threads(rank_threads(spec) if device == "cpu" else None)
+    threads = apply_threads((request.get("threads") or rank_threads(spec)) if device == "cpu" else None)
     progress = Progress(Path(request_path).parent, rank)
     progress.say("joining the process group")
     dist.init_process_group(comm_backend(spec, device), timeout=datetime.timedelta(seconds=request["timeout_s"]))
@@ -467,7 +467,7 @@ def run_as_task(spec, device: str, out_dir: Path, label: str, task: TaskRank) ->
     from .hardware import die_with_parent
     from .models import ensure_model
     from .results import write_json
-    from .spec import spec_to_dict
+    from .spec import spec_to_dict, thread_count
 
     ensure_model(spec.model, spec.cache_dir)  # every task: the cache's lock lets one build it, the others wait
     ranks = Path(out_dir) / RANKS_DIR
@@ -478,7 +478,10 @@ def run_as_task(spec, device: str, out_dir: Path, label: str, task: TaskRank) ->
         (ranks / "images.npy").unlink(missing_ok=True)
     limit = timeout_of(spec)
     request = ranks / f"request-{task.job_id}-{task.rank}.json"
-    request.write_text(json.dumps({"spec": spec_to_dict(spec), "device": device, "label": label, "timeout_s": limit}))
+    # CPU: SLURM gave this task its own cpus_per_task cores (its affinity), not a share of the node's
+    threads = thread_count(spec.run) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)
+    request.write_text(json.dumps({"spec": spec_to_dict(spec), "device": device, "label": label, "timeout_s": limit,
+                                   "threads": threads}))
     env = {**os.environ, "RANK": str(task.rank), "LOCAL_RANK": str(task.local_rank),
            "WORLD_SIZE": str(task.world_size), "LOCAL_WORLD_SIZE": str(task.world_size),
            "MASTER_ADDR": task.master_addr, "MASTER_PORT": str(task.master_port)}
