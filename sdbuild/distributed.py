@@ -41,6 +41,7 @@ from typing import Any, Dict, Optional
 log = logging.getLogger("sdbuild")
 
 RANKS_DIR = "ranks"  # inside the job folder: the request, each rank's log, the launcher's answer
+LOGS_GLOB = "logs/*/attempt_0/*"  # inside ranks/: torch elastic's folder per rank (stdout/stderr.log, error.json)
 PARALLEL_TIMEOUT_S = 3600.0  # a parallel single run without run.timeout_s: how long before a hang is ended
 END_GRACE_S = 10.0  # SIGTERM to SIGKILL, for the launcher's session
 
@@ -73,6 +74,12 @@ def timeout_of(spec) -> float:
     return limit if limit is not None and math.isfinite(limit) and limit > 0 else PARALLEL_TIMEOUT_S
 
 
+def collective_timeout_of(spec) -> float:
+    """How long a rank's collective waits for the others (init_process_group's timeout):
+    parallel.collective_timeout_s, else the job's limit (then the job's end of its ranks comes first)."""
+    return spec.parallel.collective_timeout_s or timeout_of(spec)
+
+
 # ------------------------------------------------------------------------------------------------
 # In the job process
 
@@ -94,7 +101,8 @@ def launch(spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
         stale.unlink(missing_ok=True)
     request = ranks / "request.json"
     limit = timeout_of(spec)
-    request.write_text(json.dumps({"spec": spec_to_dict(spec), "device": device, "label": label, "timeout_s": limit}))
+    request.write_text(json.dumps({"spec": spec_to_dict(spec), "device": device, "label": label, "timeout_s": limit,
+                                   "collective_timeout_s": collective_timeout_of(spec)}))
     from .hardware import die_with_parent
 
     log.info("%s: %d ranks (%s) started by torch's elastic launcher", label or "parallel", spec.parallel.world_size,
@@ -115,7 +123,9 @@ def launch(spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
     answer_path = ranks / "answer.json"
     answer = json.loads(answer_path.read_text()) if answer_path.is_file() else None
     if timed_out or answer is None or answer.get("failures"):
-        ranks_said = hung or (answer or {}).get("failures") or {}
+        # Whichever came first, the job's limit (the hang report) or a rank's own end (a collective that timed
+        # out, an exception: torch elastic's error file, the launcher's failures), every rank's word is kept.
+        ranks_said = _with_progress(_merged(hung, (answer or {}).get("failures") or {}, _error_files(ranks)), ranks)
         for rank_log in sorted((ranks / "logs").glob("**/stderr.log")) if not ranks_said else ():
             ranks_said[rank_log.parent.name] = _tail(rank_log)
         head = (f"timed out after {limit:g} s (run.timeout_s): the ranks were ended" if timed_out
@@ -125,6 +135,39 @@ def launch(spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
         raise RankFailure(f"parallel job ({spec.parallel.world_size} ranks): {head}" + (f"; {said}" if said else ""),
                           ranks_said)
     return answer
+
+
+def _merged(*sources: Dict[str, str]) -> Dict[str, str]:
+    """Rank -> what each source said of it, joined (a rank's own error first, then the hang report)."""
+    out: Dict[str, list] = {}
+    for source in reversed(sources):
+        for rank, said in source.items():
+            if said and said not in out.setdefault(str(rank), []):
+                out[str(rank)].append(said)
+    return {rank: "; ".join(said) for rank, said in out.items()}
+
+
+def _error_files(ranks_dir: Path) -> Dict[str, str]:
+    """Rank -> the exception its `record` wrote to torch elastic's error file (attempt_0/<rank>/error.json):
+    read when the job's limit ended the launcher before it could answer."""
+    found = {}
+    for path in sorted(Path(ranks_dir).glob(f"{LOGS_GLOB}/error.json")):
+        try:
+            message = json.loads(path.read_text()).get("message")
+        except (OSError, ValueError, AttributeError):
+            continue
+        text = str(message.get("message") if isinstance(message, dict) else message or "").strip()
+        if text:
+            found[path.parent.name] = text.splitlines()[0][:500]
+    return found
+
+
+def _with_progress(said: Dict[str, str], ranks_dir: Path) -> Dict[str, str]:
+    """Each rank's error with where its progress file last had it (when the hang report does not say already)."""
+    for rank, where in rank_progress(ranks_dir).items():
+        if rank in said and "no progress for" not in said[rank]:
+            said[rank] += f"; it was last {where['at']}"
+    return said
 
 
 def end_session(child: subprocess.Popen) -> None:
@@ -283,7 +326,8 @@ def rank_main(request_path: str) -> Dict[str, Any]:
     threads = apply_threads((request.get("threads") or rank_threads(spec)) if device == "cpu" else None)
     progress = Progress(Path(request_path).parent, rank)
     progress.say("joining the process group")
-    dist.init_process_group(comm_backend(spec, device), timeout=datetime.timedelta(seconds=request["timeout_s"]))
+    wait = request.get("collective_timeout_s") or request["timeout_s"]
+    dist.init_process_group(comm_backend(spec, device), timeout=datetime.timedelta(seconds=wait))
     try:
         progress.say("building the pipeline")
         pipe, info = build_pipeline(spec, device)
@@ -481,7 +525,7 @@ def run_as_task(spec, device: str, out_dir: Path, label: str, task: TaskRank) ->
     # CPU: SLURM gave this task its own cpus_per_task cores (its affinity), not a share of the node's
     threads = thread_count(spec.run) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)
     request.write_text(json.dumps({"spec": spec_to_dict(spec), "device": device, "label": label, "timeout_s": limit,
-                                   "threads": threads}))
+                                   "collective_timeout_s": collective_timeout_of(spec), "threads": threads}))
     env = {**os.environ, "RANK": str(task.rank), "LOCAL_RANK": str(task.local_rank),
            "WORLD_SIZE": str(task.world_size), "LOCAL_WORLD_SIZE": str(task.world_size),
            "MASTER_ADDR": task.master_addr, "MASTER_PORT": str(task.master_port)}

@@ -243,12 +243,18 @@ def test_a_rank_killed_mid_run_fails_the_job_with_each_ranks_error_and_leaves_no
     assert session_processes(launcher_pid(out)) == []
 
 
-@pytest.mark.slow  # about 2.5 minutes: the ranks build, one hangs, the job waits out run.timeout_s=100
-def test_a_hung_rank_fails_the_job_within_run_timeout_s_naming_the_hang_and_leaves_no_process(tmp_path):
+@pytest.mark.slow  # about 2.5 minutes each: the ranks build, one hangs, the job waits out run.timeout_s=100 or the
+@pytest.mark.parametrize("first", ["job limit", "collective timeout"])  # collective's 10 s and the launcher's ending
+def test_a_hung_rank_fails_the_job_within_run_timeout_s_naming_the_hang_and_leaves_no_process(tmp_path, first):
+    """A rank that hangs (SIGSTOP: alive, never at the next collective) ends the job within run.timeout_s with
+    every rank's word, whichever fires first: the job's limit (it ends the launcher's session; the default, the
+    collective timeout being that same limit) or the ranks' own collective timeout (parallel.collective_timeout_s
+    shorter: rank 0's collective raises, torch elastic's launcher ends the others)."""
     out = tmp_path / "hung"
     limit = 100
     started = time.monotonic()
-    job = sdbuild(out, "parallel=ulysses", "run.steps=50", "run.repeats=50", f"run.timeout_s={limit}")
+    shorter = ["parallel.collective_timeout_s=10"] if first == "collective timeout" else []
+    job = sdbuild(out, "parallel=ulysses", "run.steps=50", "run.repeats=50", f"run.timeout_s={limit}", *shorter)
     progress = out / "ranks" / "progress" / "1"
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline and job.poll() is None:  # rank 1 into its calls: its progress file says so
@@ -262,16 +268,26 @@ def test_a_hung_rank_fails_the_job_within_run_timeout_s_naming_the_hang_and_leav
     launcher = launcher_pid(out)
     victim = json.loads(progress.read_text())["pid"]  # the rank writes its own pid there
     assert victim in session_processes(launcher)
+    stopped = time.monotonic()
     os.kill(victim, signal.SIGSTOP)  # hung: alive, never reaches the next barrier; rank 0 waits there for it
     log = finish(job, out, timeout=limit + 120)
     took = time.monotonic() - started
     assert job.returncode == 1, log[-3000:]
     row = json.loads((out / "result.json").read_text())
-    assert row["status"] == "failed" and f"timed out after {limit} s (run.timeout_s)" in row["error"], row["error"]
     errors = row["parallel"]["errors"]
-    assert "in pipeline call" in errors["1"] and f"process {victim} stopped)" in errors["1"], errors  # the hang
-    assert "sleeping" in errors["0"], errors  # rank 0 waited for it (in a collective of that call, or the next barrier)
-    assert "rank 1: no progress for" in row["error"] and "stopped" in row["error"]
+    assert sorted(errors) == ["0", "1"], errors
+    if first == "job limit":
+        assert row["status"] == "failed" and f"timed out after {limit} s (run.timeout_s)" in row["error"], row["error"]
+        assert "in pipeline call" in errors["1"] and f"process {victim} stopped)" in errors["1"], errors  # the hang
+        assert "sleeping" in errors["0"], errors  # rank 0 waited for it (in a collective of that call, or the next barrier)
+        assert "rank 1: no progress for" in row["error"] and "stopped" in row["error"]
+    else:  # rank 0 gave up on its own, 10 s into the wait; the launcher ended rank 1 (SIGTERM, then SIGKILL)
+        assert row["status"] == "failed" and "a rank failed" in row["error"], row["error"]
+        assert "timed out after" not in row["error"]
+        assert "Timed out" in errors["0"] or "timeout" in errors["0"].lower(), errors  # gloo's own word
+        assert "it was last in pipeline call" in errors["1"], errors  # where the hung rank stood
+        assert time.monotonic() - stopped < limit - 10, took  # well before the job's limit
+    print(f"{first} first: {took:.0f} s; {errors}")
     assert took < limit + 60, took  # the limit, the two ending signals' grace, and the row
     assert session_processes(launcher) == []
 
