@@ -55,6 +55,9 @@ def test_parallel_none_leaves_the_spec_key_of_rows_from_before_the_group():
     before = {k: v for k, v in plain.items() if k != "parallel"}
     assert spec_key(plain) == spec_key(before)
     assert spec_key(spec_to_dict(compose(["model=tiny_flux", "parallel=ulysses"]))) != spec_key(plain)
+    # how long a rank waits in a collective is not what the job builds: the same recipe, the same key
+    assert spec_key(spec_to_dict(compose(["model=tiny_flux", "parallel=ulysses", "parallel.collective_timeout_s=9"]))) \
+        == spec_key(spec_to_dict(compose(["model=tiny_flux", "parallel=ulysses"])))
     assert compose(["model=tiny_flux", "parallel=unified"]).parallel.world_size == 4
 
 
@@ -81,6 +84,7 @@ def refusal(*overrides, machine=CPU) -> str:
     (["model=tiny_flux", "parallel=ulysses", "quant=int8wo"], "parallel with quant"),
     (["model=tiny_flux", "parallel=ulysses", "run.repeats=auto"], "parallel with run.repeats=auto"),
     (["model=tiny_flux", "parallel=ulysses", "parallel.backend=nccl"], "parallel.backend=nccl"),
+    (["model=tiny_flux", "parallel=ulysses", "parallel.collective_timeout_s=0"], "must be a positive number of seconds"),
 ])
 def test_each_parallel_rule_refuses_with_its_reason(overrides, said):
     assert said in refusal(*overrides)
