@@ -462,7 +462,7 @@ def _failure_text(failure) -> str:
 # ------------------------------------------------------------------------------------------------
 # Under SLURM, one submitit task per rank (hydra/launcher=slurm_gpu_parallel: tasks_per_node=N)
 
-TASKS_DIR = "tasks"  # inside ranks/: <SLURM job id>/<rank>.json, each task's outcome ({"answer"} or {"error"})
+TASKS_DIR = "tasks"  # inside ranks/: <SLURM job id>.<restart>/<rank>.json, each task's outcome ({"answer"}/{"error"})
 TASKS_LAUNCHER = "submitit SLURM tasks (one per rank, rank environment from submitit.JobEnvironment)"
 GATHER_S = 60.0  # rank 0, its own rank done: how long it waits for the other tasks' outcomes
 
@@ -477,6 +477,7 @@ class TaskRank:
     master_addr: str
     master_port: int
     job_id: str
+    attempt: str = "0"  # SLURM_RESTART_COUNT: a requeued job (same id) must not read its last attempt's outcomes
 
 
 def slurm_task() -> Optional[TaskRank]:
@@ -497,7 +498,8 @@ def slurm_task() -> Optional[TaskRank]:
 
     env = TorchDistributedEnvironment()
     return TaskRank(rank=env.rank, local_rank=env.local_rank, world_size=env.world_size,
-                    master_addr=env.master_addr, master_port=env.master_port, job_id=submitit.JobEnvironment().job_id)
+                    master_addr=env.master_addr, master_port=env.master_port, job_id=submitit.JobEnvironment().job_id,
+                    attempt=os.environ.get("SLURM_RESTART_COUNT") or "0")
 
 
 def run_as_task(spec, device: str, out_dir: Path, label: str, task: TaskRank) -> Optional[Dict[str, Any]]:
@@ -515,7 +517,7 @@ def run_as_task(spec, device: str, out_dir: Path, label: str, task: TaskRank) ->
 
     ensure_model(spec.model, spec.cache_dir)  # every task: the cache's lock lets one build it, the others wait
     ranks = Path(out_dir) / RANKS_DIR
-    tasks = ranks / TASKS_DIR / task.job_id
+    tasks = ranks / TASKS_DIR / f"{task.job_id}.{task.attempt}"
     tasks.mkdir(parents=True, exist_ok=True)
     mine = tasks / f"{task.rank}.json"
     if task.rank == 0:
@@ -584,7 +586,8 @@ def _gather(tasks: Path, ranks: Path, world_size: int, limit: float) -> Dict[str
         return {"ranks": {r: o["answer"] for r, o in outcomes.items()}, "launcher": TASKS_LAUNCHER}
     hung = hang_report(ranks, world_size)
     errors = {r: outcomes[r].get("error", "succeeded") if r in outcomes else
-              f"its task said nothing within {GATHER_S:g} s of rank 0's end; {hung[r]}" for r in map(str, range(world_size))}
+              f"its task said nothing within {GATHER_S:g} s of rank 0's end; {hung[r]}"
+              for r in map(str, range(world_size))}
     timed_out = any("timed out after" in e for e in errors.values())
     head = f"timed out after {limit:g} s (run.timeout_s): the ranks were ended" if timed_out else "a rank failed"
     said = "; ".join(f"rank {r}: {why}" for r, why in sorted(errors.items()))

@@ -26,8 +26,8 @@ from sdbuild.stats import Interval, describe, distinguishable, interval_from_dic
 # run.threads (a CPU lever) goes first: the thread count changes every later step's timings. parallel follows
 # precision: the biggest lever where there are several GPUs, and the later levers are then tried on its ranks
 # (the ones it cannot combine with, e.g. quantization or step caches, are refused with their reason).
-DEFAULT_ORDER = ("run.threads", "precision", "parallel", "quant", "memory_format", "attention", "memory", "vae", "scheduler",
-                 "cache", "compile")
+DEFAULT_ORDER = ("run.threads", "precision", "parallel", "quant", "memory_format", "attention", "memory", "vae",
+                 "scheduler", "cache", "compile")
 
 
 class NoiseRule(enum.Enum):
