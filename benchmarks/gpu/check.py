@@ -537,8 +537,18 @@ def parallel_lines(work: Path, rows: list) -> list:
         else:
             gain = f"{med:.4f} s (no degree-1 row to compare)"
         out.append(f"parallel: {describe(row)} over {par.get('backend')}, {ranks} ranks: {gain}; {fidelity}; "
-                   f"peak MB per rank {[round(m) for m in par.get('peak_memory_mb_per_rank') or []]}")
+                   f"peak MB per rank {[round(m) for m in par.get('peak_memory_mb_per_rank') or []]}"
+                   + (f"; {_threads_and_load(one, row)}" if one is not None and (row.get("env") or {}).get("device")
+                      == "cpu" else ""))
     return out
+
+
+def _threads_and_load(one: dict, row: dict) -> str:
+    """On a CPU the figure is about cores and threads, not parallelism: what each side had, and the load."""
+    threads = lambda r: ((r.get("measurement") or {}).get("threads") or {}).get("torch_threads")  # noqa: E731
+    load = max(((r.get("machine_load") or {}).get("before") or {}).get("loadavg_1m") or 0 for r in (one, row))
+    cpus = ((row.get("machine_load") or {}).get("before") or {}).get("cpu_count")
+    return f"degree 1 on {threads(one)} torch threads, each rank {threads(row)}; load {load:.1f} on {cpus} CPUs"
 
 
 def collect(work: str, out: str, step: str = "") -> int:

@@ -72,8 +72,10 @@ if [ $CPU = 1 ]; then
   SDPA_ATTN=sdpa,sdpa_math,sdpa_fused; COMPILE=inductor; COMPILE2=regional
   BEST="+preset=cuda_best_quick compile.mode=default"
   # the parallel step's own rows (its model is not the other steps'): 2 gloo ranks of 1 thread on 2 cores cost
-  # about 40 s for both jobs (the ranks import torch and diffusers and build the tiny Flux)
-  PAR_ROWS="model=tiny_flux run.steps=2 run.warmup=1 run.repeats=3 run.timeout_s=0"
+  # about 40 s for both jobs (the ranks import torch and diffusers and build the tiny Flux). run.threads=1: the
+  # degree-1 row on 1 thread like each rank; with torch's 2 threads on a busy 2-core machine it measured 3.35 s
+  # against 0.12 s for the ranks (x28, oversubscription, not parallelism)
+  PAR_ROWS="model=tiny_flux run.steps=2 run.warmup=1 run.repeats=3 run.timeout_s=0 run.threads=1"
   #          install preflight model seed compile best sdpa parallel compile2   (seconds: cap / minimum)
   CAPS=(     60      60        60    240  240     240  180  180      240)
   FLOORS=(   10      10        10    60   60      60   30   60       60)
