@@ -412,3 +412,35 @@ def test_a_slurm_tasks_rank_killed_mid_run_fails_the_row_with_each_ranks_error(t
     assert errors["0"], errors  # rank 0's own end: gloo lost its peer, or its task stopped it after rank 1 failed
     pids = [json.loads((out / "ranks" / "progress" / r).read_text())["pid"] for r in "01"]
     assert not any(alive(p) for p in pids)
+
+
+@pytest.mark.slow  # about 1.5 minutes: the tasks build, rank 1 hangs, each task waits out run.timeout_s=60
+def test_a_slurm_tasks_hung_rank_ends_within_run_timeout_s_with_each_ranks_word_and_no_process(tmp_path):
+    """Per-task mode has no launcher to end the ranks: each task ends its own rank's session at the job's
+    limit, and rank 0's row names where each one stood."""
+    out = tmp_path / "hung"
+    limit = 60
+    started = time.monotonic()
+    jobs = slurm_tasks(out, "parallel=ulysses", "run.steps=50", "run.repeats=50", f"run.timeout_s={limit}")
+    progress = out / "ranks" / "progress" / "1"
+    while time.monotonic() < started + limit and all(j.poll() is None for j in jobs):
+        time.sleep(0.5)
+        try:
+            if "in pipeline call" in json.loads(progress.read_text())["at"]:
+                break
+        except (OSError, ValueError):
+            continue
+    victim = json.loads(progress.read_text())["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    logs = task_logs(jobs, out, timeout=limit + 120)
+    took = time.monotonic() - started
+    assert [j.returncode for j in jobs] == [1, 0], logs
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "failed" and f"timed out after {limit} s (run.timeout_s)" in row["error"], row["error"]
+    errors = row["parallel"]["errors"]
+    assert "ended by its task" in errors["1"] and f"process {victim} stopped" in errors["1"], errors
+    assert "ended by its task" in errors["0"] or "stopped by its task" in errors["0"], errors
+    assert took < limit + 60, took  # the limit, the ending grace, rank 0's gather
+    pids = [json.loads((out / "ranks" / "progress" / r).read_text())["pid"] for r in "01"]
+    assert not any(alive(p) for p in pids)
+    print(f"task-mode hang: {took:.0f} s; {errors}")
