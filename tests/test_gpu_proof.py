@@ -66,6 +66,7 @@ def test_gpu_proof_runs_every_step_in_cpu_mode(tmp_path):
     assert par.startswith("parallel: fp32 classic ulysses x2 ranks over gloo, 2 ranks: ") and "efficiency" in par, par
     assert "within: True" in par, par
     assert "model=tiny_flux" not in summary[-2] and "ulysses" not in summary[-2]  # not the fastest of the proof
+    assert all("- vs fp32" in line for line in summary if line.startswith("parallel/"))  # another model than seed's
     assert "x1.00 vs fp32" in summary[0]  # the seed table's first row is the baseline
     assert "[ok] versions" in (out / "preflight.log").read_text()
     assert "no failed or unsupported row" in (out / "errors.txt").read_text()

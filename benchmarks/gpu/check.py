@@ -561,7 +561,8 @@ def collect(work: str, out: str, step: str = "") -> int:
     with open(out_dir / "rows.jsonl", "w") as f:
         for name, folder, row in rows:
             f.write(json.dumps({"step": name, "job": folder.name, **row}) + "\n")
-    summary = [full_line(name, folder, row, base) for name, folder, row in rows] + parallel_lines(work_dir, rows)
+    mine = lambda name: None if name == PARALLEL_STEP else base  # noqa: E731 - another model: no "vs fp32"
+    summary = [full_line(name, folder, row, mine(name)) for name, folder, row in rows] + parallel_lines(work_dir, rows)
     summary += targets(rows)
     (out_dir / "summary.txt").write_text("\n".join(summary) + "\n")
     errors = []
@@ -574,7 +575,7 @@ def collect(work: str, out: str, step: str = "") -> int:
     (out_dir / "errors.txt").write_text("\n".join(errors) or "no failed or unsupported row\n")
     for name, _, row in rows:
         if name == step:
-            print(compact(name, row, base), flush=True)
+            print(compact(name, row, mine(name)), flush=True)
     if step and not any(name == step for name, _, _ in rows):
         print(f"{step:8} no row (the step wrote no result.json)", flush=True)
     return 0
