@@ -295,6 +295,8 @@ def hydra_main(cfg: DictConfig) -> dict | None:
     from .app import exit_code, run_from_hydra
 
     row = run_from_hydra(cfg)
+    if row is None:  # a SLURM task that ran a rank other than 0: rank 0's task has the row
+        return None
     code = exit_code(row, HydraConfig.get().mode == RunMode.MULTIRUN)
     if code:
         sys.exit(code)

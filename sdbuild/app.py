@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator
 from omegaconf import DictConfig
 
 from . import results
-from .errors import SpecError
+from .errors import SpecError, problem
 from .results import Status
 from .spec import GROUPS, to_spec
 from .sweep import as_typed
@@ -99,8 +99,31 @@ def refused_row(out_dir: Path, choices: Dict[str, str], overrides: list[str], jo
     return write_row(out_dir, row)
 
 
-def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
-    """Run the job Hydra composed and return its row."""
+def serve_rank(spec, out_dir: Path, overrides: list[str], task) -> None:
+    """SLURM task `task.rank` > 0 of a parallel job: run that rank (sdbuild.distributed.run_as_task) and
+    return no row; rank 0's task writes the job's row with every rank's facts or errors. Never raises:
+    submitit would fail the whole job (and Hydra the sweep) for one task's exception, and the rank's
+    error is in its outcome file, which rank 0 reads."""
+    from .distributed import run_as_task
+    from .validate import validate
+
+    label = " ".join(f"{k}={v}" for k, v in results.parse_overrides(overrides).items())
+    try:
+        device = validate(spec)
+    except SpecError:  # rank 0 refuses the job with the same reason, in its row
+        log.info("rank %d: the job is refused; rank 0's row says why", task.rank)
+        return None
+    with interrupts_as_exceptions():
+        try:
+            run_as_task(spec, device, out_dir, label, task)
+        except Exception:  # the outcome file has it for rank 0, where the task could write one
+            log.exception("rank %d of %d ended in an error outside its own handling", task.rank, task.world_size)
+    log.info("rank %d of %d done; rank 0's task writes the row", task.rank, task.world_size)
+    return None
+
+
+def run_from_hydra(cfg: DictConfig) -> Dict[str, Any] | None:
+    """Run the job Hydra composed and return its row (None in a SLURM task that runs a rank other than 0)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -118,6 +141,19 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
         if not multirun:
             raise
         return refused_job(exc)
+    from .distributed import slurm_task
+
+    if (task := slurm_task()) is not None:  # one of a SLURM job's N tasks, each a rank (sdbuild.distributed)
+        if task.world_size != spec.parallel.world_size:
+            if task.rank:
+                return None
+            return said(refused_row(out_dir, choices, overrides, job, SpecError([problem(
+                "hydra.launcher.tasks_per_node", f"SLURM started this job as {task.world_size} tasks, but "
+                f"parallel={spec.parallel.name} runs as {spec.parallel.world_size} rank(s), and each task is one rank",
+                f"Set hydra.launcher.tasks_per_node={spec.parallel.world_size} (and gpus_per_node to match), or "
+                f"tasks_per_node=1 to let the job start its ranks itself")])), multirun, out_dir)
+        if task.rank:
+            return serve_rank(spec, out_dir, overrides, task)
     timeout_s = sweep_timeout(spec) if multirun else None
     with interrupts_as_exceptions():
         try:
@@ -133,6 +169,11 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any]:
             row = base_row(spec, choices, overrides, job)
             row.update(status=Status.failed.value, error=f"{type(exc).__name__}: {exc}", env=environment(None))
             write_row(out_dir, row)
+    return said(row, multirun, out_dir)
+
+
+def said(row: Dict[str, Any], multirun: bool, out_dir: Path) -> Dict[str, Any]:
+    """Say the job's outcome (its line; for a single run where its row is, or its refusal on stderr)."""
     if multirun or row["status"] == Status.ok.value:  # a single run's refusal is said once, on stderr, below
         print(summary_line(row), flush=True)
     if not multirun:

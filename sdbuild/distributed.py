@@ -34,13 +34,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 log = logging.getLogger("sdbuild")
 
 RANKS_DIR = "ranks"  # inside the job folder: the request, each rank's log, the launcher's answer
+LOGS_GLOB = "logs/*/attempt_0/*"  # inside ranks/: torch elastic's folder per rank (stdout/stderr.log, error.json)
 PARALLEL_TIMEOUT_S = 3600.0  # a parallel single run without run.timeout_s: how long before a hang is ended
 END_GRACE_S = 10.0  # SIGTERM to SIGKILL, for the launcher's session
 
@@ -73,6 +74,12 @@ def timeout_of(spec) -> float:
     return limit if limit is not None and math.isfinite(limit) and limit > 0 else PARALLEL_TIMEOUT_S
 
 
+def collective_timeout_of(spec) -> float:
+    """How long a rank's collective waits for the others (init_process_group's timeout):
+    parallel.collective_timeout_s, else the job's limit (then the job's end of its ranks comes first)."""
+    return spec.parallel.collective_timeout_s or timeout_of(spec)
+
+
 # ------------------------------------------------------------------------------------------------
 # In the job process
 
@@ -83,6 +90,8 @@ def launch(spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
     from .models import ensure_model
     from .spec import spec_to_dict
 
+    if (task := slurm_task()) is not None:  # one SLURM task per rank: this task is rank 0
+        return run_as_task(spec, device, out_dir, label, task)
     ensure_model(spec.model, spec.cache_dir)  # once, here: else every rank would wait on the cache lock
     ranks = Path(out_dir) / RANKS_DIR
     ranks.mkdir(parents=True, exist_ok=True)
@@ -92,7 +101,8 @@ def launch(spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
         stale.unlink(missing_ok=True)
     request = ranks / "request.json"
     limit = timeout_of(spec)
-    request.write_text(json.dumps({"spec": spec_to_dict(spec), "device": device, "label": label, "timeout_s": limit}))
+    request.write_text(json.dumps({"spec": spec_to_dict(spec), "device": device, "label": label, "timeout_s": limit,
+                                   "collective_timeout_s": collective_timeout_of(spec)}))
     from .hardware import die_with_parent
 
     log.info("%s: %d ranks (%s) started by torch's elastic launcher", label or "parallel", spec.parallel.world_size,
@@ -113,7 +123,9 @@ def launch(spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
     answer_path = ranks / "answer.json"
     answer = json.loads(answer_path.read_text()) if answer_path.is_file() else None
     if timed_out or answer is None or answer.get("failures"):
-        ranks_said = hung or (answer or {}).get("failures") or {}
+        # Whichever came first, the job's limit (the hang report) or a rank's own end (a collective that timed
+        # out, an exception: torch elastic's error file, the launcher's failures), every rank's word is kept.
+        ranks_said = _with_progress(_merged(hung, (answer or {}).get("failures") or {}, _error_files(ranks)), ranks)
         for rank_log in sorted((ranks / "logs").glob("**/stderr.log")) if not ranks_said else ():
             ranks_said[rank_log.parent.name] = _tail(rank_log)
         head = (f"timed out after {limit:g} s (run.timeout_s): the ranks were ended" if timed_out
@@ -123,6 +135,39 @@ def launch(spec, device: str, out_dir: Path, label: str) -> Dict[str, Any]:
         raise RankFailure(f"parallel job ({spec.parallel.world_size} ranks): {head}" + (f"; {said}" if said else ""),
                           ranks_said)
     return answer
+
+
+def _merged(*sources: Dict[str, str]) -> Dict[str, str]:
+    """Rank -> what each source said of it, joined (a rank's own error first, then the hang report)."""
+    out: Dict[str, list] = {}
+    for source in reversed(sources):
+        for rank, said in source.items():
+            if said and said not in out.setdefault(str(rank), []):
+                out[str(rank)].append(said)
+    return {rank: "; ".join(said) for rank, said in out.items()}
+
+
+def _error_files(ranks_dir: Path) -> Dict[str, str]:
+    """Rank -> the exception its `record` wrote to torch elastic's error file (attempt_0/<rank>/error.json):
+    read when the job's limit ended the launcher before it could answer."""
+    found = {}
+    for path in sorted(Path(ranks_dir).glob(f"{LOGS_GLOB}/error.json")):
+        try:
+            message = json.loads(path.read_text()).get("message")
+        except (OSError, ValueError, AttributeError):
+            continue
+        text = str(message.get("message") if isinstance(message, dict) else message or "").strip()
+        if text:
+            found[path.parent.name] = text.splitlines()[0][:500]
+    return found
+
+
+def _with_progress(said: Dict[str, str], ranks_dir: Path) -> Dict[str, str]:
+    """Each rank's error with where its progress file last had it (when the hang report does not say already)."""
+    for rank, where in rank_progress(ranks_dir).items():
+        if rank in said and "no progress for" not in said[rank]:
+            said[rank] += f"; it was last {where['at']}"
+    return said
 
 
 def end_session(child: subprocess.Popen) -> None:
@@ -179,7 +224,7 @@ def parallel_record(spec, device: str, answer: Dict[str, Any]) -> Dict[str, Any]
     ranks = [answer["ranks"][r]["facts"] for r in sorted(answer["ranks"], key=int)]
     return {"world_size": spec.parallel.world_size, "method": spec.parallel.method.name,
             "backend": comm_backend(spec, device), "mesh": answer["ranks"]["0"]["info"].get("parallel"),
-            "launcher": "torch.distributed.launcher.api.elastic_launch", "ranks": ranks,
+            "launcher": answer.get("launcher", "torch.distributed.launcher.api.elastic_launch"), "ranks": ranks,
             "peak_memory_mb_per_rank": [r["peak_memory_mb"] for r in ranks],
             "fidelity": answer["ranks"]["0"].get("fidelity")}
 
@@ -278,10 +323,11 @@ def rank_main(request_path: str) -> Dict[str, Any]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-    threads = apply_threads(rank_threads(spec) if device == "cpu" else None)
+    threads = apply_threads((request.get("threads") or rank_threads(spec)) if device == "cpu" else None)
     progress = Progress(Path(request_path).parent, rank)
     progress.say("joining the process group")
-    dist.init_process_group(comm_backend(spec, device), timeout=datetime.timedelta(seconds=request["timeout_s"]))
+    wait = request.get("collective_timeout_s") or request["timeout_s"]
+    dist.init_process_group(comm_backend(spec, device), timeout=datetime.timedelta(seconds=wait))
     try:
         progress.say("building the pipeline")
         pipe, info = build_pipeline(spec, device)
@@ -413,8 +459,162 @@ def _failure_text(failure) -> str:
     return message.strip().splitlines()[0][:500]
 
 
+# ------------------------------------------------------------------------------------------------
+# Under SLURM, one submitit task per rank (hydra/launcher=slurm_gpu_parallel: tasks_per_node=N)
+
+TASKS_DIR = "tasks"  # inside ranks/: <SLURM job id>.<restart>/<rank>.json, each task's outcome ({"answer"}/{"error"})
+TASKS_LAUNCHER = "submitit SLURM tasks (one per rank, rank environment from submitit.JobEnvironment)"
+GATHER_S = 60.0  # rank 0, its own rank done: how long it waits for the other tasks' outcomes
+
+
+@dataclass(frozen=True)
+class TaskRank:
+    """The rank a submitit SLURM task is, as submitit tells it."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    job_id: str
+    attempt: str = "0"  # SLURM_RESTART_COUNT: a requeued job (same id) must not read its last attempt's outcomes
+
+
+def slurm_task() -> Optional[TaskRank]:
+    """This process's rank when submitit's SLURM executor started it as one of a job's N > 1 tasks
+    (`hydra.launcher.tasks_per_node=N`): taken from submitit (`submitit.helpers.TorchDistributedEnvironment`
+    over `JobEnvironment`: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, the first node of
+    SLURM_JOB_NODELIST as the rendezvous host, a port drawn from the job id unless MASTER_PORT is set).
+    None for a job's only task, and outside submitit's SLURM executor: there the job starts its ranks itself."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return None
+    try:
+        if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+            return None
+    except ValueError:
+        return None
+    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    return TaskRank(rank=env.rank, local_rank=env.local_rank, world_size=env.world_size,
+                    master_addr=env.master_addr, master_port=env.master_port, job_id=submitit.JobEnvironment().job_id,
+                    attempt=os.environ.get("SLURM_RESTART_COUNT") or "0")
+
+
+def run_as_task(spec, device: str, out_dir: Path, label: str, task: TaskRank) -> Optional[Dict[str, Any]]:
+    """One SLURM task = one rank, no elastic launcher: the rank runs in a child process of this task (its
+    own session, the env:// rendezvous variables set from submitit), waited for at most the job's limit.
+    Each task records its rank's outcome in ranks/tasks/<job id>/<rank>.json (the child its answer or
+    exception; the task, if the child died, hung past the limit or was stopped, why). A task also ends
+    its rank as soon as another rank's outcome is an error (with nccl a rank blocked in a collective
+    would otherwise wait out its timeout). Rank 0 returns every rank's answer, as the launcher's answer
+    (or raises RankFailure with every rank's error); the other tasks return None and write no row."""
+    from .hardware import die_with_parent
+    from .models import ensure_model
+    from .results import write_json
+    from .spec import spec_to_dict, thread_count
+
+    ensure_model(spec.model, spec.cache_dir)  # every task: the cache's lock lets one build it, the others wait
+    ranks = Path(out_dir) / RANKS_DIR
+    tasks = ranks / TASKS_DIR / f"{task.job_id}.{task.attempt}"
+    tasks.mkdir(parents=True, exist_ok=True)
+    mine = tasks / f"{task.rank}.json"
+    if task.rank == 0:
+        (ranks / "images.npy").unlink(missing_ok=True)
+    limit = timeout_of(spec)
+    request = ranks / f"request-{task.job_id}-{task.rank}.json"
+    # CPU: SLURM gave this task its own cpus_per_task cores (its affinity), not a share of the node's
+    threads = thread_count(spec.run) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)
+    request.write_text(json.dumps({"spec": spec_to_dict(spec), "device": device, "label": label, "timeout_s": limit,
+                                   "collective_timeout_s": collective_timeout_of(spec), "threads": threads}))
+    env = {**os.environ, "RANK": str(task.rank), "LOCAL_RANK": str(task.local_rank),
+           "WORLD_SIZE": str(task.world_size), "LOCAL_WORLD_SIZE": str(task.world_size),
+           "MASTER_ADDR": task.master_addr, "MASTER_PORT": str(task.master_port)}
+    log.info("%s: SLURM task %d of %d is rank %d (rendezvous %s:%d, %s)", label or "parallel", task.rank,
+             task.world_size, task.rank, task.master_addr, task.master_port, comm_backend(spec, device))
+    rank_log = ranks / f"task-{task.job_id}-{task.rank}.log"
+    with open(rank_log, "w") as out:
+        child = subprocess.Popen([sys.executable, "-m", "sdbuild.distributed", "--task", str(request), str(mine)],
+                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                 preexec_fn=die_with_parent)
+        deadline, why = time.monotonic() + limit, None
+        try:
+            while child.poll() is None:
+                if time.monotonic() > deadline:
+                    hung = hang_report(ranks, task.world_size).get(str(task.rank), "")
+                    why = f"timed out after {limit:g} s (run.timeout_s): ended by its task; {hung}"
+                    break
+                if (failed := _failed_ranks(tasks, task.world_size, exclude=task.rank)):
+                    why = f"stopped by its task after rank {failed[0]} failed"
+                    break
+                time.sleep(0.2)
+        finally:
+            end_session(child)
+    outcome = _outcome(mine)
+    if why or outcome is None or "answer" not in outcome:
+        said = why or (outcome or {}).get("error") or (f"its process exited with code {child.returncode} before "
+                                                      f"answering (last output: {_tail(rank_log, 200)!r})")
+        if why or outcome is None:
+            write_json(mine, {"error": said})
+    if task.rank != 0:
+        return None
+    return _gather(tasks, ranks, task.world_size, limit)
+
+
+def _outcome(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _failed_ranks(tasks: Path, world_size: int, exclude: int) -> list:
+    return [r for r in range(world_size) if r != exclude and "error" in (_outcome(tasks / f"{r}.json") or {})]
+
+
+def _gather(tasks: Path, ranks: Path, world_size: int, limit: float) -> Dict[str, Any]:
+    """Rank 0's task: every rank's outcome, waited for at most GATHER_S; the answer, or RankFailure."""
+    deadline = time.monotonic() + GATHER_S
+    outcomes: Dict[str, Any] = {}
+    while True:
+        outcomes = {str(r): o for r in range(world_size) if (o := _outcome(tasks / f"{r}.json")) is not None}
+        if len(outcomes) == world_size or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if len(outcomes) == world_size and all("answer" in o for o in outcomes.values()):
+        return {"ranks": {r: o["answer"] for r, o in outcomes.items()}, "launcher": TASKS_LAUNCHER}
+    hung = hang_report(ranks, world_size)
+    errors = {r: outcomes[r].get("error", "succeeded") if r in outcomes else
+              f"its task said nothing within {GATHER_S:g} s of rank 0's end; {hung[r]}"
+              for r in map(str, range(world_size))}
+    timed_out = any("timed out after" in e for e in errors.values())
+    head = f"timed out after {limit:g} s (run.timeout_s): the ranks were ended" if timed_out else "a rank failed"
+    said = "; ".join(f"rank {r}: {why}" for r, why in sorted(errors.items()))
+    raise RankFailure(f"parallel job ({world_size} SLURM tasks): {head}; {said}", errors)
+
+
+def task_main(request_path: str, outcome_path: str) -> int:
+    """A task's rank process: `rank_main`, its answer or its exception written to `outcome_path`."""
+    import traceback
+
+    from .results import write_json
+
+    try:
+        answer = rank_main(request_path)
+    except BaseException as exc:  # noqa: BLE001 - the task reads it back as this rank's error
+        traceback.print_exc()
+        text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+        write_json(Path(outcome_path), {"error": text[0][:500] if text else type(exc).__name__})
+        return 1
+    write_json(Path(outcome_path), {"answer": answer})
+    return 0
+
+
 if __name__ == "__main__":
     # through the imported module, not __main__: the spawned ranks unpickle sdbuild.distributed.rank_main
     from sdbuild import distributed
 
+    if sys.argv[1] == "--task":
+        sys.exit(distributed.task_main(sys.argv[2], sys.argv[3]))
     sys.exit(distributed.main(sys.argv[1]))

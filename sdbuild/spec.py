@@ -9,6 +9,7 @@ config and `--help` stay fast.
 from __future__ import annotations
 
 import enum
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -277,6 +278,10 @@ class ParallelSpec:
     ring_degree: int = 1
     tp_degree: int = 1
     backend: CommBackend = CommBackend.auto
+    # How long one collective (a barrier, an all-to-all) may wait for the other ranks before the rank gives up
+    # with its own error (init_process_group's timeout). None: the job's limit (run.timeout_s, else
+    # sdbuild.distributed.PARALLEL_TIMEOUT_S), so the job's own end of its ranks comes first. Not identity.
+    collective_timeout_s: Optional[float] = None
 
     @property
     def world_size(self) -> int:
@@ -583,6 +588,11 @@ def value_problems(spec: Spec) -> list[str]:
     if run.timeout_s is not None and run.timeout_s < 0:
         problems.append(problem(f"run.timeout_s={run.timeout_s}", "must be >= 0 seconds",
                                 "Use run.timeout_s=0 for no limit, or the seconds a sweep job may take"))
+    wait = spec.parallel.collective_timeout_s
+    if wait is not None and not (math.isfinite(wait) and wait > 0):
+        problems.append(problem(f"parallel.collective_timeout_s={wait}", "must be a positive number of seconds",
+                                "Leave it unset (null: the job's limit, run.timeout_s) or use e.g. "
+                                "parallel.collective_timeout_s=600"))
     for name in ("height", "width"):
         value = getattr(run, name)
         if value is not None and (value <= 0 or value % 8 or value > MAX_SIDE):
@@ -880,6 +890,7 @@ _LATER_SECTIONS = {"fidelity"}  # sections added later: left out where every fie
 _LATER_GROUPS = {"cache": ("method", CacheMethod.none.name), "parallel": ("method", ParallelMethod.none.name),
                  "lora": ("mode", LoraMode.none.name)}
 _NOT_RUN_IDENTITY = {"timeout_s"}  # how long a job may take is not what it builds
+_NOT_FIELD_IDENTITY = {("parallel", "collective_timeout_s")}  # nor how long a rank waits for the others
 
 
 def spec_key(spec_dict: dict) -> str:
@@ -893,6 +904,7 @@ def spec_key(spec_dict: dict) -> str:
         if isinstance(fields, dict):
             ident[group] = {k: v for k, v in fields.items()
                             if not (group == "run" and k in _NOT_RUN_IDENTITY)
+                            and (group, k) not in _NOT_FIELD_IDENTITY
                             and _LATER_FIELDS.get((group, k), _UNSET) != v}
     ident = {k: v for k, v in ident.items() if not (k in _LATER_SECTIONS and v == {})}
     if isinstance(ident.get("lora"), dict) and isinstance(ident["lora"].get("adapters"), list):

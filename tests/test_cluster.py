@@ -238,3 +238,23 @@ def test_slurm_shared_node_rows_record_the_cores_each_job_had(slurm_cluster, tmp
     for r in found.values():
         hw = r["job"]["hardware"]
         assert hw["exclusive"] is False and hw["slurm_cpus"] == 1 and len(hw["cpus_allowed"]) == 1
+
+
+@needs_slurm
+@needs_submitit
+def test_slurm_gpu_parallel_runs_one_task_per_rank_and_rank_zero_writes_the_row(slurm_cluster, tmp_path):
+    # The parallel launcher config on the CPU node: two SLURM tasks, each one gloo rank (no GPUs asked for), their
+    # rank environment from submitit; only rank 0's task writes the row, and the sweep takes rank 0's return.
+    out = run_cli("--multirun", "hydra/launcher=slurm_gpu_parallel", "hydra.launcher.gpus_per_node=null",
+                  "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={tmp_path}", "model=tiny_flux", "run.steps=2",
+                  "run.warmup=1", "run.repeats=2", "parallel=ulysses", timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = rows(tmp_path)
+    assert sorted(found) == ["0"] and found["0"]["status"] == "ok", found["0"].get("error")
+    row = found["0"]
+    assert row["job"]["launcher"] == "submitit_slurm" and row["job"]["hardware"]["slurm_job_id"]
+    par = row["parallel"]
+    assert par["launcher"].startswith("submitit SLURM tasks") and par["world_size"] == 2 and par["backend"] == "gloo"
+    assert [r["rank"] for r in par["ranks"]] == [0, 1] and len({r["pid"] for r in par["ranks"]}) == 2
+    assert all(r["threads"]["torch_threads"] == 1 for r in par["ranks"])  # each task's one core
+    assert par["fidelity"]["within_tolerance"] is True

@@ -50,7 +50,7 @@ def test_gpu_proof_runs_every_step_in_cpu_mode(tmp_path):
     assert check.out_problems(out) == [] and sorted(p.name for p in out.iterdir()) == sorted(check.OUT_FILES)
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     counts = {step: sum(r["step"] == step for r in rows) for step in check.STEP_ORDER}
-    assert counts == {"seed": 5, "compile": 1, "best": 1, "sdpa": 3, "compile2": 1}, counts
+    assert counts == {"seed": 5, "compile": 1, "best": 1, "sdpa": 3, "parallel": 2, "compile2": 1}, counts
     assert [r for r in rows if r["status"] != "ok"] == []
     assert all(r["steps_per_s"] > 0 for r in rows)
     # each step's rows are in the output right after that step ends, before the next one starts
@@ -60,11 +60,32 @@ def test_gpu_proof_runs_every_step_in_cpu_mode(tmp_path):
         nxt_at = text.index(f"] {nxt} (limit" if nxt != "== done" else nxt, ended)
         assert text[ended:nxt_at].count(f"\n{step:8} ") == counts[step], text[ended:nxt_at]
     summary = (out / "summary.txt").read_text().splitlines()
-    assert len(summary) == len(rows) + 2 and summary[-1].startswith("targets: not judged: these rows ran on cpu")
+    assert len(summary) == len(rows) + 3 and summary[-1].startswith("targets: not judged: these rows ran on cpu")
+    # the parallel step: tiny Flux at degree 1, then 2 gloo ranks; its line has the speed-up, efficiency, fidelity
+    par = summary[-3]
+    assert par.startswith("parallel: fp32 classic ulysses x2 ranks over gloo, 2 ranks: ") and "efficiency" in par, par
+    assert "within: True" in par, par
+    assert "model=tiny_flux" not in summary[-2] and "ulysses" not in summary[-2]  # not the fastest of the proof
+    assert all("- vs fp32" in line for line in summary if line.startswith("parallel/"))  # another model than seed's
     assert "x1.00 vs fp32" in summary[0]  # the seed table's first row is the baseline
     assert "[ok] versions" in (out / "preflight.log").read_text()
     assert "no failed or unsupported row" in (out / "errors.txt").read_text()
     assert "[ok] $OUT limits" in text
+
+
+def test_the_parallel_step_says_why_it_was_skipped_and_stays_out_of_the_targets(tmp_path):
+    """run.sh leaves the parallel step out where fewer than 2 GPUs are visible and writes why; the summary says
+    it ("skipped: 1 GPU"); and a parallel step's rows (another model) are never the proof's fastest row."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "sweeps").mkdir(parents=True)
+    out.mkdir()
+    (work / "parallel.skip").write_text("skipped: 1 GPU (parallel=ulysses runs 2 ranks, one GPU each)\n")
+    assert check.collect(str(work), str(out)) == 0
+    assert (out / "summary.txt").read_text().splitlines() == [
+        "parallel: skipped: 1 GPU (parallel=ulysses runs 2 ranks, one GPU each)", "targets: no ok row"]
+    text = RUN_SH.read_text()
+    assert 'PAR_SKIP="skipped: $NGPU GPU' in text and "torch.cuda.device_count()" in text
+    assert "SWEEP_ROWS=$PAR_ROWS sweep parallel parallel=none,ulysses" in text
 
 
 @pytest.mark.slow

@@ -343,3 +343,36 @@ def test_the_adherence_bound_keeps_a_lever_only_within_its_drop_from_the_baselin
     assert verdicts["none"] == Verdict.fidelity and "only drawn models" in reasons["none"]
     # without the bound, the fastest is kept
     assert choose(base, [base, close, far, none], Bounds(psnr_db=None))[0].spec_key == "none"
+
+
+@pytest.mark.slow  # about a minute on 2 loaded cores: a degree-1 job, then a job of 2 gloo ranks
+def test_an_interleaved_ladder_walks_parallel_as_separate_jobs_showing_the_efficiency(tmp_path):
+    """`parallel` is an axis like any group; a parallel recipe runs as N ranks of its own, which one
+    interleaved process cannot alternate: the ladder measures that step as separate jobs (basic launcher),
+    judges it by the spread rule, says so, and shows each parallel trial's speed-up on the step's
+    degree-1 recipe and its efficiency. Which option it keeps depends on the machine; that it decides does not."""
+    out = run_cli("--multirun", "hydra/sweeper=ladder", "hydra.sweeper.interleave=true", f"hydra.sweep.dir={tmp_path}",
+                  "model=tiny_flux", "run.steps=2", "run.warmup=1", "run.repeats=3", "parallel=none,ulysses",
+                  timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    ladder = json.loads((tmp_path / "ladder.json").read_text())
+    step, = ladder["steps"]
+    assert step["axis"] == "parallel" and "separate jobs, not interleaved" in step["note"]
+    assert "parallel=ulysses runs as 2 ranks" in step["note"] and "spread rule" in step["note"]
+    trials = {t["choices"]["parallel"]: t for t in step["trials"]}
+    one, two = trials["none"], trials["ulysses"]
+    assert one["status"] == two["status"] == "ok", (one["error"], two["error"])
+    assert one["measurement"]["mode"] == two["measurement"]["mode"] == "single"  # each its own job, no group
+    assert two["verdict"] in ("kept", "slower", "within noise"), two["verdict"]
+    gain = two["parallel"]
+    assert (gain["world_size"], gain["reference_job"]) == (2, one["job"])
+    assert gain["speedup"] == pytest.approx(one["latency_s"]["median"] / two["latency_s"]["median"])
+    assert gain["efficiency"] == pytest.approx(gain["speedup"] / 2)
+    assert "parallel" not in one  # a one-process recipe has no ranks to account for
+    assert two["psnr_db"] == "inf" or two["psnr_db"] > 80  # the ranks' image is the degree-1 image (~1e-6)
+    md = (tmp_path / "ladder.md").read_text()
+    assert f"2: x{gain['speedup']:.2f} on job {one['job']}, efficiency {gain['efficiency']:.2f}" in md
+    assert "Step 1 (parallel): measured as separate jobs" in md
+    print(f"ladder parallel step: degree 1 {one['latency_s']['median']:.3f} s, ulysses 2 "
+          f"{two['latency_s']['median']:.3f} s, x{gain['speedup']:.2f}, efficiency {gain['efficiency']:.2f}, "
+          f"verdict {two['verdict']}, load {os.getloadavg()}")

@@ -55,6 +55,9 @@ def test_parallel_none_leaves_the_spec_key_of_rows_from_before_the_group():
     before = {k: v for k, v in plain.items() if k != "parallel"}
     assert spec_key(plain) == spec_key(before)
     assert spec_key(spec_to_dict(compose(["model=tiny_flux", "parallel=ulysses"]))) != spec_key(plain)
+    # how long a rank waits in a collective is not what the job builds: the same recipe, the same key
+    assert spec_key(spec_to_dict(compose(["model=tiny_flux", "parallel=ulysses", "parallel.collective_timeout_s=9"]))) \
+        == spec_key(spec_to_dict(compose(["model=tiny_flux", "parallel=ulysses"])))
     assert compose(["model=tiny_flux", "parallel=unified"]).parallel.world_size == 4
 
 
@@ -81,6 +84,7 @@ def refusal(*overrides, machine=CPU) -> str:
     (["model=tiny_flux", "parallel=ulysses", "quant=int8wo"], "parallel with quant"),
     (["model=tiny_flux", "parallel=ulysses", "run.repeats=auto"], "parallel with run.repeats=auto"),
     (["model=tiny_flux", "parallel=ulysses", "parallel.backend=nccl"], "parallel.backend=nccl"),
+    (["model=tiny_flux", "parallel=ulysses", "parallel.collective_timeout_s=0"], "must be a positive number of seconds"),
 ])
 def test_each_parallel_rule_refuses_with_its_reason(overrides, said):
     assert said in refusal(*overrides)
@@ -243,12 +247,18 @@ def test_a_rank_killed_mid_run_fails_the_job_with_each_ranks_error_and_leaves_no
     assert session_processes(launcher_pid(out)) == []
 
 
-@pytest.mark.slow  # about 2.5 minutes: the ranks build, one hangs, the job waits out run.timeout_s=100
-def test_a_hung_rank_fails_the_job_within_run_timeout_s_naming_the_hang_and_leaves_no_process(tmp_path):
+@pytest.mark.slow  # about 2.5 minutes each: the ranks build, one hangs, the job waits out run.timeout_s=100 or the
+@pytest.mark.parametrize("first", ["job limit", "collective timeout"])  # collective's 10 s and the launcher's ending
+def test_a_hung_rank_fails_the_job_within_run_timeout_s_naming_the_hang_and_leaves_no_process(tmp_path, first):
+    """A rank that hangs (SIGSTOP: alive, never at the next collective) ends the job within run.timeout_s with
+    every rank's word, whichever fires first: the job's limit (it ends the launcher's session; the default, the
+    collective timeout being that same limit) or the ranks' own collective timeout (parallel.collective_timeout_s
+    shorter: rank 0's collective raises, torch elastic's launcher ends the others)."""
     out = tmp_path / "hung"
     limit = 100
     started = time.monotonic()
-    job = sdbuild(out, "parallel=ulysses", "run.steps=50", "run.repeats=50", f"run.timeout_s={limit}")
+    shorter = ["parallel.collective_timeout_s=10"] if first == "collective timeout" else []
+    job = sdbuild(out, "parallel=ulysses", "run.steps=50", "run.repeats=50", f"run.timeout_s={limit}", *shorter)
     progress = out / "ranks" / "progress" / "1"
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline and job.poll() is None:  # rank 1 into its calls: its progress file says so
@@ -262,16 +272,26 @@ def test_a_hung_rank_fails_the_job_within_run_timeout_s_naming_the_hang_and_leav
     launcher = launcher_pid(out)
     victim = json.loads(progress.read_text())["pid"]  # the rank writes its own pid there
     assert victim in session_processes(launcher)
+    stopped = time.monotonic()
     os.kill(victim, signal.SIGSTOP)  # hung: alive, never reaches the next barrier; rank 0 waits there for it
     log = finish(job, out, timeout=limit + 120)
     took = time.monotonic() - started
     assert job.returncode == 1, log[-3000:]
     row = json.loads((out / "result.json").read_text())
-    assert row["status"] == "failed" and f"timed out after {limit} s (run.timeout_s)" in row["error"], row["error"]
     errors = row["parallel"]["errors"]
-    assert "in pipeline call" in errors["1"] and f"process {victim} stopped)" in errors["1"], errors  # the hang
-    assert "sleeping" in errors["0"], errors  # rank 0 waited for it (in a collective of that call, or the next barrier)
-    assert "rank 1: no progress for" in row["error"] and "stopped" in row["error"]
+    assert sorted(errors) == ["0", "1"], errors
+    if first == "job limit":
+        assert row["status"] == "failed" and f"timed out after {limit} s (run.timeout_s)" in row["error"], row["error"]
+        assert "in pipeline call" in errors["1"] and f"process {victim} stopped)" in errors["1"], errors  # the hang
+        assert "sleeping" in errors["0"], errors  # rank 0 waited for it (in a collective of that call, or the next barrier)
+        assert "rank 1: no progress for" in row["error"] and "stopped" in row["error"]
+    else:  # rank 0 gave up on its own, 10 s into the wait; the launcher ended rank 1 (SIGTERM, then SIGKILL)
+        assert row["status"] == "failed" and "a rank failed" in row["error"], row["error"]
+        assert "timed out after" not in row["error"]
+        assert "Timed out" in errors["0"] or "timeout" in errors["0"].lower(), errors  # gloo's own word
+        assert "it was last in pipeline call" in errors["1"], errors  # where the hung rank stood
+        assert time.monotonic() - stopped < limit - 10, took  # well before the job's limit
+    print(f"{first} first: {took:.0f} s; {errors}")
     assert took < limit + 60, took  # the limit, the two ending signals' grace, and the row
     assert session_processes(launcher) == []
 
@@ -288,3 +308,139 @@ def test_a_ranks_error_is_read_from_torch_elastics_own_error_file(tmp_path):
                                                   "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "0"}}}))
     assert _failure_text(ProcessFailure(0, 123, 1, str(error_file))) == "ZeroDivisionError: integer modulo by zero"
     assert _failure_text(ProcessFailure(1, 124, -9, str(tmp_path / "none.json"))) == "killed by SIGKILL (exit code -9)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# One SLURM task per rank (hydra/launcher=slurm_gpu_parallel): each task a rank, its environment from submitit
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_tasks(out: Path, *overrides: str, ntasks: int = 2) -> list[subprocess.Popen]:
+    """The job's tasks as srun starts them under submitit's SLURM executor, on this machine: the same command,
+    the variables submitit.JobEnvironment reads (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, the node list, the
+    job id) and the rendezvous port. Everything else is real: the processes, env:// and gloo."""
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for rank in range(ntasks):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242",
+               "SLURM_NTASKS": str(ntasks), "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+               "SLURM_JOB_NODELIST": "localhost", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+               "MASTER_PORT": str(port)}
+        jobs.append(subprocess.Popen([sys.executable, "-m", "sdbuild", "model=tiny_flux", "run.steps=2", "run.warmup=1",
+                                      "run.repeats=2", f"hydra.run.dir={out}", *overrides], cwd=ROOT, env=env,
+                                     stdout=open(out.parent / f"{out.name}.task{rank}.log", "w+"),
+                                     stderr=subprocess.STDOUT, text=True))
+    return jobs
+
+
+def task_logs(jobs: list[subprocess.Popen], out: Path, timeout: float = 900) -> list[str]:
+    for job in jobs:
+        job.wait(timeout)
+    return [(out.parent / f"{out.name}.task{r}.log").read_text() for r in range(len(jobs))]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # about 30 s on 2 loaded cores: each task imports torch and builds the tiny Flux
+def test_two_slurm_tasks_each_run_one_rank_and_only_rank_zero_writes_the_row(tmp_path):
+    out = tmp_path / "tasks"
+    jobs = slurm_tasks(out, "parallel=ulysses")
+    logs = task_logs(jobs, out)
+    assert [j.returncode for j in jobs] == [0, 0], logs
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "ok" and row["job"]["launcher"] == "submitit_slurm", row["error"]
+    assert row["job"]["hardware"]["slurm_job_id"] == "4242"
+    par = row["parallel"]
+    assert par["launcher"].startswith("submitit SLURM tasks") and par["world_size"] == 2
+    assert (par["backend"], par["mesh"]["dims"]) == ("gloo", {"ring": 1, "ulysses": 2})
+    assert [r["rank"] for r in par["ranks"]] == [0, 1] and len({r["pid"] for r in par["ranks"]}) == 2
+    assert all(r["threads"]["torch_threads"] == len(os.sched_getaffinity(0)) for r in par["ranks"])  # the task's cores
+    assert par["fidelity"]["within_tolerance"] is True, par["fidelity"]
+    assert "result:" in logs[0] and "result:" not in logs[1]  # rank 1's task wrote no row and said so
+    assert "rank 1 of 2 done; rank 0's task writes the row" in logs[1]
+    assert "SLURM task 0 of 2 is rank 0 (rendezvous localhost:" in logs[0]
+    assert not any(alive(r["pid"]) for r in par["ranks"])  # each task ended its rank's process
+
+
+def test_slurm_tasks_that_are_not_the_world_size_are_refused_by_rank_zero_before_loading(tmp_path):
+    out = tmp_path / "mismatch"
+    jobs = slurm_tasks(out, "parallel=none")
+    logs = task_logs(jobs, out, timeout=300)
+    assert [j.returncode for j in jobs] == [2, 0], logs
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "unsupported" and "hydra.launcher.tasks_per_node=1" in row["error"], row["error"]
+    assert "SLURM started this job as 2 tasks" in logs[0] and "Traceback" not in logs[0] + logs[1]
+    assert not (out / "ranks").exists()  # nothing ran
+
+
+@pytest.mark.slow  # about a minute: the tasks build, then one rank is killed mid-call
+def test_a_slurm_tasks_rank_killed_mid_run_fails_the_row_with_each_ranks_error(tmp_path):
+    out = tmp_path / "killed"
+    jobs = slurm_tasks(out, "parallel=ulysses", "run.steps=50", "run.repeats=50")
+    progress = out / "ranks" / "progress" / "1"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and all(j.poll() is None for j in jobs):
+        time.sleep(0.5)
+        try:
+            said = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            continue
+        if "in pipeline call 2" in said["at"]:
+            break
+    victim = json.loads(progress.read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)
+    logs = task_logs(jobs, out, timeout=300)
+    assert [j.returncode for j in jobs] == [1, 0], logs  # rank 1's task does not fail the SLURM job: rank 0 reports
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "failed" and "2 SLURM tasks" in row["error"] and "a rank failed" in row["error"]
+    errors = row["parallel"]["errors"]
+    assert sorted(errors) == ["0", "1"] and "exited with code -9" in errors["1"], errors
+    print(errors)
+    assert errors["0"], errors  # rank 0's own end: gloo lost its peer, or its task stopped it after rank 1 failed
+    pids = [json.loads((out / "ranks" / "progress" / r).read_text())["pid"] for r in "01"]
+    assert not any(alive(p) for p in pids)
+
+
+@pytest.mark.slow  # about 1.5 minutes: the tasks build, rank 1 hangs, each task waits out run.timeout_s=60
+def test_a_slurm_tasks_hung_rank_ends_within_run_timeout_s_with_each_ranks_word_and_no_process(tmp_path):
+    """Per-task mode has no launcher to end the ranks: each task ends its own rank's session at the job's
+    limit, and rank 0's row names where each one stood."""
+    out = tmp_path / "hung"
+    limit = 60
+    started = time.monotonic()
+    jobs = slurm_tasks(out, "parallel=ulysses", "run.steps=50", "run.repeats=50", f"run.timeout_s={limit}")
+    progress = out / "ranks" / "progress" / "1"
+    while time.monotonic() < started + limit and all(j.poll() is None for j in jobs):
+        time.sleep(0.5)
+        try:
+            if "in pipeline call" in json.loads(progress.read_text())["at"]:
+                break
+        except (OSError, ValueError):
+            continue
+    victim = json.loads(progress.read_text())["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    logs = task_logs(jobs, out, timeout=limit + 120)
+    took = time.monotonic() - started
+    assert [j.returncode for j in jobs] == [1, 0], logs
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "failed" and f"timed out after {limit} s (run.timeout_s)" in row["error"], row["error"]
+    errors = row["parallel"]["errors"]
+    assert "ended by its task" in errors["1"] and f"process {victim} stopped" in errors["1"], errors
+    assert "ended by its task" in errors["0"] or "stopped by its task" in errors["0"], errors
+    assert took < limit + 60, took  # the limit, the ending grace, rank 0's gather
+    pids = [json.loads((out / "ranks" / "progress" / r).read_text())["pid"] for r in "01"]
+    assert not any(alive(p) for p in pids)
+    print(f"task-mode hang: {took:.0f} s; {errors}")

@@ -392,7 +392,10 @@ def is_half_sdpa(row: dict) -> bool:
 
 
 # run.sh's measured steps, in the order it runs them
-STEP_ORDER = ("seed", "compile", "best", "sdpa", "compile2")
+STEP_ORDER = ("seed", "compile", "best", "sdpa", "parallel", "compile2")
+# The parallel step measures its own model (tiny Flux: the one with a context-parallel plan), not the other steps':
+# its rows are left out of the fp32 reference and the targets, and get their own summary line.
+PARALLEL_STEP = "parallel"
 
 
 def read_rows(work: Path) -> list:
@@ -429,6 +432,10 @@ def describe(row: dict) -> str:
     if c.get("method") not in (None, "none"):
         parts.append(c["method"] + (f":{c['mode']}" if c.get("mode") not in (None, "default") else "")
                      + ("-regional" if c.get("regional") else ""))
+    par = spec.get("parallel") or {}
+    if par.get("method") not in (None, "none"):
+        ranks = par.get("ulysses_degree", 1) * par.get("ring_degree", 1) * par.get("tp_degree", 1)
+        parts.append(f"{par['method']} x{ranks} ranks")
     label = " ".join(parts)
     return f"{row['preset']} ({label})" if row.get("preset") else label
 
@@ -483,7 +490,8 @@ def full_line(step: str, folder: Path, row: dict, base) -> str:
 def targets(rows: list) -> list:
     """The proof's verdict against the issue's targets: the fastest ok row, its speed-up over fp32
     and over half precision + SDPA, and its denoising steps/s."""
-    ok = [row for _, _, row in rows if row.get("status") == "ok" and row.get("latency_s")]
+    ok = [row for step, _, row in rows if row.get("status") == "ok" and row.get("latency_s")
+          and step != PARALLEL_STEP]
     if not ok:
         return ["targets: no ok row"]
     base = next((r["latency_s"]["median"] for r in ok if is_fp32_baseline(r)), None)
@@ -499,16 +507,63 @@ def targets(rows: list) -> list:
                      f"(goal x1.5), {f'{sps:.1f}' if sps else '-'} steps/s (goal 125 on an H100/H200 at 512x512)"]
 
 
+def parallel_lines(work: Path, rows: list) -> list:
+    """The parallel step's verdict: each parallel row's speed-up on the same spec at degree 1 (the step's
+    parallel=none row), the efficiency (speed-up / ranks) and its fidelity to the degree-1 image; or why
+    the step has none ("skipped: 1 GPU", from run.sh)."""
+    skipped = work / "parallel.skip"
+    if skipped.is_file():
+        return [f"parallel: {skipped.read_text().strip()}"]
+    mine = [row for step, _, row in rows if step == PARALLEL_STEP]
+    if not mine:
+        return []
+    one = next((r for r in mine if not r.get("parallel") and r.get("status") == "ok"), None)
+    out = []
+    for row in (r for r in mine if (_spec(r).get("parallel") or {}).get("method") not in (None, "none")):
+        if row.get("status") != "ok":
+            out.append(f"parallel: {describe(row)}: {str(row.get('status')).upper()}: "
+                       f"{' '.join(str(row.get('error') or '').split())[:200]}")
+            continue
+        par, med = row.get("parallel") or {}, row["latency_s"]["median"]
+        fid = par.get("fidelity") or {}
+        fidelity = (f"max abs diff {fid['max_abs_diff']:.1e} to degree 1 (tolerance {fid.get('tolerance')}, "
+                    f"within: {fid.get('within_tolerance')})" if fid.get("max_abs_diff") is not None
+                    else f"fidelity: {fid.get('error', 'none')}")
+        ranks = par.get("world_size", 0)
+        if one is not None and ranks:
+            speedup = one["latency_s"]["median"] / med
+            gain = (f"{med:.4f} s vs {one['latency_s']['median']:.4f} s at degree 1: x{speedup:.2f}, "
+                    f"efficiency {speedup / ranks:.2f}")
+        else:
+            gain = f"{med:.4f} s (no degree-1 row to compare)"
+        out.append(f"parallel: {describe(row)} over {par.get('backend')}, {ranks} ranks: {gain}; {fidelity}; "
+                   f"peak MB per rank {[round(m) for m in par.get('peak_memory_mb_per_rank') or []]}"
+                   + (f"; {_threads_and_load(one, row)}" if one is not None and (row.get("env") or {}).get("device")
+                      == "cpu" else ""))
+    return out
+
+
+def _threads_and_load(one: dict, row: dict) -> str:
+    """On a CPU the figure is about cores and threads, not parallelism: what each side had, and the load."""
+    threads = lambda r: ((r.get("measurement") or {}).get("threads") or {}).get("torch_threads")  # noqa: E731
+    load = max(((r.get("machine_load") or {}).get("before") or {}).get("loadavg_1m") or 0 for r in (one, row))
+    cpus = ((row.get("machine_load") or {}).get("before") or {}).get("cpu_count")
+    return f"degree 1 on {threads(one)} torch threads, each rank {threads(row)}; load {load:.1f} on {cpus} CPUs"
+
+
 def collect(work: str, out: str, step: str = "") -> int:
     """Write OUT/rows.jsonl (every row, whole), OUT/summary.txt (a line per row, then the targets) and
     OUT/errors.txt (each non-ok row's error and its traceback's last lines); print STEP's rows compactly."""
     work_dir, out_dir = Path(work), Path(out)
     rows = read_rows(work_dir)
-    base = next((r["latency_s"]["median"] for _, _, r in rows if is_fp32_baseline(r)), None)
+    base = next((r["latency_s"]["median"] for step, _, r in rows if is_fp32_baseline(r) and step != PARALLEL_STEP),
+                None)
     with open(out_dir / "rows.jsonl", "w") as f:
         for name, folder, row in rows:
             f.write(json.dumps({"step": name, "job": folder.name, **row}) + "\n")
-    summary = [full_line(name, folder, row, base) for name, folder, row in rows] + targets(rows)
+    mine = lambda name: None if name == PARALLEL_STEP else base  # noqa: E731 - another model: no "vs fp32"
+    summary = [full_line(name, folder, row, mine(name)) for name, folder, row in rows] + parallel_lines(work_dir, rows)
+    summary += targets(rows)
     (out_dir / "summary.txt").write_text("\n".join(summary) + "\n")
     errors = []
     for name, folder, row in rows:
@@ -520,7 +575,7 @@ def collect(work: str, out: str, step: str = "") -> int:
     (out_dir / "errors.txt").write_text("\n".join(errors) or "no failed or unsupported row\n")
     for name, _, row in rows:
         if name == step:
-            print(compact(name, row, base), flush=True)
+            print(compact(name, row, mine(name)), flush=True)
     if step and not any(name == step for name, _, _ in rows):
         print(f"{step:8} no row (the step wrote no result.json)", flush=True)
     return 0

@@ -23,6 +23,9 @@
 #   best       cuda_best_quick (cuda_best without max-autotune) in fp16, the compile step's dtype, so its
 #              compile finds the compile step's Triton kernels in the shared cache
 #   sdpa       fp16 with each SDPA kernel pinned, and fused QKV
+#   parallel   tiny Flux at degree 1, then as 2 Ulysses ranks (parallel=ulysses, ulysses_degree=2: nccl, one GPU
+#              each) in one sweep: latency, speed-up and efficiency on degree 1, fidelity to its image. Needs
+#              2+ visible GPUs, else "skipped: 1 GPU" (steps.txt and summary.txt); --cpu: 2 gloo ranks
 #   compile2   the compile row again in reduce-overhead mode (CUDA graphs), only if time is left
 # Each step's limit comes from the time still left: at most its cap, and never eating the minimum
 # of the steps after it. A step that cannot get its minimum is skipped (and says so).
@@ -37,7 +40,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd); ROOT=$(cd "$HERE/../.." && p
 CPU=0; [ "${1:-}" = "--cpu" ] && CPU=1
 O=${OUT:-$(mktemp -d)}; mkdir -p "$O"
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/sdbuild-gpu-proof.XXXXXX")}; S=$WORK/sweeps; mkdir -p "$S"
-STEPS=${STEPS:-install preflight model seed compile best sdpa compile2}
+STEPS=${STEPS:-install preflight model seed compile best sdpa parallel compile2}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # the random-weight model cache (3.4 GB for sd15_arch) stays outside $OUT, which comes back to the caller
 # the carried wheels go into WORK/site (on PYTHONPATH), never into the image's own environment
@@ -68,20 +71,26 @@ if [ $CPU = 1 ]; then
   SEED="+experiment=seed_table_cpu"; HALF=bf16
   SDPA_ATTN=sdpa,sdpa_math,sdpa_fused; COMPILE=inductor; COMPILE2=regional
   BEST="+preset=cuda_best_quick compile.mode=default"
-  #          install preflight model seed compile best sdpa compile2   (seconds: cap / minimum)
-  CAPS=(     60      60        60    240  240     240  180  240)
-  FLOORS=(   10      10        10    60   60      60   30   60)
+  # the parallel step's own rows (its model is not the other steps'): 2 gloo ranks of 1 thread on 2 cores cost
+  # about 40 s for both jobs (the ranks import torch and diffusers and build the tiny Flux). run.threads=1: the
+  # degree-1 row on 1 thread like each rank; with torch's 2 threads on a busy 2-core machine it measured 3.35 s
+  # against 0.12 s for the ranks (x28, oversubscription, not parallelism)
+  PAR_ROWS="model=tiny_flux run.steps=2 run.warmup=1 run.repeats=3 run.timeout_s=0 run.threads=1"
+  #          install preflight model seed compile best sdpa parallel compile2   (seconds: cap / minimum)
+  CAPS=(     60      60        60    240  240     240  180  180      240)
+  FLOORS=(   10      10        10    60   60      60   30   60       60)
 else
   BUDGET=${BUDGET:-550}
   ROWS="model=sd15_arch run.height=512 run.width=512 run.steps=50 scheduler=ddim run.warmup=1 run.repeats=3 run.timeout_s=0"
   SEED="+experiment=seed_table"; HALF=fp16
   SDPA_ATTN=sdpa,sdpa_flash,sdpa_efficient,sdpa_cudnn,sdpa_fused; COMPILE=inductor; COMPILE2=inductor_reduce_overhead
   BEST="+preset=cuda_best_quick precision=fp16"  # fp16: the compile step's dtype (the cache serves it)
-  #          install preflight model seed compile best sdpa compile2   (seconds: cap / minimum; estimates in BENCHMARKS.md)
-  CAPS=(     60      60        120   180  240     180  90   600)
-  FLOORS=(   10      15        30    60   100     60   30   60)
+  PAR_ROWS="model=tiny_flux run.steps=4 run.warmup=1 run.repeats=5 run.timeout_s=0"
+  #          install preflight model seed compile best sdpa parallel compile2   (seconds: cap / minimum; estimates in BENCHMARKS.md)
+  CAPS=(     60      60        120   180  240     180  90   120      600)
+  FLOORS=(   10      15        30    60   100     60   30   45       60)
 fi
-ORDER=(install preflight model seed compile best sdpa compile2)
+ORDER=(install preflight model seed compile best sdpa parallel compile2)
 RESERVE=20  # for the last collect, the tarball and the limits check
 # run.timeout_s=0: each sweep runs its jobs in one process (weights loaded once per dtype, no
 # per-job imports); the step's own limit bounds a job that hangs
@@ -91,6 +100,19 @@ RESERVE=20  # for the last collect, the tarball and the limits check
 CACHE="compile.cache_dir=$WORK/compile_cache"
 
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+
+# The parallel step needs 2 ranks: 2 visible GPUs (one per rank), on CPU 2 cores. Without them it is left out of
+# the plan here, before any limit is worked out, so its minimum is not kept from the other steps.
+PAR_SKIP=""
+if [ $CPU = 0 ]; then
+  NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  ((NGPU < 2)) && PAR_SKIP="skipped: $NGPU GPU (parallel=ulysses runs 2 ranks, one GPU each)"
+else
+  NCPU=$("$PY" -c 'import os; print(os.cpu_count() or 1)')
+  ((NCPU < 2)) && PAR_SKIP="skipped: $NCPU CPU core (2 gloo ranks need one core each)"
+fi
+wanted parallel || PAR_SKIP=""
+[ -n "$PAR_SKIP" ] && { STEPS=" $STEPS "; STEPS=${STEPS// parallel / }; }
 
 limit_for() {  # limit_for INDEX: min(cap, time left - reserve - the minimums of the wanted steps after it)
   local i=$1 later=0 j
@@ -127,7 +149,7 @@ run_step() {  # run_step NAME COMMAND...: under its limit, output to WORK/NAME.l
 sweep() {  # sweep NAME OVERRIDES...: one sdbuild multirun into WORK/sweeps/NAME, its rows printed at once
   local name=$1; shift
   wanted "$name" || return 0
-  run_step "$name" "$PY" -m sdbuild --multirun "$@" $ROWS "hydra.sweep.dir=$S/$name"
+  run_step "$name" "$PY" -m sdbuild --multirun "$@" ${SWEEP_ROWS:-$ROWS} "hydra.sweep.dir=$S/$name"
   local rc=$?
   if ((rc == 124 || rc == 137)) && [[ " $* " == *" $CACHE "* ]]; then
     # killed mid-compile, it may have left a half-written kernel library in the shared cache (the next
@@ -189,6 +211,11 @@ sweep seed "$SEED"
 sweep compile precision=$HALF attention=sdpa memory_format=channels_last compile=$COMPILE "$CACHE"
 sweep best $BEST "$CACHE"
 sweep sdpa precision=$HALF attention=$SDPA_ATTN
+if [ -n "$PAR_SKIP" ]; then  # said at its turn, and kept for summary.txt (check.py collect reads it)
+  say "== SKIP parallel: $PAR_SKIP"; echo "$PAR_SKIP" >"$WORK/parallel.skip"; copy_back
+else  # conf/parallel/ulysses.yaml is ulysses_degree=2: the same spec at degree 1 first, its reference
+  SWEEP_ROWS=$PAR_ROWS sweep parallel parallel=none,ulysses
+fi
 sweep compile2 precision=$HALF attention=sdpa memory_format=channels_last compile=$COMPILE2 "$CACHE"
 
 # a report for every sweep that was stopped before it wrote its own (it goes into logs.tar.gz)

@@ -23,9 +23,11 @@ from sdbuild.stats import Interval, describe, distinguishable, interval_from_dic
 # The walk order when `order` is not given: precision first (it decides every later kernel's
 # dtype), then the eager levers, then compilation last (it compiles whatever the earlier steps
 # built, and it is the dearest to measure). Swept keys not named here follow in command-line order.
-# run.threads (a CPU lever) goes first: the thread count changes every later step's timings.
-DEFAULT_ORDER = ("run.threads", "precision", "quant", "memory_format", "attention", "memory", "vae", "scheduler",
-                 "cache", "compile")
+# run.threads (a CPU lever) goes first: the thread count changes every later step's timings. parallel follows
+# precision: the biggest lever where there are several GPUs, and the later levers are then tried on its ranks
+# (the ones it cannot combine with, e.g. quantization or step caches, are refused with their reason).
+DEFAULT_ORDER = ("run.threads", "precision", "parallel", "quant", "memory_format", "attention", "memory", "vae",
+                 "scheduler", "cache", "compile")
 
 
 class NoiseRule(enum.Enum):
@@ -82,6 +84,7 @@ class Measured:
     max_abs_diff: Optional[float] = None
     fidelity_error: Optional[str] = None
     adherence_drop: Optional[float] = None  # the baseline's adherence score minus this row's
+    world_size: int = 1  # how many ranks the recipe runs as (parallel.world_size of its composed spec)
 
     @property
     def adherence(self) -> Optional[float]:
@@ -265,12 +268,30 @@ def _noise_text(m: Measured, incumbent: Measured, bounds: Bounds) -> str:
     return f"min_gain {bounds.min_gain:g}"
 
 
+def parallel_gain(m: Measured, step: Sequence[Measured]) -> Optional[Dict[str, Any]]:
+    """For a recipe run as N > 1 ranks: its speed-up on the step's degree-1 recipe (the same recipe but
+    for the axis the step walks, so the same spec at parallel=none when the step walks `parallel`) and
+    the parallel efficiency (speed-up / N). None for a one-process recipe."""
+    if m.world_size <= 1:
+        return None
+    out: Dict[str, Any] = {"world_size": m.world_size}
+    one = next((o for o in step if o.world_size == 1 and o.ok), None)
+    if not m.ok or one is None:
+        out["note"] = "not measured" if not m.ok else "no degree-1 recipe measured in this step"
+        return out
+    speedup = one.median / m.median
+    return {**out, "reference_job": one.job, "speedup": speedup, "efficiency": speedup / m.world_size}
+
+
 @dataclass
 class Step:
     axis: str
     incumbent: Measured
     kept: Measured
     trials: List[Trial] = field(default_factory=list)
+    # How the step was measured when not as the ladder's settings say (a parallel recipe in an interleaved
+    # ladder: its step runs as separate jobs and is judged by the spread rule), else None.
+    note: Optional[str] = None
 
     @property
     def changed(self) -> bool:

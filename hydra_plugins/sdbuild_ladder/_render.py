@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from sdbuild.results import busy_summary, noise_reasons, threads_advice
 from sdbuild.stats import describe
 
-from ._ladder import Bounds, Measured, NoiseRule, Step, Trial
+from ._ladder import Bounds, Measured, NoiseRule, Step, Trial, parallel_gain
 
 
 @dataclass
@@ -67,8 +67,11 @@ def measured_json(m: Measured, ladder: Ladder) -> Dict[str, Any]:
     }
 
 
-def trial_json(t: Trial, ladder: Ladder) -> Dict[str, Any]:
-    return {**measured_json(t.m, ladder), "verdict": t.verdict.value, "reason": t.reason}
+def trial_json(t: Trial, ladder: Ladder, step: Optional[Sequence[Trial]] = None) -> Dict[str, Any]:
+    out = {**measured_json(t.m, ladder), "verdict": t.verdict.value, "reason": t.reason}
+    if t.m.world_size > 1:  # its speed-up on the step's degree-1 recipe and the efficiency
+        out["parallel"] = parallel_gain(t.m, [o.m for o in (step or [])])
+    return out
 
 
 def to_json(ladder: Ladder) -> Dict[str, Any]:
@@ -79,8 +82,11 @@ def to_json(ladder: Ladder) -> Dict[str, Any]:
                    "memory_mb": b.memory_mb, "noise": b.noise.value, "min_gain": b.min_gain},
         "baseline": measured_json(ladder.baseline, ladder) if ladder.baseline else None,
         "steps": [{"axis": s.axis, "incumbent": s.incumbent.choices[s.axis], "kept": s.kept.choices[s.axis],
-                   "changed": s.changed, "trials": [trial_json(t, ladder) for t in s.trials]} for s in ladder.steps],
-        "second_pass": [{**trial_json(t, ladder), "dropped": _dropped_axes(t.m, ladder)} for t in ladder.second_pass],
+                   "changed": s.changed, "note": s.note,
+                   "trials": [trial_json(t, ladder, s.trials) for t in s.trials]} for s in ladder.steps],
+        "second_pass": [{**trial_json(t, ladder, ladder.second_pass), "dropped": _dropped_axes(t.m, ladder)}
+                        for t in ladder.second_pass],
+        "second_pass_note": ladder.extra.get("second_pass_note"),
         "winner": measured_json(ladder.winner, ladder),
         "preset": str(ladder.preset) if ladder.preset else None,
         "jobs": {"launched": ladder.launched, "reused": ladder.reused, "launched_all_runs": ladder.launched_all_runs,
@@ -213,16 +219,44 @@ def ladder_table(ladder: Ladder) -> tuple[List[str], List[List[str]]]:
     return head, rows
 
 
+def _has_ranks(ladder: Ladder) -> bool:
+    return any(t.m.world_size > 1 for s in ladder.steps for t in s.trials)
+
+
+def _gain_text(m: Measured, step: Sequence[Measured]) -> str:
+    """A parallel recipe's ranks, speed-up on the step's degree-1 recipe and efficiency; '1' for one process."""
+    g = parallel_gain(m, step)
+    if g is None:
+        return "1"
+    if "speedup" not in g:
+        return f"{g['world_size']} ({g['note']})"
+    return f"{g['world_size']}: x{g['speedup']:.2f} on job {g['reference_job']}, efficiency {g['efficiency']:.2f}"
+
+
 def trials_table(ladder: Ladder) -> tuple[List[str], List[List[str]]]:
+    ranks = _has_ranks(ladder)  # the column only where a step tried a parallel recipe
     head = ["step", "option", "job", "status", "median (min–max) s", "paired speed-up (95% interval)", "PSNR (dB)",
             "SSIM", "peak MB", "load", "verdict", "why"]
+    if ranks:
+        head.insert(6, "ranks: speed-up on the step's degree-1 recipe, efficiency (speed-up / ranks)")
     rows = []
     for i, s in enumerate(ladder.steps, 1):
         for t in s.trials:
-            rows.append([f"{i}: {s.axis}", f"{s.axis}={t.m.choices[s.axis]}", str(t.m.job), _status(t.m), _range(t.m),
-                         describe(t.m.paired_on(s.incumbent)), _db(t.m.psnr_db), _ssim(t.m.ssim),
-                         _mb(t.m.peak_memory_mb), _flags(t.m), t.verdict.value, t.reason])
+            row = [f"{i}: {s.axis}", f"{s.axis}={t.m.choices[s.axis]}", str(t.m.job), _status(t.m), _range(t.m),
+                   describe(t.m.paired_on(s.incumbent)), _db(t.m.psnr_db), _ssim(t.m.ssim),
+                   _mb(t.m.peak_memory_mb), _flags(t.m), t.verdict.value, t.reason]
+            if ranks:
+                row.insert(6, _gain_text(t.m, [o.m for o in s.trials]))
+            rows.append(row)
     return head, rows
+
+
+def step_notes(ladder: Ladder) -> List[str]:
+    """How the steps that were not measured as the settings say were measured, and why."""
+    notes = [f"Step {i} ({s.axis}): {s.note}." for i, s in enumerate(ladder.steps, 1) if s.note]
+    if ladder.extra.get("second_pass_note"):
+        notes.append(f"Second pass: {ladder.extra['second_pass_note']}.")
+    return notes
 
 
 def second_pass_table(ladder: Ladder) -> tuple[List[str], List[List[str]]]:
@@ -322,6 +356,8 @@ def render_markdown(ladder: Ladder) -> str:
         out += ["", f"Preset: `{ladder.preset}`. Use it: `{preset_command(ladder.preset)}` "
                     f"(or copy it into conf/preset/ and use `+preset={ladder.preset.stem}`)."]
     out += ["", "## Every row tried", ""] + _md_table(*trials_table(ladder))
+    if (notes := step_notes(ladder)):
+        out += [""] + [f"{n}  " for n in notes]
     if ladder.second_pass:
         out += ["", "## Second pass: each kept lever dropped once from the winner", ""]
         out += _md_table(*second_pass_table(ladder))
@@ -356,6 +392,7 @@ def render_html(ladder: Ladder) -> str:
         parts.append(f"<p>Preset: <code>{html.escape(str(ladder.preset))}</code>: "
                      f"<code>{html.escape(preset_command(ladder.preset))}</code></p>")
     parts += ["<h2>Every row tried</h2>", _html_table(*trials_table(ladder))]
+    parts += [f"<p>{html.escape(n)}</p>" for n in step_notes(ladder)]
     if ladder.second_pass:
         parts += ["<h2>Second pass</h2>", _html_table(*second_pass_table(ladder))]
     return "\n".join(parts) + "\n"

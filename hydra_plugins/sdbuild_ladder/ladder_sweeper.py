@@ -19,6 +19,7 @@ sweep callback, over every row the ladder measured.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -155,9 +156,34 @@ class LadderSweeper(Sweeper):
 
     def _spec_key(self, overrides: List[str]) -> str:
         """The recipe's identity, from its composed spec (so two spellings of one recipe are one)."""
+        return self._recipe(overrides)[0]
+
+    def _recipe(self, overrides: List[str]) -> tuple[str, int]:
+        """The recipe's spec key and how many ranks it runs as (parallel.world_size), from its composed spec."""
         from sdbuild.spec import spec_key, spec_to_dict, to_spec
 
-        return spec_key(spec_to_dict(to_spec(self._compose(overrides))))
+        spec = to_spec(self._compose(overrides))
+        return spec_key(spec_to_dict(spec)), spec.parallel.world_size
+
+    def _not_interleavable(self, assignments: List[Dict[str, str]]) -> Optional[str]:
+        """Why these recipes cannot be measured interleaved in this process (None: they can). A recipe
+        run as N > 1 ranks makes collective calls in N processes of its own (sdbuild.distributed), which
+        one process cannot alternate with another recipe's calls (sdbuild.interleave refuses it)."""
+        ranks = {" ".join(f"{k}={a[k]}" for k in self.axes): n
+                 for a in assignments if (n := self._recipe(self._overrides(a))[1]) > 1}
+        if not ranks:
+            return None
+        named = "; ".join(f"{label} runs as {n} ranks" for label, n in ranks.items())
+        return (f"measured as separate jobs, not interleaved: {named}, processes of their own whose collective "
+                f"calls one process cannot alternate with another recipe's; judged by the "
+                f"{self._step_bounds(True).noise.value} rule")
+
+    def _step_bounds(self, separate_jobs: bool) -> Bounds:
+        """The rules for a step: the ladder's own, but a step measured as separate jobs in an interleaved
+        ladder has no paired calls, so the paired rule gives way to the spread rule there."""
+        if separate_jobs and self.bounds.noise == NoiseRule.paired:
+            return dataclasses.replace(self.bounds, noise=NoiseRule.spread)
+        return self.bounds
 
     def _measure_interleaved(self, assignments: List[Dict[str, str]]) -> List[Measured]:
         """One Measured per assignment, all measured together by sdbuild.interleave.run_group: built
@@ -172,7 +198,8 @@ class LadderSweeper(Sweeper):
         out, members = [], []
         for choices in assignments:
             overrides = self._overrides(choices)
-            out.append(Measured(dict(choices), overrides, self._spec_key(overrides)))
+            key, ranks = self._recipe(overrides)
+            out.append(Measured(dict(choices), overrides, key, world_size=ranks))
         first = self.state.reserve([{"spec_key": m.spec_key, "overrides": m.overrides} for m in out])
         self.state.save(self.sweep_dir)
         for n, m in enumerate(out):
@@ -200,10 +227,10 @@ class LadderSweeper(Sweeper):
         out, batch = [], []
         for choices in assignments:
             overrides = self._overrides(choices)
-            key = self._spec_key(overrides)
+            key, ranks = self._recipe(overrides)
             m = self.cache.get(key)
             if m is None:
-                m = self.cache[key] = Measured(dict(choices), overrides, key)
+                m = self.cache[key] = Measured(dict(choices), overrides, key, world_size=ranks)
                 if key in self.found:
                     m.row, m.folder = self.found[key]
                     m.reused = True
@@ -251,6 +278,7 @@ class LadderSweeper(Sweeper):
         self.cache: Dict[str, Measured] = {}
         self.returns: List[Any] = []
         self.baseline: Optional[Measured] = None
+        self.second_note: Optional[str] = None  # how the second pass was measured, when not as the settings say
         grid = math.prod(len(v) for v in self.axes.values())
         walk = ", ".join(f"{k} {{{','.join(self.axes[k])}}}" for k in order)
         print(f"[ladder] {len(self.axes)} axes in this order: {walk} ({grid} combinations in the full grid); "
@@ -260,12 +288,15 @@ class LadderSweeper(Sweeper):
         current = dict(start)
         for key in order or [None]:
             options = [{**current, key: o} for o in self.axes[key]] if key else [current]
-            if self.interleave:  # the current recipe first: the reference of the step's pairs
+            separate = self._not_interleavable(options) if self.interleave else None
+            if self.interleave and separate is None:  # the current recipe first: the reference of the step's pairs
                 print(f"[ladder] step {len(steps) + 1}: {len(options)} recipes of {key} measured interleaved",
                       flush=True)
                 measured = self._measure_interleaved([current] + [o for o in options if o != current])
                 incumbent = measured[0]
             else:
+                if separate:
+                    print(f"[ladder] step {len(steps) + 1}: {len(options)} recipes of {key} {separate}", flush=True)
                 measured = self._measure(options)
                 incumbent = self._measure([current])[0]
             if self.baseline is None:
@@ -281,8 +312,8 @@ class LadderSweeper(Sweeper):
             if key is None:
                 break
             verdict = Verdict.baseline if incumbent is self.baseline else Verdict.current
-            kept, trials = choose(incumbent, measured, self.bounds, verdict)
-            steps.append(Step(key, incumbent, kept, trials))
+            kept, trials = choose(incumbent, measured, self._step_bounds(separate is not None), verdict)
+            steps.append(Step(key, incumbent, kept, trials, note=separate))
             note = f"kept {key}={kept.choices[key]}" + ("" if kept is not incumbent else " (no other option qualified)")
             gain = (f"paired {describe(kept.paired_on(incumbent))} on the step's current recipe"
                     if kept.paired_on(incumbent) else f"x{self.baseline.median / kept.median:.2f} on the baseline")
@@ -296,12 +327,16 @@ class LadderSweeper(Sweeper):
             if levers:
                 dropped = [{**winner.choices, k: start[k]} for k in levers]
                 reference = winner
-                if self.interleave:  # the winner measured again, alternated with each drop
+                separate = self._not_interleavable([dict(winner.choices)] + dropped) if self.interleave else None
+                if self.interleave and separate is None:  # the winner measured again, alternated with each drop
                     drops = self._measure_interleaved([dict(winner.choices)] + dropped)
                     reference = drops[0]  # listed in the second pass as `current`, the drops' reference
                 else:
+                    if separate:
+                        print(f"[ladder] second pass: {separate}", flush=True)
+                        self.second_note = separate
                     drops = self._measure(dropped)
-                best, second = choose(reference, drops, self.bounds, Verdict.current)
+                best, second = choose(reference, drops, self._step_bounds(separate is not None), Verdict.current)
                 if best is not reference:
                     print(f"[ladder] second pass: without {_dropped(best, winner, order)} the recipe is "
                           f"faster beyond noise; it becomes the winner", flush=True)
@@ -318,7 +353,7 @@ class LadderSweeper(Sweeper):
             steps=steps, second_pass=second, winner=winner, preset=preset, grid_size=grid,
             launched=self.run["launched"], reused=self.run["reused"], launched_all_runs=len(self.state.jobs),
             recipes=len(self.cache), wall_s=time.perf_counter() - started, runs=len(self.state.runs),
-            interleaved=self.interleave)
+            interleaved=self.interleave, extra={"second_pass_note": self.second_note} if self.second_note else {})
         if write_preset:
             preset = ladder.preset = self._write_preset(winner, ladder)
         paths = render.write_outputs(ladder, self.sweep_dir)
