@@ -322,7 +322,8 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
         if ranks := (row.get("parallel") or {}).get("ranks"):  # the ranks computed, not this process
             row["env"].update(torch_threads=ranks[0]["threads"]["torch_threads"], torch_threads_of="each rank")
         row["job"]["wall_s"] = time.perf_counter() - started
-        row["machine_load"] = results.load_record(load_before, results.machine_load())
+        during = partial.measurement.load_during if partial.measurement is not None else None
+        row["machine_load"] = results.load_record(load_before, results.machine_load(), during)
         if row["peak_memory_mb"] is not None:
             row["peak_memory_scope"] = results.memory_scope(device, isolated_process=not shared_process)
         write_row(out_dir, row)
