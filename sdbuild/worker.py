@@ -72,8 +72,13 @@ def process_state() -> Dict[str, Any]:
 
     from .levers.precision import inductor_changes
 
+    environment = dict(os.environ)
+    if "TORCHINDUCTOR_CACHE_DIR" not in environment:  # unset means Inductor's default, which it writes there on use
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        environment["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(default_cache_dir())
     state: Dict[str, Any] = {
-        "environment": dict(os.environ),
+        "environment": environment,
         "default dtype": str(torch.get_default_dtype()),
         "grad mode": torch.is_grad_enabled(),
         "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
@@ -176,6 +181,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from . import builder, job, measure  # noqa: F401  torch and diffusers: the first job's state is compared too
+
     for line in sys.stdin:
         if not line.strip():
             continue
