@@ -236,12 +236,16 @@ def test_a_workers_whole_process_group_is_ended():
                                "assert p.stdout.readline().strip() == 'ready'; print(p.pid, flush=True); time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True, process_group=0)
     grandchild = int(leader.stdout.readline())
-    code, _ = end_child(leader, grace_s=1, group=True)
-    assert code == -signal.SIGTERM
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _alive([grandchild]):
-        time.sleep(0.1)
-    assert not _alive([grandchild]), "the worker's child (SIGTERM blocked) outlived its group's end"
+    try:
+        code, _ = end_child(leader, grace_s=1, group=True)
+        assert code == -signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive([grandchild]):
+            time.sleep(0.1)
+        assert not _alive([grandchild]), "the worker's child (SIGTERM blocked) outlived its group's end"
+    finally:
+        for pid in _alive([grandchild]):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_worker_retires_after_a_job_that_leaves_state_a_later_job_must_not_inherit(monkeypatch):
