@@ -586,16 +586,14 @@ class Worker:
             last = self.answers.get_nowait() or last
         return last
 
-    def close(self, wait_s: float = 10.0) -> None:
-        """No more jobs: close its stdin (it exits after the job it runs), wait up to `wait_s`, then
-        end it; and end whatever of its process group is left (compile workers, ranks)."""
+    def close(self) -> None:
+        """No more jobs, and none running (it answered its last, its row is written): end it and
+        whatever of its process group is left (compile workers, ranks) at once. SIGTERM: while idle it
+        has no handler, so it ends without Python's slow shutdown of torch (seconds, on the path to
+        the next worker or the report); SIGKILL after a few seconds for anything left."""
         with contextlib.suppress(OSError, ValueError):
             self.proc.stdin.close()
-        try:
-            self.proc.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            end_child(self.proc, grace_s=5, group=True)
-        _signal_group(self.proc, 9)
+        end_child(self.proc, grace_s=5, group=True)
 
 
 def _signal_group(child: subprocess.Popen, sig: int) -> None:
