@@ -307,9 +307,11 @@ def test_isolated_job_never_reports_a_stale_row_and_a_crashed_one_keeps_its_spec
     assert "4 steps" in group.description and "?" not in group.description
 
 
-def test_sigterm_stops_an_isolated_sweep_job_and_its_child_with_a_failed_row(tmp_path):
+@pytest.mark.parametrize("mode", [["isolate=true"], []], ids=["isolate", "worker"])
+def test_sigterm_stops_an_isolated_sweep_job_and_its_child_with_a_failed_row(tmp_path, mode):
+    """isolate=true (a process for the job alone) and the default sweep's long-lived worker alike."""
     args = [sys.executable, "-m", "sdbuild", "--multirun", f"hydra.sweep.dir={tmp_path}", "run.steps=50",
-            "run.repeats=20", "precision=fp32,bf16", "isolate=true"]
+            "run.repeats=20", "precision=fp32,bf16", *mode]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "0" / results.PROCESS_LOG
     deadline = time.time() + 400
@@ -323,4 +325,5 @@ def test_sigterm_stops_an_isolated_sweep_job_and_its_child_with_a_failed_row(tmp
     assert row["job"]["interrupted"] == "SIGTERM" and row["job"]["isolated"] and row["spec"]["run"]["steps"] == 50
     child = row["env"]["pid"]
     assert child != proc.pid and not os.path.exists(f"/proc/{child}")  # the child did not run on
+    assert row["job"]["worker"]["pid"] == child and row["job"]["worker"]["jobs_before"] == 0
     assert not (tmp_path / "1").exists()  # the sweep stopped
