@@ -127,7 +127,7 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any] | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .job import run_in_fresh_process, run_job, sweep_timeout
+    from .job import run_in_fresh_process, run_in_worker, run_job, sweep_timeout
 
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices[g] for g in GROUPS if hc.runtime.choices.get(g)}
@@ -157,8 +157,10 @@ def run_from_hydra(cfg: DictConfig) -> Dict[str, Any] | None:
     timeout_s = sweep_timeout(spec) if multirun else None
     with interrupts_as_exceptions():
         try:
-            if multirun and (spec.isolate or timeout_s):
+            if multirun and spec.isolate:  # a process of its own for this job alone
                 row = run_in_fresh_process(spec, overrides, out_dir, choices, job, timeout_s=timeout_s)
+            elif multirun and timeout_s:  # the sweep's long-lived worker, replaced where it must be
+                row = run_in_worker(spec, overrides, out_dir, choices, job, timeout_s=timeout_s)
             else:
                 row = run_job(spec, out_dir, choices, overrides, job=job, show_progress=sys.stderr.isatty(),
                               reuse_weights=multirun, shared_process=multirun)

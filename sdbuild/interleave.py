@@ -85,6 +85,7 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
     devices: Dict[int, str] = {}
     built: Dict[int, tuple] = {}  # index -> (pipe, info, threads)
     done: Dict[int, Dict[str, Any]] = {}  # index -> fields of a finished row
+    during: Dict[int, Any] = {}  # index -> other processes' CPU use during its timed calls (results.CpuWindow)
     leftovers: List[int] = []
     fallback: Optional[str] = None
     run = members[reference].spec.run
@@ -169,6 +170,7 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
             status, error = Status.ok, None
             if (broken := results.broken_image(fields.get("image_stats"))):
                 status, error = Status.broken, broken
+            during[i] = m.load_during  # the batch's timed calls: what other processes used meanwhile
             finish(i, status, error, **fields)
 
     try:
@@ -225,13 +227,13 @@ def run_group(members: Sequence[Member], reference: int = 0, max_held: Optional[
         raise
     finally:
         built.clear()
-        load = results.load_record(load_before, results.machine_load())
+        after = results.machine_load()
         for i, row in enumerate(rows):
             row.update(done.get(i) or {"status": Status.failed.value, "error": "the group stopped before this recipe "
                                        "was measured"})
             row["env"] = environment(devices.get(i))
             row["job"]["wall_s"] = time.perf_counter() - started
-            row["machine_load"] = load
+            row["machine_load"] = results.load_record(load_before, after, during.get(i))
             if row.get("peak_memory_mb") is not None:
                 row["peak_memory_scope"] = results.memory_scope(devices.get(i), isolated_process=False)
             write_row(members[i].out_dir, row)

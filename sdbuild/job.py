@@ -322,7 +322,8 @@ def _run_job(spec: Spec, out_dir: Path, row: Dict[str, Any], overrides: list[str
         if ranks := (row.get("parallel") or {}).get("ranks"):  # the ranks computed, not this process
             row["env"].update(torch_threads=ranks[0]["threads"]["torch_threads"], torch_threads_of="each rank")
         row["job"]["wall_s"] = time.perf_counter() - started
-        row["machine_load"] = results.load_record(load_before, results.machine_load())
+        during = partial.measurement.load_during if partial.measurement is not None else None
+        row["machine_load"] = results.load_record(load_before, results.machine_load(), during)
         if row["peak_memory_mb"] is not None:
             row["peak_memory_scope"] = results.memory_scope(device, isolated_process=not shared_process)
         write_row(out_dir, row)
@@ -481,50 +482,223 @@ def measured_fields(spec: Spec, m: Any, info: Any, out_dir: Path, compile_cache:
 
 def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choices: Dict[str, str],
                          job: Dict[str, Any], timeout_s: Optional[float] = None) -> Dict[str, Any]:
-    """`isolate=true` (and every sweep job with a time limit): run this sweep job as a single run in
-    a new Python process, into the same folder, and read back its row. The row is composed here
-    first, so a process that dies without writing one (a segfault, the OOM killer) still leaves a
-    `failed` row with its spec. The child is ended (SIGTERM, then SIGKILL after CHILD_GRACE_S, at
-    once on a second signal) when this process is interrupted, or when it runs past `timeout_s`:
-    then the row is `failed`, "timed out after N s", with what the child had measured."""
+    """`isolate=true`: run this sweep job in a worker process of its own that runs only this job
+    (its stdin is closed after the request; it reads no weights another job loaded, and its CPU peak
+    memory is its own), and read back its row. See `run_in_worker` for the rest."""
+    return _run_elsewhere(spec, overrides, out_dir, choices, job, timeout_s, fresh=True)
+
+
+def run_in_worker(spec: Spec, overrides: list[str], out_dir: Path, choices: Dict[str, str],
+                  job: Dict[str, Any], timeout_s: Optional[float] = None) -> Dict[str, Any]:
+    """A sweep job with a time limit (the default): run it in this process's long-lived worker
+    (`sdbuild.worker`, started for the first such job), so imports and weights are paid once per
+    worker, not once per job, and read back its row.
+
+    The row is composed here first, so a worker that dies without writing one (a segfault, the OOM
+    killer) still leaves a `failed` row with its spec. The worker runs in a process group of its own:
+    it is ended (SIGTERM to the whole group, then SIGKILL after CHILD_GRACE_S, at once on a second
+    signal) when this process is interrupted, or when the job runs past `timeout_s` (counted from the
+    moment the job is handed over; a fresh worker's start-up included): then the row is `failed`,
+    "timed out after N s", with what the worker had measured. A worker is replaced (the next job
+    starts a fresh one) after a timeout, a crash (an exit or the end of its answers without an
+    answer), an interrupt, when the next job asks for another `run.threads` (torch's inter-op
+    threads can be set once per process), and when the worker retires itself after a job that left
+    state a later job must not inherit (`sdbuild.worker.retire_reason`: a failed job, an Inductor or
+    AOTInductor compile, changed process-wide state). Each row records `job.worker`: the worker's
+    pid, `jobs_before` (how many jobs that worker ran before this one) and, where it was replaced
+    after this job, `replaced_after` (why)."""
+    return _run_elsewhere(spec, overrides, out_dir, choices, job, timeout_s, fresh=False)
+
+
+_WORKER: Dict[str, Any] = {"current": None}  # this process's long-lived worker (a Worker), if any
+
+
+class Worker:
+    """One `python -m sdbuild.worker` process: its stdin takes requests, one JSON line per job; its
+    answers come back one JSON line each through a pipe, read by a thread (so a long row never blocks
+    the worker) into a queue; the end of the pipe (the worker gone) is queued as None."""
+
+    def __init__(self, first_dir: Path, log_path: Path, threads: Any) -> None:
+        import queue
+        import threading
+
+        self.threads = threads  # the run.threads of its first job: the only one it serves
+        self.jobs = 0  # jobs handed over so far
+        self.answers: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
+        read, write = os.pipe()
+        try:
+            with open(log_path, "w") as log_file:
+                self.proc = subprocess.Popen(child_command(first_dir, write), stdin=subprocess.PIPE, stdout=log_file,
+                                             stderr=subprocess.STDOUT, pass_fds=(write,), process_group=0,
+                                             preexec_fn=_die_with_parent)
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)  # the worker holds its own copy: EOF comes when the worker's closes
+        self.pid = self.proc.pid
+        self._reader = threading.Thread(target=self._drain, args=(read,), daemon=True)
+        self._reader.start()
+
+    def _drain(self, fd: int) -> None:
+        import json
+
+        try:
+            with os.fdopen(fd, "rb") as pipe:
+                for line in pipe:
+                    try:
+                        self.answers.put(json.loads(line))
+                    except ValueError:  # half a line: a worker killed while it wrote
+                        continue
+        finally:
+            self.answers.put(None)
+
+    def serves(self, threads: Any) -> bool:
+        """Whether this worker may run a job with `run.threads=threads` now (alive, same threads)."""
+        return self.proc.poll() is None and threads == self.threads
+
+    def hand_over(self, request: bytes, last: bool) -> None:
+        """Give the worker its job (one line on its stdin); `last`: close its stdin (one job, then it
+        exits). A worker that died before reading it is no error here: its end says what happened."""
+        self.jobs += 1
+        try:
+            self.proc.stdin.write(request)
+            self.proc.stdin.flush()
+            if last:
+                self.proc.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    def answer(self, timeout_s: Optional[float]) -> Optional[Dict[str, Any]]:
+        """The worker's answer to the job handed over: a dict, or None when its pipe ended without one
+        (it died). TimeoutError past `timeout_s`."""
+        import queue
+
+        try:
+            return self.answers.get(timeout=timeout_s or None)
+        except queue.Empty:
+            raise TimeoutError from None
+
+    def leftover(self, wait_s: float = 5.0) -> Optional[Dict[str, Any]]:
+        """After the worker was ended: the last answer it still sent (its interrupted row), if any."""
+        self._reader.join(wait_s)  # a process it started may hold the pipe open: not forever
+        last = None
+        while not self.answers.empty():
+            last = self.answers.get_nowait() or last
+        return last
+
+    def close(self) -> None:
+        """No more jobs, and none running (it answered its last, its row is written): end it and
+        whatever of its process group is left (compile workers, ranks) at once. SIGTERM: while idle it
+        has no handler, so it ends without Python's slow shutdown of torch (seconds, on the path to
+        the next worker or the report); SIGKILL after a few seconds for anything left."""
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()
+        end_child(self.proc, grace_s=5, group=True)
+
+
+def _signal_group(child: subprocess.Popen, sig: int) -> None:
+    """`sig` to the process group `child` leads (a worker's, with whatever it started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, sig)
+
+
+def _retire_worker(worker: "Worker", background: bool = True) -> None:
+    """This worker runs no more jobs: closed (in the background where nothing waits for it)."""
+    if _WORKER["current"] is worker:
+        _WORKER["current"] = None
+    if background:
+        import threading
+
+        threading.Thread(target=worker.close, daemon=True).start()
+    else:
+        worker.close()
+
+
+def close_worker() -> None:
+    """End this process's worker, if any (the sweep ended): it finishes nothing, it was idle."""
+    if (worker := _WORKER["current"]) is not None:
+        _retire_worker(worker, background=False)
+
+
+def _worker_for(out_dir: Path, log_path: Path, threads: Any, fresh: bool) -> tuple["Worker", Optional[str]]:
+    """The worker to run the next job (a fresh one where needed), and why the previous was replaced."""
+    current: Optional[Worker] = None if fresh else _WORKER["current"]
+    replaced = None
+    if current is not None and not current.serves(threads):
+        replaced = ("the job asks for another run.threads" if current.proc.poll() is None
+                    else f"the worker had exited (code {current.proc.returncode})")
+        _retire_worker(current)
+        current = None
+    if current is None:
+        current = Worker(out_dir, log_path, threads)
+        if not fresh:
+            _WORKER["current"] = current
+            if not _WORKER.get("atexit"):  # a worker never outlives its parent (PR_SET_PDEATHSIG too)
+                import atexit
+
+                atexit.register(close_worker)
+                _WORKER["atexit"] = True
+    else:
+        with contextlib.suppress(OSError):
+            log_path.write_text("")  # the worker appends this job's output here
+    return current, replaced
+
+
+def _run_elsewhere(spec: Spec, overrides: list[str], out_dir: Path, choices: Dict[str, str], job: Dict[str, Any],
+                   timeout_s: Optional[float], fresh: bool) -> Dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     job = {**job, "isolated": True, **({"timeout_s": timeout_s} if timeout_s else {})}
     row = base_row(spec, choices, overrides, job)
     if (settled := settle_from_resume(spec, out_dir, row)) is not None:
         return settled  # nothing to measure: no process to start
-    make_room(out_dir, row["spec_key"])  # the child's row, or none: never an earlier sweep's
+    make_room(out_dir, row["spec_key"])  # the worker's row, or none: never an earlier sweep's
     log_path = out_dir / results.PROCESS_LOG
-    interrupted = timed_out = None
-    with open(log_path, "w") as log_file, _RowPipe() as rows:
-        child = subprocess.Popen(child_command(out_dir, rows.fd), stdin=subprocess.PIPE, stdout=log_file,
-                                 stderr=subprocess.STDOUT, pass_fds=(rows.fd,), preexec_fn=_die_with_parent)
-        rows.started()
-        try:
-            _hand_over(child, worker_request(row["spec"], out_dir, choices, overrides, job))
-            returncode = child.wait(timeout_s or None)
-        except subprocess.TimeoutExpired:
-            timed_out = timeout_s
-            log.warning("job %s ran past run.timeout_s=%g s: ending its process %d", job.get("num"), timeout_s, child.pid)
-            returncode, interrupted = end_child(child)
-        except KeyboardInterrupt as exc:
-            interrupted = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
-            returncode, _ = end_child(child)  # the child writes its own interrupted row
-    sent = rows.row()  # the child's row as it sent it: kept also when its result.json could not be written
+    worker, _ = _worker_for(out_dir, log_path, spec.run.threads, fresh)
+    jobs_before = worker.jobs
+    request = worker_request(row["spec"], out_dir, choices, overrides, job, log=log_path, reuse_weights=not fresh,
+                             shared_process=not fresh)
+    interrupted = timed_out = returncode = None
+    answer: Optional[Dict[str, Any]] = None
+    try:
+        worker.hand_over(request, last=fresh)
+        answer = worker.answer(timeout_s)
+        if answer is None or fresh:  # it ended (a crash), or ends now (its one job done)
+            returncode = worker.proc.wait(30)
+    except TimeoutError:
+        timed_out = timeout_s
+        log.warning("job %s ran past run.timeout_s=%g s: ending its worker %d", job.get("num"), timeout_s, worker.pid)
+        returncode, interrupted = end_child(worker.proc, group=True)
+        answer = worker.leftover()
+    except subprocess.TimeoutExpired:  # a worker that answered but does not exit
+        returncode, _ = end_child(worker.proc, group=True)
+    except KeyboardInterrupt as exc:
+        interrupted = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
+        returncode, _ = end_child(worker.proc, group=True)  # the worker writes its own interrupted row
+        answer = answer or worker.leftover()
+    retire = (answer or {}).get("retire")
+    replaced_after = ("timed out" if timed_out else "interrupted" if interrupted
+                      else "it exited without an answer" if answer is None and not fresh else retire)
+    if fresh or replaced_after:
+        _retire_worker(worker, background=not (timed_out or interrupted or answer is None))
+    sent = _valid_row((answer or {}).get("row"))  # kept also when its result.json could not be written
     result = out_dir / results.RESULT_FILE
     written = sent or (results.load_row(result) if result.is_file() else None)
     if written is not None and written["status"] != Status.unreadable.value:
         row = written
         row["job"] = {**(row.get("job") or {}), **job}
     else:
-        tail = log_path.read_text(errors="replace").strip()[-300:]
+        tail = log_path.read_text(errors="replace").strip()[-300:] if log_path.is_file() else ""
         why = ("was interrupted" if interrupted else f"ran past run.timeout_s={timed_out:g} s" if timed_out
                else f"exited with code {returncode}")
         row.update(status=Status.failed.value,
                    error=f"the job's process {why} before writing a result (last output: {tail!r}); see "
                          f"{results.PROCESS_LOG}" + (f"; its row was unreadable: {written['error']}" if written else ""),
                    env=environment(None), job=job)
+    row["job"]["worker"] = {"pid": worker.pid, "jobs_before": jobs_before,
+                            **({"replaced_after": replaced_after} if replaced_after and not fresh else {})}
     if timed_out:
-        row["job"].pop("interrupted", None)  # the child's word for the SIGTERM that ended it
+        row["job"].pop("interrupted", None)  # the worker's word for the SIGTERM that ended it
         row.update(status=Status.failed.value,
                    error=f"timed out after {timed_out:g} s (run.timeout_s): the job's process was ended"
                          + (f"; its own account: {row['error']}" if row.get("error") and written else ""))
@@ -540,98 +714,66 @@ def run_in_fresh_process(spec: Spec, overrides: list[str], out_dir: Path, choice
     return row
 
 
+def _valid_row(row: Any) -> Optional[Dict[str, Any]]:
+    """A row a worker sent, validated like any row read back (None: none, or not a valid row)."""
+    if not isinstance(row, dict):
+        return None
+    try:
+        return results.validate(row)
+    except results.RowError:
+        return None
+
+
 def worker_request(spec_dict: Dict[str, Any], out_dir: Path, choices: Dict[str, str], overrides: list[str],
-                   job: Dict[str, Any]) -> bytes:
+                   job: Dict[str, Any], log: Optional[Path] = None, reuse_weights: bool = False,
+                   shared_process: bool = False) -> bytes:
     """One job for `sdbuild.worker`: the line this parent writes to the worker's stdin (the worker
-    imports this module, so the request is made here, not there)."""
+    imports this module, so the request is made here, not there). `log`: the file the worker writes
+    this job's output to; `reuse_weights`/`shared_process`: as run_job's (a long-lived worker keeps
+    the loaded pipeline for the next job, and its CPU peak memory is then not this job's alone)."""
     import json
 
     from .results import _strict_json
 
     return (json.dumps(_strict_json({"spec": spec_dict, "out_dir": str(out_dir), "choices": dict(choices),
-                                     "overrides": list(overrides), "job": dict(job)})) + "\n").encode()
+                                     "overrides": list(overrides), "job": dict(job),
+                                     "log": str(log) if log else None, "reuse_weights": reuse_weights,
+                                     "shared_process": shared_process})) + "\n").encode()
 
 
 def child_command(out_dir: Path, rows_fd: int) -> list[str]:
-    """The command of a job's own process: `sdbuild.worker`, which composes nothing and runs the spec
-    it is handed (the job folder on its command line only names the process)."""
+    """The command of a worker: `sdbuild.worker`, which composes nothing and runs the specs it is
+    handed (the first job's folder on its command line only names the process)."""
     return [sys.executable, "-m", "sdbuild.worker", str(out_dir), "--rows-fd", str(rows_fd)]
 
 
-def _hand_over(child: subprocess.Popen, request: bytes) -> None:
-    """Give the child its job (one line on its stdin) and close its stdin: one job, then it exits. A
-    child that died before reading it is no error here: its exit code says what happened."""
-    try:
-        child.stdin.write(request)
-        child.stdin.close()
-    except (BrokenPipeError, OSError):
-        pass
-
-
-class _RowPipe:
-    """The pipe a job's process sends its row through (`sdbuild.worker`), read by a thread so that a
-    long row never blocks the child; the row read back is validated like any row."""
-
-    def __init__(self) -> None:
-        self._read, self.fd = os.pipe()
-        self._chunks: list[bytes] = []
-        self._thread: Any = None
-
-    def __enter__(self) -> "_RowPipe":
-        return self
-
-    def started(self) -> None:
-        """The child has its copy of the write end: close ours (EOF comes when the child's closes)."""
-        import threading
-
-        os.close(self.fd)
-        self.fd = -1
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        try:
-            while chunk := os.read(self._read, 1 << 16):
-                self._chunks.append(chunk)
-        finally:
-            os.close(self._read)
-
-    def row(self, wait_s: float = 5.0) -> Optional[Dict[str, Any]]:
-        """The last whole, valid row the child sent (None: none). Waits `wait_s` at most for the end of
-        the pipe: a process the child started may still hold its end open."""
-        if self._thread is not None:
-            self._thread.join(wait_s)
-        import json
-
-        for line in reversed(b"".join(self._chunks).split(b"\n")):
-            try:
-                return results.validate(json.loads(line))
-            except (ValueError, results.RowError):
-                continue
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._thread is None:  # the child never started: nothing to read
-            os.close(self.fd)
-            os.close(self._read)
-        # else the reading thread closes the read end at the pipe's end
-
-
-def end_child(child: subprocess.Popen, grace_s: Optional[float] = None) -> tuple[int, Optional[str]]:
-    """End a job's child process: SIGTERM (it writes its own interrupted row), then SIGKILL after
+def end_child(child: subprocess.Popen, grace_s: Optional[float] = None, group: bool = False) -> tuple[int, Optional[str]]:
+    """End a job's process: SIGTERM (it writes its own interrupted row), then SIGKILL after
     `grace_s` (default CHILD_GRACE_S) if it still runs (stuck in native code, SIGTERM blocked), or
-    at once on a SIGTERM/SIGINT to this process meanwhile. Returns its exit code and the name of
-    that signal (None: none came)."""
+    at once on a SIGTERM/SIGINT to this process meanwhile. `group`: the signals go to the process
+    group `child` leads (a worker and whatever it started: compile workers, ranks), and what is left
+    of the group gets SIGKILL once the child has ended. Returns its exit code and the name of that
+    signal (None: none came)."""
     grace_s = CHILD_GRACE_S if grace_s is None else grace_s
     signame = None
-    child.terminate()
+
+    def send(sig: int) -> None:
+        if group:
+            _signal_group(child, sig)
+        elif child.poll() is None:
+            child.send_signal(sig)
+
+    send(15)
     try:
-        return child.wait(grace_s), None
+        code = child.wait(grace_s)
+        if group:
+            send(9)
+        return code, None
     except subprocess.TimeoutExpired:
         log.warning("job process %d did not end within %g s of SIGTERM: killing it", child.pid, grace_s)
     except KeyboardInterrupt as exc:  # another signal: no more waiting
         signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
-    child.kill()
+    send(9)
     return child.wait(), signame
 
 

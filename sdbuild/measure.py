@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import results as _results
 from .spec import RunSpec
 
 log = logging.getLogger("sdbuild")
@@ -58,6 +59,7 @@ class Measurement:
     energy_source: Optional[str] = None
     energy_reason: Optional[str] = None  # why there is no energy figure
     batch_size: int = 1
+    load_during: Optional[Dict[str, Any]] = None  # other processes' CPU use during the timed calls (results.CpuWindow)
 
     @property
     def warmup_calls(self) -> int:
@@ -295,8 +297,6 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
     `into`: one Measurement per candidate to fill as calls finish (what an interrupted caller keeps)."""
     import traceback
 
-    from .stats import min_samples
-
     results = list(into) if into is not None else [Measurement() for _ in candidates]
     failures: Dict[int, tuple] = {}
     cap = max(warmup, DEFAULT_MAX_WARMUP if max_warmup is None else max_warmup)
@@ -368,7 +368,29 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
         if peak.reserved_mb is not None:
             result.peak_memory_reserved_mb = max(peak.reserved_mb, result.peak_memory_reserved_mb or 0.0)
 
-    began, rounds, stop = time.perf_counter(), 0, ""
+    began = time.perf_counter()
+    window = _results.CpuWindow()  # what other processes used while the timed calls ran
+    try:
+        rounds, stop = timed_calls(candidates, results, failures, timed, guarded, repeats, interleave, reference,
+                                   interval_target, max_measure_s, began, bar)
+    finally:
+        during = window.record()
+        for result in results:
+            result.load_during = during
+    bar.close()
+    for c, result in zip(candidates, results):
+        result.stop_reason = stop
+        result.energy_source, result.energy_reason = meter.source, meter.reason
+        result.batch_size = c.batch_size
+    return GroupMeasurement(results, rounds, stop, interleave and len(candidates) > 1, failures)
+
+
+def timed_calls(candidates, results, failures, timed, guarded, repeats, interleave, reference, interval_target,
+                max_measure_s, began, bar) -> tuple[int, str]:
+    """measure_group's timed calls (see there): the rounds done and why they stopped."""
+    from .stats import min_samples
+
+    rounds, stop = 0, ""
     each = " each" if len(candidates) > 1 else ""
     order = list(range(len(candidates)))
     if not interleave:  # each candidate's calls in a row: the drift between them is not shared
@@ -402,12 +424,7 @@ def measure_group(candidates: Sequence[Candidate], device: str, warmup: int, rep
         if len(failures) == len(candidates):
             stop = "every candidate failed"
             break
-    bar.close()
-    for c, result in zip(candidates, results):
-        result.stop_reason = stop
-        result.energy_source, result.energy_reason = meter.source, meter.reason
-        result.batch_size = c.batch_size
-    return GroupMeasurement(results, rounds, stop, interleave and len(candidates) > 1, failures)
+    return rounds, stop
 
 
 # ---------------------------------------------------------------------------------------------

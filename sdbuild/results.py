@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import statistics
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -472,9 +473,52 @@ def is_busy(snapshot: Optional[Dict[str, Any]]) -> bool:
     return load is not None and load > BUSY_LOAD_PER_CPU * cpus
 
 
-def load_record(before: Dict[str, Any], after: Dict[str, Any]) -> Dict[str, Any]:
-    """The row's `machine_load` field: both snapshots and the verdict."""
-    return {"before": before, "after": after, "busy": is_busy(before) or is_busy(after)}
+def load_record(before: Dict[str, Any], after: Dict[str, Any], during: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The row's `machine_load` field: both snapshots, what other processes used during the timed
+    calls (`CpuWindow`; None where none ran), and the verdict: busy when any of the three says so."""
+    return {"before": before, "after": after, "during": during,
+            "busy": is_busy(before) or is_busy(after) or bool(during and during.get("busy"))}
+
+
+# Busy during the timed calls: other processes used at least this much CPU on average (a quarter of
+# one core), and at least BUSY_DURING_MIN_S in all (a few clock ticks: a short window's rounding).
+BUSY_DURING_CPU = 0.25
+BUSY_DURING_MIN_S = 0.05
+
+
+def _cpu_seconds() -> Optional[tuple[float, float]]:
+    """(CPU seconds every process has used since boot, this process's own), from /proc (None off Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        own = Path("/proc/self/stat").read_text()
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    busy = sum(ticks[:3]) + sum(ticks[5:8])  # user nice system, irq softirq steal (not idle, iowait)
+    utime, stime = (int(x) for x in own[own.rfind(")") + 2:].split()[11:13])
+    hz = os.sysconf("SC_CLK_TCK")
+    return busy / hz, (utime + stime) / hz
+
+
+class CpuWindow:
+    """How much CPU other processes used while a stretch of code (the timed calls) ran: the machine's
+    busy CPU time minus this process's own, from the kernel's counters at the start and the end.
+    A snapshot before and after a job misses a CPU hog that ran only during its calls (a job x4 slower
+    with busy=false); the counters integrate the whole window, every tick of it, with no sampling
+    thread in the measured process (a thread would take the GIL from the calls it watches)."""
+
+    def __init__(self) -> None:
+        self._start = _cpu_seconds()
+        self._began = time.perf_counter()
+
+    def record(self) -> Optional[Dict[str, Any]]:
+        """{seconds, others_cpu (mean CPUs other processes used), busy}; None off Linux."""
+        end, seconds = _cpu_seconds(), time.perf_counter() - self._began
+        if self._start is None or end is None or seconds <= 0:
+            return None
+        others_s = max(0.0, (end[0] - self._start[0]) - (end[1] - self._start[1]))
+        return {"seconds": round(seconds, 3), "others_cpu": round(others_s / seconds, 3),
+                "busy": others_s >= BUSY_DURING_MIN_S and others_s / seconds >= BUSY_DURING_CPU}
 
 
 def is_busy_row(row: Dict[str, Any]) -> bool:

@@ -334,8 +334,9 @@ class RunSpec:
     # torch.set_num_threads for the job: `auto` (torch's own default for this machine) or a number.
     threads: Any = "auto"
     save_image: bool = True
-    # Sweeps: seconds a job may run (its own process, from start to row) before it is ended with a
-    # `failed` row "timed out after N s"; a job with a limit runs in a child process (as isolate=true).
+    # Sweeps: seconds a job may run (from its hand-over to its row) before it is ended with a `failed`
+    # row "timed out after N s"; jobs with a limit run in the sweep's long-lived worker process
+    # (sdbuild.worker: replaced after a timeout, a crash or a job that leaves state behind).
     # None: SWEEP_TIMEOUT_S under the basic launcher, no limit under launchers with their own
     # (submitit's timeout_min); 0: no limit (jobs in the sweep's process). A single run has no limit.
     timeout_s: Optional[float] = None
@@ -411,8 +412,8 @@ class Spec:
     preset_order: Optional[int] = None
     # Where the embedded tiny model is cached (default: ~/.cache/sdbuild).
     cache_dir: Optional[str] = None
-    # Sweeps: run each job in a fresh Python process (CPU memory figures untouched by earlier
-    # jobs; a crash in one job cannot take the sweep down). Costs the imports once per job.
+    # Sweeps: run each job in a fresh Python process of its own (CPU memory figures untouched by
+    # earlier jobs, no weights shared with them). Costs the imports once per job.
     isolate: bool = False
     # Validate, print the resolved spec and what would be built, and stop: no weights load.
     dry_run: bool = False

@@ -321,8 +321,10 @@ class SweepCallback(Callback):
             self.unwritten[config.hydra.job.num] = row
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .job import close_worker
         from .report import aggregate_sweep, summary_line
 
+        close_worker()  # idle now: its memory and CPU are not the report's
         if self.dry_run:
             return
         _RUNNING.clear()

@@ -185,6 +185,114 @@ def test_a_job_past_its_time_limit_is_a_failed_row_and_the_sweep_goes_on(tmp_pat
     assert csv_rows(tmp_path)["0"]["status"] == "failed"
 
 
+def test_the_sweeps_worker_survives_no_hung_or_crashed_job_and_the_next_job_gets_a_fresh_one(tmp_path):
+    """The default sweep's long-lived worker (`run_in_worker`), job after job as a sweep hands them over:
+    job 0 is measured; job 1 hangs (100000 timed runs) and ends at its limit, counted from its hand-over,
+    in a `failed`, timed-out row, its worker's whole process group gone; job 2 starts a fresh worker,
+    which is killed by SIGKILL mid-job (a segfault, the OOM killer): a `failed` row with its spec; job 3
+    starts a fresh worker again, and job 4 reuses it."""
+    from sdbuild.job import close_worker, run_in_worker
+
+    def job(num, *extra, timeout_s=600):
+        overrides = [*QUICK, "run.threads=1", *extra]
+        return run_in_worker(sdbuild.compose(overrides), overrides, tmp_path / str(num), {}, {"num": num},
+                             timeout_s=timeout_s)
+
+    try:
+        first = job(0)
+        started = time.monotonic()
+        hung = job(1, "run.repeats=100000", timeout_s=8)
+        took = time.monotonic() - started
+        killer = threading.Timer(4.0, lambda: [os.kill(pid, signal.SIGKILL) for pid in
+                                               _processes_mentioning(f"sdbuild.worker\0{tmp_path / '2'}\0")])
+        killer.start()
+        crashed = job(2, "run.repeats=100000")
+        killer.join()
+        fresh, reused = job(3), job(4)
+    finally:
+        close_worker()
+    assert first["status"] == "ok" and first["job"]["worker"]["jobs_before"] == 0, first["error"]
+    assert hung["status"] == "failed" and hung["error"].startswith("timed out after 8 s (run.timeout_s)"), hung["error"]
+    assert hung["job"]["timed_out"] and took < 8 + 30 + 20, took  # the limit, the grace, slack for a loaded machine
+    assert hung["job"]["worker"] == {"pid": first["job"]["worker"]["pid"], "jobs_before": 1, "replaced_after": "timed out"}
+    assert not _alive([first["job"]["worker"]["pid"]])
+    assert crashed["status"] == "failed" and "exited with code -9" in crashed["error"], crashed["error"]
+    assert crashed["spec"]["run"]["repeats"] == 100000 and crashed["job"]["worker"]["jobs_before"] == 0
+    assert crashed["job"]["worker"]["replaced_after"] == "it exited without an answer"
+    assert fresh["status"] == reused["status"] == "ok", (fresh["error"], reused["error"])
+    pids = [r["job"]["worker"]["pid"] for r in (first, crashed, fresh)]
+    assert len(set(pids)) == 3 and reused["job"]["worker"] == {"pid": pids[2], "jobs_before": 1}
+    assert results.read_row(tmp_path / "1" / "result.json")["job"]["worker"]["replaced_after"] == "timed out"
+    assert not _alive(pids)  # close_worker ended the last one
+
+
+def test_a_workers_whole_process_group_is_ended():
+    """A worker's own children (Inductor's compile workers, a parallel job's ranks) go with it: SIGTERM
+    to the group, SIGKILL after the grace to what ignores it, and whatever is left once it ended."""
+    from sdbuild.job import end_child
+
+    leader = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               f"p = subprocess.Popen([sys.executable, '-c', {STUCK!r}], stdout=subprocess.PIPE, text=True); "
+                               "assert p.stdout.readline().strip() == 'ready'; print(p.pid, flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, process_group=0)
+    grandchild = int(leader.stdout.readline())
+    try:
+        code, _ = end_child(leader, grace_s=1, group=True)
+        assert code == -signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive([grandchild]):
+            time.sleep(0.1)
+        assert not _alive([grandchild]), "the worker's child (SIGTERM blocked) outlived its group's end"
+    finally:
+        for pid in _alive([grandchild]):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_retires_after_a_job_that_leaves_state_a_later_job_must_not_inherit(monkeypatch):
+    """sdbuild.worker.retire_reason, on the real process state: a failed job, an Inductor/AOTInductor
+    compile, and each kind of process-wide change no build sets again retire the worker; a finished
+    job that changed only what every build sets (TF32 flags, intra-op threads) does not."""
+    import torch
+
+    from sdbuild.levers.precision import set_global_switches
+    from sdbuild.worker import process_state, retire_reason
+
+    plain, ok = sdbuild.compose(QUICK), {"status": "ok"}
+    set_global_switches(plain)  # the state a worker has when it starts a job (a build set it last)
+    before = process_state()
+    set_global_switches(sdbuild.compose([*QUICK, "precision=tf32"]))  # set again by every build
+    torch.set_num_threads(1)
+    try:
+        assert retire_reason(plain, ok, before, process_state()) is None
+        assert retire_reason(plain, {"status": "unsupported"}, before, process_state()) is None
+    finally:
+        set_global_switches(plain)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    assert "failed" in retire_reason(plain, {"status": "failed"}, before, before)
+    for method in ("inductor", "export"):
+        assert f"compile={method}" in retire_reason(sdbuild.compose([*QUICK, f"compile={method}"]), ok, before, before)
+    assert retire_reason(sdbuild.compose([*QUICK, "compile=trace"]), ok, before, before) is None
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    assert "environment variable TORCHINDUCTOR_CACHE_DIR" in retire_reason(plain, ok, before, process_state())
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    for change, undo, named in (
+            (lambda: torch.set_default_dtype(torch.float64), lambda: torch.set_default_dtype(torch.float32), "default dtype"),
+            (lambda: torch.backends.cuda.enable_math_sdp(False), lambda: torch.backends.cuda.enable_math_sdp(True),
+             "SDPA kernel switches"),
+            (lambda: torch.use_deterministic_algorithms(True), lambda: torch.use_deterministic_algorithms(False),
+             "deterministic algorithms")):
+        change()
+        try:
+            reason = retire_reason(plain, ok, before, process_state())
+        finally:
+            undo()
+        assert reason and named in reason, (named, reason)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: None)  # a global patch
+    assert "torch.nn.functional.scaled_dot_product_attention replaced" in retire_reason(plain, ok, before, process_state())
+    monkeypatch.undo()
+    assert retire_reason(plain, ok, before, process_state()) is None
+
+
 # 5. Ending a job ---------------------------------------------------------------------------------
 
 STUCK = "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); print('ready', flush=True); time.sleep(120)"

@@ -526,3 +526,47 @@ def test_the_busy_flag_sees_a_high_load_average_with_no_other_process_running():
     assert not results.is_busy({**none_running, "loadavg_1m": 1.5})
     assert not results.is_busy({**none_running, "loadavg_1m": None, "busy_processes": None})  # off Linux
     assert results.load_record({**none_running, "loadavg_1m": 0.1}, {**none_running, "loadavg_1m": 4.0})["busy"]
+
+
+def test_a_cpu_hog_that_runs_only_during_the_timed_calls_makes_the_row_busy(tmp_path, monkeypatch):
+    """A real spinning process started when the first timed call begins and ended (waited for) within
+    the last one: the snapshots before and after the job cannot see it; what other processes used
+    during the calls (`machine_load.during`, the kernel's CPU counters) does, and the row is busy."""
+    from sdbuild import builder, results
+    from sdbuild.config import compose
+    from sdbuild.job import run_job
+
+    steps, repeats = 4, 5
+    real_build, calls, hog = builder.build_pipeline, [], {}
+
+    def build_with_a_hog_during_the_calls(*args, **kwargs):
+        pipe, info = real_build(*args, **kwargs)
+
+        def start(module, inputs):
+            calls.append(1)
+            if len(calls) == steps + 1:  # the first UNet step of the first timed call (warmup: 1 call)
+                hog["p"] = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                time.sleep(0.3)  # the hog spins beside the calls, not only beside its own start-up
+
+        def stop(module, inputs, output):
+            if len(calls) == steps * (1 + repeats):  # the last UNet step of the last timed call
+                hog["p"].kill()
+                hog["p"].wait()
+
+        pipe.unet.register_forward_pre_hook(start)
+        pipe.unet.register_forward_hook(stop)
+        return pipe, info
+
+    monkeypatch.setattr(builder, "build_pipeline", build_with_a_hog_during_the_calls)
+    overrides = [f"run.steps={steps}", "run.warmup=1", f"run.repeats={repeats}", "run.threads=1", "run.timeout_s=0"]
+    try:
+        row = run_job(compose(overrides), tmp_path, {}, overrides, job={"num": 0})
+    finally:
+        if "p" in hog and hog["p"].poll() is None:
+            hog["p"].kill()
+    assert row["status"] == "ok", row["error"]
+    assert len(calls) == steps * (1 + repeats) and hog["p"].returncode is not None  # it ran, and ended in the calls
+    during = row["machine_load"]["during"]
+    assert during["busy"] and during["others_cpu"] >= results.BUSY_DURING_CPU, during
+    assert during["seconds"] <= row["job"]["wall_s"] and row["machine_load"]["busy"]
+    assert results.is_busy_row(results.read_row(tmp_path / "result.json"))

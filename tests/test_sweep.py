@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import FAST, ROOT, run_cli
@@ -62,6 +63,27 @@ def test_isolate_runs_each_job_in_a_fresh_process(tmp_path):
     assert (tmp_path / "report.md").exists()
 
 
+def test_a_default_sweep_runs_its_jobs_in_one_worker_and_replaces_it_for_other_threads(tmp_path):
+    """The default sweep (a time limit): one `sdbuild.worker` runs the jobs one after another, so the
+    imports and the weights are paid once; a job asking for another run.threads gets a fresh worker
+    (torch's inter-op threads are set once per process). Each row names its worker and how many jobs
+    that worker ran before it."""
+    out = run_cli("--multirun", f"hydra.sweep.dir={tmp_path}", "run.steps=2", "run.warmup=0", "run.repeats=1",
+                  "run.threads=1,2", "run.seed=0,1,2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = [r for _, r in sorted(rows(tmp_path).items(), key=lambda kv: int(kv[0]))]
+    assert [r["status"] for r in found] == ["ok"] * 6, [r["error"] for r in found]
+    workers = [r["job"]["worker"] for r in found]
+    assert [w["jobs_before"] for w in workers] == [0, 1, 2, 0, 1, 2]
+    first, second = {w["pid"] for w in workers[:3]}, {w["pid"] for w in workers[3:]}
+    assert len(first) == len(second) == 1 and first != second and os.getpid() not in first | second
+    assert [r["env"]["pid"] for r in found] == [w["pid"] for w in workers]  # measured in the worker named
+    assert all(r["job"]["isolated"] and r["peak_memory_scope"] == "shared_process" for r in found)
+    assert [r["env"]["torch_threads"] for r in found] == [1, 1, 1, 2, 2, 2]
+    assert not [p for p in first | second if Path(f"/proc/{p}").exists() and
+                not Path(f"/proc/{p}/stat").read_text().split(") ")[1].startswith("Z")]  # ended with the sweep
+
+
 def test_xformers_on_cpu_is_an_unsupported_row_and_the_sweep_finishes(tmp_path):
     out = sweep(tmp_path, "attention=sdpa,xformers")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -71,16 +93,25 @@ def test_xformers_on_cpu_is_an_unsupported_row_and_the_sweep_finishes(tmp_path):
     assert "xformers" in (tmp_path / "report.md").read_text()
 
 
-def _isolation_rows(sweep_dir, order):
-    out = sweep(sweep_dir, f"precision={order}")
+def _isolation_rows(sweep_dir, order, *extra):
+    out = sweep(sweep_dir, f"precision={order}", *extra)
     assert out.returncode == 0, out.stderr[-2000:]
     found = sorted(rows(sweep_dir).items(), key=lambda kv: int(kv[0]))
     return [r for _, r in found]
 
 
-def test_jobs_do_not_inherit_global_flags(tmp_path):
-    forward = _isolation_rows(tmp_path / "forward", "fp32,tf32,fp32")
-    backward = _isolation_rows(tmp_path / "backward", "tf32,fp32,fp32")  # the same sweep, tf32 first
+# In the sweep's own process (FAST: run.timeout_s=0), and in the sweep's long-lived worker (a time limit)
+WORKER = ["run.timeout_s=600", "run.threads=1"]
+
+
+@pytest.mark.parametrize("mode", [[], WORKER], ids=["in-process", "worker"])
+def test_jobs_do_not_inherit_global_flags(tmp_path, mode):
+    forward = _isolation_rows(tmp_path / "forward", "fp32,tf32,fp32", *mode)
+    backward = _isolation_rows(tmp_path / "backward", "tf32,fp32,fp32", *mode)  # the same sweep, tf32 first
+    if mode:  # the flags and pixels below were checked across jobs of one worker
+        for run in (forward, backward):
+            assert [r["job"]["worker"]["jobs_before"] for r in run] == [0, 1, 2]
+            assert len({r["job"]["worker"]["pid"] for r in run} | {r["env"]["pid"] for r in run}) == 1
     for run in (forward, backward):
         for r in run:
             tf32 = r["choices"]["precision"] == "tf32"
@@ -276,9 +307,11 @@ def test_isolated_job_never_reports_a_stale_row_and_a_crashed_one_keeps_its_spec
     assert "4 steps" in group.description and "?" not in group.description
 
 
-def test_sigterm_stops_an_isolated_sweep_job_and_its_child_with_a_failed_row(tmp_path):
+@pytest.mark.parametrize("mode", [["isolate=true"], []], ids=["isolate", "worker"])
+def test_sigterm_stops_an_isolated_sweep_job_and_its_child_with_a_failed_row(tmp_path, mode):
+    """isolate=true (a process for the job alone) and the default sweep's long-lived worker alike."""
     args = [sys.executable, "-m", "sdbuild", "--multirun", f"hydra.sweep.dir={tmp_path}", "run.steps=50",
-            "run.repeats=20", "precision=fp32,bf16", "isolate=true"]
+            "run.repeats=20", "precision=fp32,bf16", *mode]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "0" / results.PROCESS_LOG
     deadline = time.time() + 400
@@ -292,4 +325,5 @@ def test_sigterm_stops_an_isolated_sweep_job_and_its_child_with_a_failed_row(tmp
     assert row["job"]["interrupted"] == "SIGTERM" and row["job"]["isolated"] and row["spec"]["run"]["steps"] == 50
     child = row["env"]["pid"]
     assert child != proc.pid and not os.path.exists(f"/proc/{child}")  # the child did not run on
+    assert row["job"]["worker"]["pid"] == child and row["job"]["worker"]["jobs_before"] == 0
     assert not (tmp_path / "1").exists()  # the sweep stopped
