@@ -24,9 +24,19 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def train_step(loss, opt, sched, params) -> None:
+    """One optimizer step of the denoiser trainings: gradients clipped to norm 1, the LR schedule advanced."""
+    import torch
+
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def reader(args) -> None:
     import numpy as np
-    import torch
 
     from sdbuild import drawn
 
@@ -138,11 +148,7 @@ def sd(args) -> None:
         noisy = noise_schedule.add_noise(latents[idx], noise, t)
         pred = unet(noisy, t, text(ids[cond])[0]).sample
         loss = F.mse_loss(pred, noise_schedule.get_velocity(latents[idx], noise, t))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        train_step(loss, opt, sched, params)
         if step % 20 == 0 or step == unet_steps - 1:
             log(f"unet step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
     log(f"unet + text encoder trained in {time.time() - t0:.0f} s")
@@ -240,11 +246,7 @@ def flux(args) -> None:
         pred = transformer(hidden_states=packed, timestep=s, guidance=guidance, pooled_projections=pooled,
                            encoder_hidden_states=per_token, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         loss = F.mse_loss(pred, target)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        train_step(loss, opt, sched, params)
         if step % 20 == 0 or step == steps - 1:
             log(f"transformer step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
     log(f"transformer + text encoders trained in {time.time() - t0:.0f} s")

@@ -100,11 +100,8 @@ def plain_typos(argv: list[str]) -> list[str]:
 
     from .spec import unknown_keys
 
-    parsed = _parsed(argv)
-    if parsed is None:
-        return []
-    args, overrides = parsed
-    if args.shell_completion:
+    overrides = _checkable_overrides(argv)
+    if overrides is None:
         return []
     groups = {d.name for d in Path(config_dir()).iterdir() if d.is_dir()}
     typed: dict = {}
@@ -161,15 +158,12 @@ def mistyped_values(argv: list[str]) -> list[str]:
 
     from hydra.core.override_parser.types import OverrideType
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     from .spec import Spec
 
-    parsed = _parsed(argv)
-    if parsed is None:
-        return []
-    args, overrides = parsed
-    if args.shell_completion:
+    overrides = _checkable_overrides(argv)
+    if overrides is None:
         return []
     fields = {f.name for f in dataclasses.fields(Spec)}
     schema = OmegaConf.structured(Spec)
@@ -188,6 +182,8 @@ def mistyped_values(argv: list[str]) -> list[str]:
                 continue
             try:
                 OmegaConf.update(schema.copy(), key, value, merge=True)
+            except (ConfigKeyError, ConfigAttributeError):  # a key the schema lacks: plain_typos names it
+                break
             except OmegaConfBaseException as exc:
                 reason = str(exc).strip().splitlines()[0]
                 problems.append(problem(f"{key}={value}", f"is not a value this field can hold ({reason})",
@@ -213,6 +209,15 @@ def _parsed(argv: list[str]):
         return args, OverridesParser.create().parse_overrides(args.overrides)
     except (SystemExit, Exception):
         return None
+
+
+def _checkable_overrides(argv: list[str]):
+    """Hydra's parsed overrides of a command line sdbuild checks before composing; None where Hydra's
+    parsers refuse it (Hydra then says why) or for shell completion (nothing runs)."""
+    parsed = _parsed(argv)
+    if parsed is None or parsed[0].shell_completion:
+        return None
+    return parsed[1]
 
 
 def unknown_options(argv: list[str]) -> list[str]:

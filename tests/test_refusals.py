@@ -103,6 +103,7 @@ def test_a_refusal_comes_before_torch_is_imported(tmp_path, args, message, row):
 def test_a_plain_typo_gets_the_nearest_key_and_exit_2(tmp_path, args, nearest):
     code, _, stdout, stderr = refuse(tmp_path, *args.split())
     assert code == 2 and nearest in stderr and "use +" not in stderr, stderr  # not Hydra's "use +key=value"
+    assert "is not a value this field can hold" not in stderr, stderr  # one message per mistake: the typo's
 
 
 def test_plain_overrides_that_hydra_knows_are_left_to_hydra(tmp_path):
