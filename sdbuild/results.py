@@ -353,6 +353,17 @@ def untrusted_fields(data: Dict[str, Any]) -> None:
     _bounded(job.get("num"), "job.num", MAX_COUNT, whole=True)
     for name in ("wall_s", "timeout_s"):
         _bounded(job.get(name), f"job.{name}", MAX_SECONDS)
+    worker = job.get("worker")  # the sweep's worker that ran it (sdbuild.job): numbers a reader may show
+    if worker is not None and not isinstance(worker, dict):
+        raise RowError("job.worker should be a record {pid, jobs_before, replaced_after}")
+    _bounded((worker or {}).get("pid"), "job.worker.pid", 2 ** 22, whole=True)  # Linux's pid_max at most
+    _bounded((worker or {}).get("jobs_before"), "job.worker.jobs_before", MAX_COUNT, whole=True)
+    load = data.get("machine_load")
+    during = load.get("during") if isinstance(load, dict) else None
+    if during is not None and not isinstance(during, dict):
+        raise RowError("machine_load.during should be a record {seconds, others_cpu, busy}")
+    _bounded((during or {}).get("seconds"), "machine_load.during.seconds", MAX_SECONDS)
+    _bounded((during or {}).get("others_cpu"), "machine_load.during.others_cpu", 1e6)
     adherence = data.get("adherence") or {}
     for name in ("score", "digit", "colour", "background"):
         _bounded(adherence.get(name), f"adherence.{name}", 1.0)

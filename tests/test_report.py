@@ -762,6 +762,10 @@ HOSTILE = {
     "paired.median": ({"paired": {"median": 1e300}}, "paired.median"),
     "adherence.score": ({"adherence": {"score": 1.5, "images": 60}}, "adherence.score"),
     "lora.swaps.swap_s": ({"lora": {"mode": "hotswap", "swaps": [{"adapter": 1, "swap_s": 1e300}]}}, "lora.swaps.swap_s"),
+    "job.worker.pid": ({"job": {"num": 0, "worker": {"pid": -1, "jobs_before": 0}}}, "job.worker.pid"),
+    "job.worker.jobs_before": ({"job": {"num": 0, "worker": {"pid": 7, "jobs_before": 1e300}}}, "job.worker.jobs_before"),
+    "machine_load.during": ({"machine_load": {"during": {"seconds": float("nan"), "others_cpu": 0.0}}},
+                            "machine_load.during.seconds"),
 }
 
 
