@@ -65,6 +65,14 @@ def main() -> None:
             from .sweep import end_uncomposable_sweep
 
             sweep = _multirun(sys.argv[1:])
+            ladder = sys.modules.get("hydra_plugins.sdbuild_ladder.ladder_sweeper")
+            if sweep and ladder is not None and ladder.LadderError.raised:
+                # the ladder's or interleaved sweeper's refusal of its settings, printed above; the
+                # sweep's lock (taken at its start) is released and its empty report written
+                from .sweep import finish_interrupted_sweep
+
+                finish_interrupted_sweep()
+                sys.exit(2)
             if not sweep or end_uncomposable_sweep():
                 print("sdbuild: refused: Hydra could not compose this configuration" +
                       (" (a job of this sweep; no job ran, the sweep's lock is released)" if sweep else "") +

@@ -261,9 +261,12 @@ def test_ladder_report_files(tuned):
 def test_settings_mistake_fails_before_any_job(tmp_path):
     out = run_cli("--multirun", "hydra/sweeper=ladder", f"hydra.sweep.dir={tmp_path}", *TINY,
                   "precision=fp32,bf16", "hydra.sweeper.order=[precision,atention]")
-    assert out.returncode != 0
+    assert out.returncode == 2, out.stderr[-2000:]  # a user's mistake (was Hydra's exit 1)
     assert "atention" in out.stderr and "not swept" in out.stderr and "Traceback" not in out.stderr
     assert not list(tmp_path.glob("*/result.json"))
+    assert not list(tmp_path.glob(".sdbuild-sweep.lock"))  # released: the folder can be swept again (was left)
+    out = run_cli("--multirun", "hydra/sweeper=interleaved", f"hydra.sweep.dir={tmp_path}", *TINY)
+    assert out.returncode == 2 and "nothing is swept" in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.slow

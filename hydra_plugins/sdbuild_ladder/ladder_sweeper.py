@@ -40,7 +40,15 @@ from sdbuild.stats import describe
 
 
 class LadderError(CompactHydraException):
-    """A mistake in the ladder's settings or a ladder that cannot start: Hydra prints the message only."""
+    """A mistake in the ladder's settings or a ladder that cannot start: Hydra prints the message only.
+    Raised before any job ran, it is a user's mistake: `python -m sdbuild` then exits 2, not Hydra's 1
+    (`raised` tells it one was raised in this process)."""
+
+    raised = False
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        LadderError.raised = True
 
 
 class LadderSweeper(Sweeper):
