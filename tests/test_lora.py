@@ -381,6 +381,7 @@ def test_a_hub_adapter_downloads_only_when_asked_then_loads_offline(adapters, tm
     assert pictures[0].std() > 0 and np.array_equal(pictures[0], pictures[1])
 
 
+@needs_packages("peft", install='pip install -e ".[lora]"')  # without peft, its refusal comes first
 def test_an_unreachable_hub_for_an_adapter_is_a_clear_refusal(tmp_path):
     import socket
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import needs_packages
 
 from sdbuild.capabilities import CONTEXT_PARALLEL_BACKENDS, RING_BACKENDS
 from sdbuild.config import compose
@@ -354,6 +355,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@needs_packages("submitit", install='pip install -e ".[slurm]"')  # the rank: submitit.JobEnvironment
 @pytest.mark.slow  # about 30 s on 2 loaded cores: each task imports torch and builds the tiny Flux
 def test_two_slurm_tasks_each_run_one_rank_and_only_rank_zero_writes_the_row(tmp_path):
     out = tmp_path / "tasks"
@@ -375,6 +377,7 @@ def test_two_slurm_tasks_each_run_one_rank_and_only_rank_zero_writes_the_row(tmp
     assert not any(alive(r["pid"]) for r in par["ranks"])  # each task ended its rank's process
 
 
+@needs_packages("submitit", install='pip install -e ".[slurm]"')  # the rank: submitit.JobEnvironment
 def test_slurm_tasks_that_are_not_the_world_size_are_refused_by_rank_zero_before_loading(tmp_path):
     out = tmp_path / "mismatch"
     jobs = slurm_tasks(out, "parallel=none")
@@ -386,6 +389,7 @@ def test_slurm_tasks_that_are_not_the_world_size_are_refused_by_rank_zero_before
     assert not (out / "ranks").exists()  # nothing ran
 
 
+@needs_packages("submitit", install='pip install -e ".[slurm]"')  # the rank: submitit.JobEnvironment
 @pytest.mark.slow  # about a minute: the tasks build, then one rank is killed mid-call
 def test_a_slurm_tasks_rank_killed_mid_run_fails_the_row_with_each_ranks_error(tmp_path):
     out = tmp_path / "killed"
@@ -414,6 +418,7 @@ def test_a_slurm_tasks_rank_killed_mid_run_fails_the_row_with_each_ranks_error(t
     assert not any(alive(p) for p in pids)
 
 
+@needs_packages("submitit", install='pip install -e ".[slurm]"')  # the rank: submitit.JobEnvironment
 @pytest.mark.slow  # about 1.5 minutes: the tasks build, rank 1 hangs, each task waits out run.timeout_s=60
 def test_a_slurm_tasks_hung_rank_ends_within_run_timeout_s_with_each_ranks_word_and_no_process(tmp_path):
     """Per-task mode has no launcher to end the ranks: each task ends its own rank's session at the job's
