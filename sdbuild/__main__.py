@@ -132,16 +132,9 @@ def unreadable_overrides(argv: list[str]) -> list[str]:
     """Each override Hydra's grammar cannot read (`precision=[a`, an unbalanced quote), with the
     parser's own reason. Hydra would refuse them too, with exit 1 and its traceback hint; this is a
     user's mistake: exit 2, before anything loads. Arguments argparse itself refuses are argparse's."""
-    import contextlib
-    import io
-
-    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            args = get_args_parser().parse_args(argv)
-    except (SystemExit, Exception):
+    if (args := _hydra_args(argv)) is None:
         return []
     parser, problems = OverridesParser.create(), []
     for text in args.overrides:
@@ -202,20 +195,31 @@ def mistyped_values(argv: list[str]) -> list[str]:
     return problems
 
 
-def _parsed(argv: list[str]):
-    """(Hydra's parsed arguments, its parsed overrides), or None where Hydra's parsers refuse them
+def _hydra_args(argv: list[str]):
+    """Hydra's parsed command line (its argparse namespace), or None where argparse refuses it
     (Hydra then says why)."""
     import contextlib
     import io
 
     from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            args = get_args_parser().parse_args(argv)
-        return args, OverridesParser.create().parse_overrides(args.overrides)
+            return get_args_parser().parse_args(argv)
     except (SystemExit, Exception):
+        return None
+
+
+def _parsed(argv: list[str]):
+    """(Hydra's parsed arguments, its parsed overrides), or None where Hydra's parsers refuse them
+    (Hydra then says why)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if (args := _hydra_args(argv)) is None:
+        return None
+    try:
+        return args, OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:
         return None
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -763,17 +764,17 @@ def end_child(child: subprocess.Popen, grace_s: Optional[float] = None, group: b
         elif child.poll() is None:
             child.send_signal(sig)
 
-    send(15)
+    send(signal.SIGTERM)
     try:
         code = child.wait(grace_s)
         if group:
-            send(9)
+            send(signal.SIGKILL)
         return code, None
     except subprocess.TimeoutExpired:
         log.warning("job process %d did not end within %g s of SIGTERM: killing it", child.pid, grace_s)
     except KeyboardInterrupt as exc:  # another signal: no more waiting
         signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
-    send(9)
+    send(signal.SIGKILL)
     return child.wait(), signame
 
 

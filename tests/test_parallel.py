@@ -261,14 +261,7 @@ def test_a_hung_rank_fails_the_job_within_run_timeout_s_naming_the_hang_and_leav
     shorter = ["parallel.collective_timeout_s=10"] if first == "collective timeout" else []
     job = sdbuild(out, "parallel=ulysses", "run.steps=50", "run.repeats=50", f"run.timeout_s={limit}", *shorter)
     progress = out / "ranks" / "progress" / "1"
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and job.poll() is None:  # rank 1 into its calls: its progress file says so
-        time.sleep(0.5)
-        try:
-            if "in pipeline call" in json.loads(progress.read_text())["at"]:
-                break
-        except (OSError, ValueError):
-            continue
+    wait_for_pipeline_call(progress, time.monotonic() + limit, lambda: job.poll() is None)
     assert job.poll() is None, finish(job, out)[-2000:]
     launcher = launcher_pid(out)
     victim = json.loads(progress.read_text())["pid"]  # the rank writes its own pid there
@@ -346,6 +339,18 @@ def task_logs(jobs: list[subprocess.Popen], out: Path, timeout: float = 900) -> 
     for job in jobs:
         job.wait(timeout)
     return [(out.parent / f"{out.name}.task{r}.log").read_text() for r in range(len(jobs))]
+
+
+def wait_for_pipeline_call(progress: Path, deadline: float, running) -> None:
+    """Until a rank's progress file says it is in a pipeline call (it writes where it is), the deadline
+    passes or `running()` turns false."""
+    while time.monotonic() < deadline and running():
+        time.sleep(0.5)
+        try:
+            if "in pipeline call" in json.loads(progress.read_text())["at"]:
+                return
+        except (OSError, ValueError):
+            continue
 
 
 def alive(pid: int) -> bool:
@@ -428,13 +433,7 @@ def test_a_slurm_tasks_hung_rank_ends_within_run_timeout_s_with_each_ranks_word_
     started = time.monotonic()
     jobs = slurm_tasks(out, "parallel=ulysses", "run.steps=50", "run.repeats=50", f"run.timeout_s={limit}")
     progress = out / "ranks" / "progress" / "1"
-    while time.monotonic() < started + limit and all(j.poll() is None for j in jobs):
-        time.sleep(0.5)
-        try:
-            if "in pipeline call" in json.loads(progress.read_text())["at"]:
-                break
-        except (OSError, ValueError):
-            continue
+    wait_for_pipeline_call(progress, started + limit, lambda: all(j.poll() is None for j in jobs))
     victim = json.loads(progress.read_text())["pid"]
     os.kill(victim, signal.SIGSTOP)
     logs = task_logs(jobs, out, timeout=limit + 120)
